@@ -1,0 +1,26 @@
+"""elasticserve: an LLM serving engine whose KV memory is elastic.
+
+`LLM` and `SamplingParams` are imported lazily so that `elasticserve.core` (torch-free) can be
+imported without pulling in torch.
+"""
+
+from typing import Any
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LLM":
+        from elasticserve.engine.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from elasticserve.sampling_params import SamplingParams
+
+        return SamplingParams
+    if name == "RequestOutput":
+        from elasticserve.outputs import RequestOutput
+
+        return RequestOutput
+    raise AttributeError(f"module 'elasticserve' has no attribute {name!r}")

@@ -1,0 +1,61 @@
+"""User-facing engine arguments (the keyword arguments of `LLM(...)`), turned into configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from elasticserve.config import CacheConfig, GiB, KVCacheMode, MiB, PreemptionMode, SchedulerConfig
+
+
+@dataclass(slots=True)
+class EngineArgs:
+    model: str
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    swap_space: int = 256 * MiB
+    preemption_mode: PreemptionMode = "auto"
+    kv_cache_mode: KVCacheMode = "elastic"
+    kv_cache_min_bytes: int = 0
+    kv_cache_max_bytes: int | None = None
+    kv_reserve_pages: int = 1  # pre-mapped pages kept beyond need, so allocation rarely waits
+    kv_shrink_after_s: float = 0.5  # hysteresis before unused pages are given back
+    memory_backend: str = "host"
+    page_size: int | None = None
+    seed: int = 0
+    dtype: str | None = None
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+            kv_cache_bytes=self.kv_cache_bytes, enable_prefix_caching=self.enable_prefix_caching,
+            swap_space=self.swap_space, preemption_mode=self.preemption_mode,
+            kv_cache_mode=self.kv_cache_mode, kv_cache_min_bytes=self.kv_cache_min_bytes,
+            kv_cache_max_bytes=self.kv_cache_max_bytes)
+
+    def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
+        max_len = self.max_model_len or model_max_len
+        if max_len > model_max_len:
+            raise ValueError(
+                f"max_model_len={max_len} exceeds the model's limit of {model_max_len} tokens")
+        batched = self.max_num_batched_tokens
+        if not self.enable_chunked_prefill:
+            batched = max(batched, max_len)
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
+                               max_model_len=max_len,
+                               enable_chunked_prefill=self.enable_chunked_prefill)
+
+    def kv_limit_bytes(self, block_bytes: int) -> int:
+        """The most KV memory this engine may ever hold (static size or elastic ceiling)."""
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks * block_bytes
+        if self.kv_cache_mode == "elastic" and self.kv_cache_max_bytes is not None:
+            return self.kv_cache_max_bytes
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        return 4 * GiB if self.kv_cache_mode == "elastic" else 512 * MiB

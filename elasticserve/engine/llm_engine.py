@@ -1,0 +1,222 @@
+"""The step loop of one model: requests in, scheduler -> runner -> outputs out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from elasticserve.core.block_pool import BlockPool
+from elasticserve.core.kv_cache_manager import KVCacheManager
+from elasticserve.core.scheduler import Scheduler
+from elasticserve.engine.args import EngineArgs
+from elasticserve.engine.beam_search import beam_step
+from elasticserve.engine.kv_storage import KVStorage, build_kv_storage
+from elasticserve.engine.output_processor import OutputProcessor
+from elasticserve.models.loader import load_model
+from elasticserve.models.tokenizer import Tokenizer
+from elasticserve.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
+from elasticserve.request import Sequence, SequenceGroup
+from elasticserve.sampling_params import SamplingParams
+from elasticserve.worker.model_runner import ModelRunner
+
+PromptInput = str | dict[str, Any]
+
+
+class LLMEngine:
+    """Owns one model, its tokenizer, its KV storage, a scheduler and a runner."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        torch.manual_seed(args.seed)
+        self.tokenizer = Tokenizer.from_dir(args.model)
+        self.model = load_model(args.model, dtype=_dtype(args.dtype))
+        self.model_config = self.model.config
+        self.cache_config = args.cache_config()
+        self.scheduler_config = args.scheduler_config(_model_max_len(self.model_config))
+        self.kv: KVStorage = build_kv_storage(args, self.model_config)
+        pool = BlockPool(self.kv.num_blocks, enable_caching=args.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(pool, args.block_size, self.kv.num_swap_blocks,
+                                         args.enable_prefix_caching)
+        self.kv.attach(pool, self.kv_manager)
+        self.scheduler = Scheduler(self.scheduler_config, self.cache_config, self.kv_manager,
+                                   grow=self.kv.grow if self.kv.elastic else None)
+        self.runner = ModelRunner(self.model, self.kv.tensor, self.kv.swap_tensor,
+                                  args.block_size, self.tokenizer.eos_token_ids)
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler_config.max_model_len)
+        self.groups: dict[str, SequenceGroup] = {}
+        self._next_id = 0
+        self.kv.start_reclaimer()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, prompt: PromptInput, params: SamplingParams,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Validate and queue a request. Bad input raises ValueError and changes nothing."""
+        text, token_ids = self.validate(prompt, params)
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        group = SequenceGroup.create(request_id, text, token_ids, params, time.monotonic(),
+                                     priority)
+        self.groups[request_id] = group
+        self.scheduler.add(group)
+        return request_id
+
+    def validate(self, prompt: PromptInput, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Tokenize and check a request without queueing it; raises ValueError naming the field."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        self._check_fits(token_ids, params)
+        return text, token_ids
+
+    def resize_kv_cache(self, nbytes: int) -> None:
+        """Ask the KV storage for a new size now (elastic storage only)."""
+        self.kv.resize(nbytes, self.scheduler)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free every block it holds; unknown ids are ignored."""
+        group = self.scheduler.abort(request_id)
+        if group is not None:
+            self.groups.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            if not ids:
+                raise ValueError("prompt_token_ids must not be empty")
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt_token_ids has ids outside the vocabulary [0, {vocab}): "
+                                 f"{bad[:5]}")
+            return prompt.get("prompt"), list(ids)
+        raise ValueError("prompt must be a string or a dict with 'prompt_token_ids'")
+
+    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
+        max_len = self.scheduler_config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens, which does not leave room to "
+                             f"generate within max_model_len={max_len}")
+        need = -(-(len(token_ids) + 1) // self.args.block_size) * params.actual_best_of
+        if need > self.kv.max_blocks:
+            raise ValueError(f"prompt needs {need} KV blocks but the cache can never hold more than "
+                             f"{self.kv.max_blocks} (raise num_kv_blocks or kv_cache_bytes)")
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return outputs of the requests that finished in it."""
+        self.kv.before_step(self.scheduler)
+        try:
+            out = self.scheduler.schedule()
+            result = self.runner.execute(out)
+            self.scheduler.on_step_done(out)
+            self._process(out, result)
+            finished = self.scheduler.pop_finished_groups() + self._errored_groups()
+        finally:
+            self.kv.after_step(self.scheduler)
+        now = time.monotonic()
+        outputs = []
+        for group in finished:
+            self.groups.pop(group.request_id, None)
+            outputs.append(self.outputs.request_output(group, now))
+        return outputs
+
+    def _errored_groups(self) -> list[SequenceGroup]:
+        errored = [g for g in self.groups.values() if g.error is not None and g.is_finished]
+        for group in errored:
+            for queue in (self.scheduler.running, self.scheduler.waiting, self.scheduler.swapped):
+                if group in queue:
+                    queue.remove(group)
+        return errored
+
+    def _process(self, out: SchedulerOutput, result: ModelRunnerOutput) -> None:
+        now = time.monotonic()
+        beam_groups: dict[str, SequenceGroup] = {}
+        for item in out.scheduled:
+            group = self.groups.get(item.request_id)
+            if group is None:
+                continue
+            if item.seq_id in result.prompt_logprobs:
+                self._add_prompt_logprobs(group, result.prompt_logprobs[item.seq_id])
+            if not item.sample_seq_ids:
+                continue
+            if group.first_token_time is None:
+                group.first_token_time = now
+            if group.is_beam_search:
+                beam_groups[group.request_id] = group
+                continue
+            self._advance(group, item.seq_id, item.sample_seq_ids, result)
+        for group in beam_groups.values():
+            beam_step(group, result.samples, self.tokenizer.eos_token_ids,
+                      lambda g, parent, index: self._fork(g, parent, index),
+                      self.scheduler.finish_seq)
+            for seq in group.seqs:
+                self.outputs.finalize_text(group, seq)
+
+    def _fork(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
+        from elasticserve.request import next_seq_id
+
+        return self.scheduler.fork_seq(group, parent, next_seq_id(), index)
+
+    def _advance(self, group: SequenceGroup, seq_id: int, sample_ids: list[int],
+                 result: ModelRunnerOutput) -> None:
+        parent = self.scheduler.seqs[seq_id]
+        # children first: they must share the parent's blocks before it appends
+        seqs = [parent] + [self.scheduler.fork_seq(group, parent, cid, i)
+                           for i, cid in enumerate(sample_ids[1:], start=1)]
+        for seq in seqs:
+            self.outputs.append(group, seq, result.samples[seq.seq_id])
+            status = self.outputs.check_stop(group, seq)
+            if status is not None:
+                self.outputs.finalize_text(group, seq)
+                self.scheduler.finish_seq(seq, status)
+
+    def _add_prompt_logprobs(self, group: SequenceGroup, entries: list[dict[int, float]]) -> None:
+        if group.prompt_logprobs is None:
+            group.prompt_logprobs = [None]
+        group.prompt_logprobs.extend(entries)
+
+    # ---- introspection --------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler.stats
+        return {
+            "steps": s.steps, "preemptions": s.preemptions, "swaps_out": s.swap_outs,
+            "swaps_in": s.swap_ins, "recomputes": s.recomputes,
+            "prefix_cache_hit_tokens": s.prefix_hit_tokens,
+            "blocks_used": self.kv_manager.pool.num_used,
+            "blocks_total": self.kv_manager.pool.num_blocks,
+            "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+            "num_swapped": len(self.scheduler.swapped),
+        }
+
+    def check_integrity(self) -> None:
+        self.kv_manager.check_integrity()
+        self.kv.check_integrity()
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "auto":
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype such as 'float32', got {name!r}")
+    return dtype
+
+
+def _model_max_len(config: Any) -> int:
+    limit = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    return min(limit, int(window)) if window else limit

@@ -1,0 +1,90 @@
+"""The only types that cross layers: scheduler -> runner -> engine -> user. Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from elasticserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from elasticserve.worker.sampler import SampleResult
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """One sequence's slice of a step: feed `token_ids` at positions start_pos.. and maybe sample."""
+
+    seq_id: int
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    params: SamplingParams
+    # the sequence's live token list (prompt + output) and where the prompt ends; referenced,
+    # not copied, so a step costs O(1) per sequence whatever its length
+    all_token_ids: list[int]
+    prompt_len: int
+    # sequences to sample from this row's logits: [] while a prompt chunk is mid-way, [seq_id]
+    # normally, [parent, child...] when n > 1 forks at the end of the prompt
+    sample_seq_ids: list[int] = field(default_factory=list)
+    num_candidates: int = 0  # beam search: top candidates to return instead of a sample
+    prompt_logprobs: int | None = None  # return logprobs of the prompt tokens in this chunk
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What the runner must do this step, in order: swap out, swap in, copy, forward."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.scheduled or self.blocks_to_swap_out or self.blocks_to_swap_in
+                    or self.blocks_to_copy)
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Per sequence id: the sampled token (or beam candidates), and prompt logprobs."""
+
+    samples: dict[int, SampleResult] = field(default_factory=dict)
+    # seq_id -> for each prompt token of the chunk after the first: {token: logprob} (top-k + actual)
+    prompt_logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One generated sequence of a request (vLLM's shape)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A request's result or progress, as `LLM.generate` returns it (vLLM's shape)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, float] | None] | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)

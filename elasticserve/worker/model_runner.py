@@ -1,0 +1,151 @@
+"""SchedulerOutput -> batch tensors -> forward -> sample -> ModelRunnerOutput."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+
+from elasticserve.outputs import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
+from elasticserve.sampling_params import SamplingParams
+from elasticserve.worker.attention import AttentionMetadata
+from elasticserve.worker.sampler import Sampler, SamplingRow, prompt_logprobs
+
+
+class ModelRunner:
+    """Runs one model over a paged KV cache tensor it does not own the memory of.
+
+    `kv_cache` is `[max_blocks, layers, 2, block_size, kv_heads, head_dim]`: a plain tensor for a
+    static cache, or a view over a reserved virtual range for an elastic one (its data_ptr never
+    moves, so the runner never needs to be told when pages come and go).
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
+                 block_size: int, eos_token_ids: Collection[int]) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.swap_cache = swap_cache
+        self.block_size = block_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.sampler = Sampler()
+        self._generators: dict[int, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self.apply_block_ops(out)
+        for seq_id in out.finished_seq_ids:
+            self._generators.pop(seq_id, None)
+        result = ModelRunnerOutput()
+        if not out.scheduled:
+            return result
+        input_ids, positions, meta = self._prepare(out.scheduled)
+        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
+        self._sample(out.scheduled, meta, hidden, result)
+        self._prompt_logprobs(out.scheduled, meta, hidden, result)
+        return result
+
+    def apply_block_ops(self, out: SchedulerOutput) -> None:
+        """Swap out, swap in, then copy (COW and compaction), in that order."""
+        if out.blocks_to_swap_out:
+            assert self.swap_cache is not None, "swap-out scheduled without swap space"
+            dev, host = _pairs(out.blocks_to_swap_out)
+            self.swap_cache[host] = self.kv_cache[dev]
+        if out.blocks_to_swap_in:
+            assert self.swap_cache is not None, "swap-in scheduled without swap space"
+            host, dev = _pairs(out.blocks_to_swap_in)
+            self.kv_cache[dev] = self.swap_cache[host]
+        if out.blocks_to_copy:
+            src, dst = _pairs(out.blocks_to_copy)
+            self.kv_cache[dst] = self.kv_cache[src]
+
+    def _prepare(self, scheduled: list[ScheduledSeq]
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        tokens: list[int] = []
+        positions: list[int] = []
+        for item in scheduled:
+            tokens.extend(item.token_ids)
+            positions.extend(range(item.start_pos, item.start_pos + len(item.token_ids)))
+        meta = AttentionMetadata.build(
+            [(s.start_pos, len(s.token_ids), s.block_table) for s in scheduled], self.block_size)
+        return (torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                meta)
+
+    def _sample(self, scheduled: list[ScheduledSeq], meta: AttentionMetadata,
+                hidden: torch.Tensor, result: ModelRunnerOutput) -> None:
+        row_index: list[int] = []
+        rows: list[SamplingRow] = []
+        seq_ids: list[int] = []
+        for i, item in enumerate(scheduled):
+            last = meta.query_start_loc[i + 1] - 1
+            for j, sid in enumerate(item.sample_seq_ids):
+                row_index.append(last)
+                rows.append(self._row(item, sid, j))
+                seq_ids.append(sid)
+        if not rows:
+            return
+        unique = sorted(set(row_index))
+        logits = self.model.compute_logits(hidden[unique])
+        if len(unique) != len(row_index):
+            where = {r: k for k, r in enumerate(unique)}
+            logits = logits[[where[r] for r in row_index]]
+        for sid, sample in zip(seq_ids, self.sampler(logits, rows), strict=True):
+            result.samples[sid] = sample
+
+    def _row(self, item: ScheduledSeq, seq_id: int, fork_index: int) -> SamplingRow:
+        params = item.params
+        prompt: list[int] = []
+        outputs: list[int] = []
+        if fork_index == 0 and _has_penalties(params):
+            # slices only when penalties need them: O(length) per row otherwise wasted
+            prompt = item.all_token_ids[:item.prompt_len]
+            outputs = item.all_token_ids[item.prompt_len:]
+        elif params.repetition_penalty != 1.0:
+            prompt = item.all_token_ids[:item.prompt_len]
+        num_out = len(item.all_token_ids) - item.prompt_len if fork_index == 0 else 0
+        banned: frozenset[int] = frozenset()
+        if num_out < params.min_tokens:
+            banned = frozenset(params.stop_token_ids or ()) | (
+                frozenset() if params.ignore_eos else self.eos_token_ids)
+        return SamplingRow(
+            params=params, prompt_token_ids=prompt, output_token_ids=outputs,
+            generator=self._generator(seq_id, params.seed, fork_index),
+            banned_token_ids=banned, num_candidates=item.num_candidates)
+
+    def _generator(self, seq_id: int, seed: int | None, fork_index: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        gen = self._generators.get(seq_id)
+        if gen is None:
+            # children of one request draw from distinct, reproducible streams
+            gen = torch.Generator().manual_seed(seed + 1_000_003 * fork_index)
+            self._generators[seq_id] = gen
+        return gen
+
+    def _prompt_logprobs(self, scheduled: list[ScheduledSeq], meta: AttentionMetadata,
+                         hidden: torch.Tensor, result: ModelRunnerOutput) -> None:
+        for i, item in enumerate(scheduled):
+            if item.prompt_logprobs is None:
+                continue
+            start = meta.query_start_loc[i]
+            prompt = item.all_token_ids[:item.prompt_len]
+            # position p predicts prompt token p + 1
+            last_pos = min(item.start_pos + len(item.token_ids), len(prompt) - 1)
+            count = last_pos - item.start_pos
+            if count <= 0:
+                result.prompt_logprobs[item.seq_id] = []
+                continue
+            logits = self.model.compute_logits(hidden[start:start + count])
+            targets = prompt[item.start_pos + 1: item.start_pos + 1 + count]
+            entries = prompt_logprobs(logits, targets, item.prompt_logprobs)
+            result.prompt_logprobs[item.seq_id] = [
+                {**dict(top), tok: lp} for tok, (lp, top) in zip(targets, entries, strict=True)]
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)
+
+
+def _pairs(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = zip(*pairs, strict=True)
+    return torch.tensor(a, dtype=torch.long), torch.tensor(b, dtype=torch.long)
