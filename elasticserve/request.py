@@ -101,6 +101,7 @@ class SequenceGroup:
     num_cached_prompt_tokens: int = 0
     # n > 1 (not beam): the children still to fork when the prompt's first token is sampled
     pending_children: int = 0
+    stream: bool = False  # the engine returns progress every step, not only at the end
 
     @classmethod
     def create(

@@ -133,6 +133,11 @@ class Scheduler:
             while not self._try_schedule(group, out, budget):
                 if not self._has_blocks_problem:
                     break  # out of token budget: stays running, runs next step
+                if not self.running and not kept:
+                    # alone and still short: every block is already ours, so waiting cannot help
+                    self._fail(group, f"sequence outgrew the whole KV cache "
+                                      f"({self.kv.pool.num_blocks} blocks)")
+                    break
                 victim = self.running.pop() if self.running else group
                 self._preempt(victim, out)
                 preempted = True
@@ -170,8 +175,9 @@ class Scheduler:
             if len(seqs) > budget.seqs:
                 return
             for seq in seqs:
-                cached = 0 if group.params.prompt_logprobs is not None else \
-                    self.kv.allocate_prompt(seq.seq_id, seq.token_ids)
+                # prompt logprobs need logits at every prompt position: no prefix-cache lookup
+                lookup = [] if group.params.prompt_logprobs is not None else seq.token_ids
+                cached = self.kv.allocate_prompt(seq.seq_id, lookup)
                 seq.num_computed_tokens = cached
                 self.stats.prefix_hit_tokens += cached
                 if seq.index == 0 and not group.finished_beams:
@@ -292,11 +298,8 @@ class Scheduler:
             self.stats.swap_outs += 1
             return
         if len(seqs) > 1 and sum(len(s.token_ids) for s in seqs) > self.config.max_num_batched_tokens:
-            msg = "cannot preempt: swap space too small and recompute exceeds max_num_batched_tokens"
-            group.error = msg
-            self.stats.errors.append(f"{group.request_id}: {msg}")
-            for seq in seqs:
-                self.finish_seq(seq, SequenceStatus.FINISHED_ERROR)
+            self._fail(group, "cannot preempt: swap space too small and recompute exceeds "
+                              "max_num_batched_tokens")
             return
         for seq in seqs:
             self.kv.free(seq.seq_id)
@@ -304,6 +307,12 @@ class Scheduler:
             seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(group)
         self.stats.recomputes += 1
+
+    def _fail(self, group: SequenceGroup, msg: str) -> None:
+        group.error = msg
+        self.stats.errors.append(f"{group.request_id}: {msg}")
+        for seq in group.live_seqs():
+            self.finish_seq(seq, SequenceStatus.FINISHED_ERROR)
 
     def _choose_swap(self, group: SequenceGroup, seqs: list[Sequence]) -> bool:
         mode = self.cache.preemption_mode

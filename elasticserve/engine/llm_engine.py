@@ -49,10 +49,17 @@ class LLMEngine:
         self._next_id = 0
         self.kv.start_reclaimer()
 
+    @classmethod
+    def from_args(cls, model: str, **kwargs: Any) -> LLMEngine:
+        return cls(EngineArgs(model=model, **kwargs))
+
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: PromptInput, params: SamplingParams,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Validate and queue a request. Bad input raises ValueError and changes nothing."""
+                    request_id: str | None = None, priority: int = 0, stream: bool = False) -> str:
+        """Validate and queue a request. Bad input raises ValueError and changes nothing.
+
+        With `stream`, every step that adds tokens to the request returns a RequestOutput with
+        `finished=False` and the text so far (the caller computes deltas)."""
         text, token_ids = self.validate(prompt, params)
         if request_id is None:
             request_id = f"req-{self._next_id}"
@@ -61,6 +68,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         group = SequenceGroup.create(request_id, text, token_ids, params, time.monotonic(),
                                      priority)
+        group.stream = stream
         self.groups[request_id] = group
         self.scheduler.add(group)
         return request_id
@@ -128,11 +136,26 @@ class LLMEngine:
         finally:
             self.kv.after_step(self.scheduler)
         now = time.monotonic()
-        outputs = []
+        outputs = [self.outputs.request_output(g, now) for g in self._streaming(out, finished)]
         for group in finished:
             self.groups.pop(group.request_id, None)
             outputs.append(self.outputs.request_output(group, now))
         return outputs
+
+    def _streaming(self, out: SchedulerOutput, finished: list[SequenceGroup]) -> list[SequenceGroup]:
+        """Streaming groups that sampled this step and did not finish."""
+        done = {g.request_id for g in finished}
+        seen: dict[str, SequenceGroup] = {}
+        for item in out.scheduled:
+            group = self.groups.get(item.request_id)
+            if group is None or not group.stream or not item.sample_seq_ids or group.request_id in done:
+                continue
+            if group.request_id not in seen:
+                seen[group.request_id] = group
+                for seq in group.seqs:
+                    if not seq.is_finished and not group.is_beam_search:
+                        seq.output_text = self.outputs.decode(group, seq)
+        return list(seen.values())
 
     def _errored_groups(self) -> list[SequenceGroup]:
         errored = [g for g in self.groups.values() if g.error is not None and g.is_finished]

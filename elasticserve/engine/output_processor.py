@@ -19,7 +19,8 @@ class OutputProcessor:
 
     def append(self, group: SequenceGroup, seq: Sequence, sample: SampleResult) -> None:
         seq.token_ids.append(sample.token_id)
-        seq.cumulative_logprob += sample.logprob
+        if sample.logprob == sample.logprob:  # NaN when the sampler was not asked for logprobs
+            seq.cumulative_logprob += sample.logprob
         if group.params.logprobs is not None:
             entry = dict(sample.top_logprobs)
             entry[sample.token_id] = sample.logprob
@@ -36,7 +37,7 @@ class OutputProcessor:
             if params.stop_token_ids and token in params.stop_token_ids:
                 seq.stop_reason = token
                 return SequenceStatus.FINISHED_STOPPED
-            if params.stop and self._hit_stop_string(group, seq):
+            if params.stop_strings and self._hit_stop_string(group, seq):
                 return SequenceStatus.FINISHED_STOPPED
         if params.max_tokens is not None and n_out >= params.max_tokens:
             return SequenceStatus.FINISHED_LENGTH
@@ -48,9 +49,9 @@ class OutputProcessor:
         params = group.params
         text = self.decode(group, seq)
         # only the tail can hold a new match; older text was checked on earlier tokens
-        window = max(len(s) for s in params.stop) + 16
+        window = max(len(s) for s in params.stop_strings) + 16
         start = max(0, len(text) - window)
-        for stop in params.stop or []:
+        for stop in params.stop_strings:
             at = text.find(stop, start)
             if at >= 0:
                 seq.stop_reason = stop
@@ -74,7 +75,7 @@ class OutputProcessor:
         outputs = [
             CompletionOutput(
                 index=i, text=s.output_text, token_ids=list(s.output_token_ids),
-                cumulative_logprob=s.cumulative_logprob,
+                cumulative_logprob=s.cumulative_logprob if _tracks_logprob(group) else None,
                 logprobs=s.output_logprobs if group.params.logprobs is not None else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason)
             for i, s in enumerate(seqs)
@@ -97,3 +98,8 @@ class OutputProcessor:
             # best_of: keep the n with the highest cumulative logprob
             seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[: params.n]
         return seqs
+
+
+def _tracks_logprob(group: SequenceGroup) -> bool:
+    params = group.params
+    return params.logprobs is not None or group.is_beam_search or params.actual_best_of > params.n

@@ -6,6 +6,7 @@ from collections.abc import Collection
 
 import torch
 
+from elasticserve.models.llama import CausalLM
 from elasticserve.outputs import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.attention import AttentionMetadata
@@ -20,7 +21,7 @@ class ModelRunner:
     moves, so the runner never needs to be told when pages come and go).
     """
 
-    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
+    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
                  block_size: int, eos_token_ids: Collection[int]) -> None:
         self.model = model
         self.kv_cache = kv_cache

@@ -1,0 +1,275 @@
+"""An LLMEngine driven by a background thread, with per-request asyncio output streams.
+
+Steps are synchronous CPU work (tens of ms), so they run on a dedicated thread and never on the
+event loop. The event loop talks to that thread only through a command queue (adds and aborts,
+applied between steps) and gets outputs back with `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from elasticserve.outputs import RequestOutput
+from elasticserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are queued; the caller should retry later (HTTP 503)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop stopped (shut down, or a step raised); no request can be served."""
+
+
+@dataclass(slots=True)
+class RequestTiming:
+    """Per-request progress an observer keeps between outputs (times are time.monotonic())."""
+
+    submitted: float
+    last_token: float | None = None
+    num_tokens: int = 0
+
+
+class OutputObserver(Protocol):
+    """Gets every output on the engine thread, e.g. to feed metrics. Must be quick."""
+
+    def on_output(self, output: RequestOutput, timing: RequestTiming, now: float) -> None: ...
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Where one request's outputs go: a queue owned by the caller's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+    timing: RequestTiming
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt: Any
+    params: SamplingParams
+    priority: int
+    stream: bool
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(slots=True)
+class _Commands:
+    """Commands from any thread, taken in one batch by the step thread between steps."""
+
+    items: list[_Add | _Abort] = field(default_factory=list)
+
+
+class AsyncEngine:
+    """Wraps one LLMEngine (anything with its add_request/abort_request/step interface).
+
+    At most `engine.scheduler_config.max_num_seqs + max_queue` requests are in flight at once;
+    beyond that `generate` raises EngineOverloadedError, so a burst is refused quickly instead of
+    queueing without bound.
+    """
+
+    def __init__(self, engine: Any, max_queue: int = 256, name: str = "engine",
+                 observer: OutputObserver | None = None) -> None:
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.engine = engine
+        self.name = name
+        self.max_queue = max_queue
+        self.observer = observer
+        self.max_in_flight = int(engine.scheduler_config.max_num_seqs) + max_queue
+        self._cv = threading.Condition()
+        self._commands = _Commands()
+        self._streams: dict[str, _Stream] = {}  # guarded by _cv
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the step thread (idempotent; the first request starts it too)."""
+        with self._cv:
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._run, name=f"step-{self.name}",
+                                                daemon=True)
+                self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the step thread after the current step; open streams get EngineDeadError."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._fail_all(EngineDeadError(f"engine {self.name!r} was shut down"))
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests accepted and not yet finished or aborted."""
+        with self._cv:
+            return len(self._streams)
+
+    # ---- requests (any thread / the event loop) -------------------------------------------
+    def validate(self, prompt: Any, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Tokenize and check a request without queueing it (raises ValueError naming the field).
+
+        Only reads the tokenizer and fixed limits, so it is safe off the step thread."""
+        text, token_ids = self.engine.validate(prompt, params)
+        return text, list(token_ids)
+
+    def generate(self, prompt: Any, params: SamplingParams, request_id: str | None = None,
+                 priority: int = 0, stream: bool = False) -> AsyncIterator[RequestOutput]:
+        """Submit now and return the request's outputs: with `stream`, progress every step that
+        adds tokens, always the final one last. Must be called on the event loop.
+
+        Raises EngineOverloadedError / EngineDeadError right away, so a server can answer 503
+        before it starts a response; an error from the engine's add_request (ValueError) comes
+        from the iterator. Closing or cancelling the iterator early aborts the request, which
+        frees its KV blocks; the iterator must therefore be consumed or closed."""
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        queue = self._submit(request_id, prompt, params, priority, stream)
+        return self._iterate(request_id, queue)
+
+    async def _iterate(self, request_id: str,
+                       queue: asyncio.Queue[RequestOutput | BaseException]
+                       ) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine already forgot it (add failed, or engine died)
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def _submit(self, request_id: str, prompt: Any, params: SamplingParams, priority: int,
+                stream: bool) -> asyncio.Queue[RequestOutput | BaseException]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.start()
+        with self._cv:
+            if self.error is not None or self._stopping:
+                raise EngineDeadError(f"engine {self.name!r} is not running") from self.error
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            if len(self._streams) >= self.max_in_flight:
+                raise EngineOverloadedError(
+                    f"engine {self.name!r} has {len(self._streams)} requests in flight "
+                    f"(limit {self.max_in_flight}); retry later")
+            self._streams[request_id] = _Stream(loop, queue, RequestTiming(time.monotonic()))
+            self._commands.items.append(_Add(request_id, prompt, params, priority, stream))
+            self._cv.notify()
+        return queue
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request from any thread; unknown or finished ids are ignored."""
+        with self._cv:
+            if self._streams.pop(request_id, None) is None:
+                return
+            self._commands.items.append(_Abort(request_id))
+            self._cv.notify()
+
+    # ---- the step thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                commands = self._wait_for_work()
+                if commands is None:
+                    return
+                self._apply(commands)
+                if self.engine.has_unfinished_requests():
+                    self._deliver(self.engine.step())
+        except BaseException as exc:  # noqa: BLE001 - a dead loop must fail every waiter
+            logger.exception("step loop of engine %r crashed", self.name)
+            with self._cv:
+                self.error = exc
+            self._fail_all(EngineDeadError(f"engine {self.name!r} crashed: {exc!r}"))
+
+    def _wait_for_work(self) -> list[_Add | _Abort] | None:
+        """Sleep while there is nothing to step; return the pending commands (None: stop)."""
+        with self._cv:
+            while not (self._stopping or self._commands.items
+                       or self.engine.has_unfinished_requests()):
+                self._cv.wait()
+            if self._stopping:
+                return None
+            commands, self._commands.items = self._commands.items, []
+            return commands
+
+    def _apply(self, commands: list[_Add | _Abort]) -> None:
+        # The elastic KV reclaimer compacts blocks under this lock; freeing blocks must not race it.
+        lock = getattr(self.engine.kv, "lock", None) or contextlib.nullcontext()
+        for cmd in commands:
+            if isinstance(cmd, _Abort):
+                with lock:
+                    self.engine.abort_request(cmd.request_id)
+                continue
+            try:
+                self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
+                                        priority=cmd.priority, stream=cmd.stream)
+            except Exception as exc:  # noqa: BLE001 - bad input goes back to its caller
+                self._send(cmd.request_id, exc, final=True)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            with self._cv:
+                stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted meanwhile: its consumer is gone
+            # record first, so metrics already count whatever a client has been handed
+            if self.observer is not None:
+                try:
+                    self.observer.on_output(out, stream.timing, now)
+                except Exception:  # noqa: BLE001 - metrics must never stop serving
+                    logger.exception("output observer failed")
+            self._send(out.request_id, out, final=out.finished)
+
+    def _send(self, request_id: str, item: RequestOutput | BaseException, final: bool) -> None:
+        with self._cv:
+            stream = self._streams.get(request_id)
+            if stream is not None and final:
+                del self._streams[request_id]
+        if stream is None:
+            return  # aborted meanwhile: its consumer is gone
+        if not _call_soon(stream.loop, stream.queue.put_nowait, item):
+            self.abort(request_id)  # the caller's loop is closed; free the blocks
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cv:
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            _call_soon(stream.loop, stream.queue.put_nowait, exc)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed
+        return False
+    return True

@@ -1,0 +1,402 @@
+"""CPU memory backend: reserved address space backed on demand by memfd pages.
+
+* Reservation = a read-only, private, anonymous, MAP_NORESERVE mapping. Reads of it hit
+  the kernel's shared zero page (no fault, no RSS); writes SIGSEGV, which turns a stray
+  write into unmapped KV space into a crash instead of silent corruption. This IS the
+  "read-only shared zero page" of the design: the kernel supplies it for free.
+* Physical pages are slots of memfd "page files". Mapping = mmap(MAP_SHARED|MAP_FIXED)
+  of a slot over the reservation; unmapping = mmap(MAP_FIXED) of the read-only zero
+  mapping back over it; releasing = fallocate(PUNCH_HOLE), so RssShmem and the file's
+  blocks really fall (munmap alone leaves the memory in the page cache of the memfd).
+* Page files: one shared file per backend (free list, lowest slot first) keeps the fd
+  count at one; a page created with a ``PagePlacement`` goes to a per-range file at
+  slot == range offset, so a range's mapped pages always sit at contiguous file offsets
+  and the kernel merges them into ONE mapping however allocations interleave.
+* Every non-merged mapping is a VMA and a process may own only ``vm.max_map_count`` of
+  them; the backend models merges exactly (see ``_entries_delta``) and refuses to map
+  past the limit with :class:`MapCountLimitError` instead of failing at random later.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import heapq
+import mmap
+import os
+import threading
+
+import torch
+
+from elasticserve.memory.backend import (
+    DEFAULT_PAGE_SIZE,
+    BackendStats,
+    MapCountLimitError,
+    MappingTable,
+    PageHandle,
+    PagePlacement,
+    PhysicalPage,
+    VirtualRange,
+    round_up,
+)
+
+# Linux values (identical on x86-64 and arm64); the stdlib mmap module lacks some.
+PROT_READ, PROT_WRITE = 0x1, 0x2
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x1, 0x2, 0x10, 0x20, 0x4000
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x1, 0x2
+_ZERO_FLAGS = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _errno_error(call: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{call}: {os.strerror(err)}")
+
+
+def sys_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, off: int) -> int:
+    """Raw mmap(2); MAP_FIXED replaces whatever was at ``addr`` atomically."""
+    ret = _libc.mmap(addr, length, prot, flags, fd, off)
+    if ret is None or ret == _MAP_FAILED:
+        raise _errno_error(f"mmap({length} bytes, flags={flags:#x})")
+    return int(ret)
+
+
+def sys_munmap(addr: int, length: int) -> None:
+    """Raw munmap(2)."""
+    if _libc.munmap(addr, length) != 0:
+        raise _errno_error("munmap")
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the file's memory in ``[offset, offset+length)``; reads then see zeros."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        raise _errno_error("fallocate(PUNCH_HOLE)")
+
+
+def map_zero(addr: int, length: int) -> None:
+    """Put the read-only zero mapping back over ``[addr, addr+length)``."""
+    sys_mmap(addr, length, PROT_READ, _ZERO_FLAGS | MAP_FIXED, -1, 0)
+
+
+def count_process_maps() -> int:
+    """Kernel mappings (VMAs) of this process: one line each in /proc/self/maps."""
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+_guard_lock = threading.Lock()
+_tracked = [0]  # mappings all host backends of this process account for (modelled)
+
+
+class MapCountGuard:
+    """Refuses mappings that would pass vm.max_map_count, naming the limit.
+
+    Counting /proc/self/maps on every map would cost O(mappings); instead the host
+    backends keep an exact model of their own mappings and the rest of the process
+    ("others") is measured once and re-measured only when the total nears the limit.
+    """
+
+    def __init__(self, limit: int | None, headroom: int | None) -> None:
+        if limit is None:
+            with open("/proc/sys/vm/max_map_count") as f:
+                limit = int(f.read())
+        self.limit = limit
+        # Spare entries for torch, malloc and libraries; unmaps may dip into them.
+        self.headroom = max(64, limit // 20) if headroom is None else headroom
+        self._others: int | None = None
+
+    def check(self, delta: int, hard: bool = False) -> None:
+        """Raise :class:`MapCountLimitError` unless ``delta`` more mappings fit."""
+        if delta <= 0:
+            return
+        budget = self.limit - (0 if hard else self.headroom)
+        with _guard_lock:
+            if self._others is None or _tracked[0] + self._others + delta > budget:
+                self._others = count_process_maps() - _tracked[0]
+            need = _tracked[0] + self._others + delta
+        if need > budget:
+            raise MapCountLimitError(self._message(need))
+
+    def commit(self, delta: int) -> None:
+        """Account for mappings that now exist (negative: that went away)."""
+        with _guard_lock:
+            _tracked[0] += delta
+
+    def translate(self, exc: OSError) -> OSError | MapCountLimitError:
+        """mmap fails with ENOMEM when the kernel's own count hits the limit."""
+        if exc.errno == errno.ENOMEM:
+            return MapCountLimitError(self._message(count_process_maps() + 1))
+        return exc
+
+    def _message(self, need: int) -> str:
+        return (f"mapping one more page would need {need} memory mappings but "
+                f"vm.max_map_count is {self.limit} ({self.headroom} kept spare for the "
+                "rest of the process): raise it (sysctl -w vm.max_map_count=N), use a "
+                "larger page_size, or keep each range's mapped pages contiguous")
+
+
+class _PageFile:
+    """A memfd whose page-sized slots are physical pages; sparse, grown on demand."""
+
+    def __init__(self, name: str, page_size: int, size: int = 0) -> None:
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.page_size = page_size
+        self.capacity = size // page_size  # slots covered by the file size
+        if size:
+            os.ftruncate(self.fd, size)
+        self.free: list[int] = []  # heap of released slots below next_slot
+        self.next_slot = 0
+        self.used: set[int] = set()
+        self.retired = False  # set when its range is released; close once empty
+
+    def alloc(self, slot: int | None = None) -> int | None:
+        """Byte offset of a new page: ``slot`` exactly (None if taken) or the lowest free."""
+        if slot is None:
+            slot = heapq.heappop(self.free) if self.free else self.next_slot
+        elif slot in self.used:
+            return None
+        self.next_slot = max(self.next_slot, slot + 1)
+        if slot >= self.capacity:  # sparse growth: ftruncate allocates nothing
+            self.capacity = max(slot + 1, 2 * self.capacity, 64)
+            os.ftruncate(self.fd, self.capacity * self.page_size)
+        self.used.add(slot)
+        return slot * self.page_size
+
+    def release(self, offset: int) -> None:
+        slot = offset // self.page_size
+        punch_hole(self.fd, offset, self.page_size)
+        self.used.remove(slot)
+        if self.retired:
+            return
+        heapq.heappush(self.free, slot)
+
+    def close_if_done(self) -> bool:
+        if self.retired and not self.used:
+            os.close(self.fd)
+            return True
+        return False
+
+
+class HostBackend:
+    """:class:`MemoryBackend` over CPU memory (see module docstring for the design)."""
+
+    name = "host"
+    device = "cpu"
+
+    def __init__(self, page_size: int = DEFAULT_PAGE_SIZE, *, max_map_count: int | None = None,
+                 map_headroom: int | None = None) -> None:
+        if page_size <= 0 or page_size % mmap.PAGESIZE:
+            raise ValueError(f"page_size {page_size} must be a multiple of {mmap.PAGESIZE}")
+        self.page_size = page_size
+        self._lock = threading.RLock()
+        self._table = MappingTable(page_size)
+        self._shared = _PageFile("elasticserve-pages", page_size)
+        self._files: dict[int, _PageFile] = {self._shared.fd: self._shared}
+        self._range_files: dict[int, _PageFile] = {}  # range base -> its own page file
+        self._entries: dict[int, int] = {}  # range base -> kernel mappings it occupies
+        self._guard = MapCountGuard(max_map_count, map_headroom)
+        self._closed = False
+
+    # -- address space ---------------------------------------------------------------
+    def reserve(self, nbytes: int) -> VirtualRange:
+        """Reserve ``nbytes`` rounded up to pages, aligned to ``page_size``."""
+        size = round_up(max(nbytes, 1), self.page_size)
+        with self._lock:
+            self._guard.check(1)
+            # Over-reserve by a page and trim so that pages are page_size-aligned
+            # (2 MiB alignment lets the kernel use huge page table entries).
+            slack = self.page_size if self.page_size > mmap.PAGESIZE else 0
+            raw = sys_mmap(None, size + slack, PROT_READ, _ZERO_FLAGS, -1, 0)
+            base = round_up(raw, self.page_size) if slack else raw
+            if base > raw:
+                sys_munmap(raw, base - raw)
+            if raw + slack > base:
+                sys_munmap(base + size, raw + slack - base)
+            vrange = VirtualRange(base, size)
+            self._table.ranges[base] = (vrange, {})
+            self._entries[base] = 1
+            self._guard.commit(1)
+            return vrange
+
+    def release_range(self, vrange: VirtualRange) -> None:
+        """Unmap everything and give the address space back; pages stay allocated."""
+        with self._lock:
+            pages = self._table.pages_of(vrange)
+            for index in list(pages):
+                self._table.pop_mapped(vrange, index)
+            sys_munmap(vrange.base, vrange.size)
+            del self._table.ranges[vrange.base]
+            self._guard.commit(-self._entries.pop(vrange.base))
+            own = self._range_files.pop(vrange.base, None)
+            if own is not None:
+                own.retired = True
+                if own.close_if_done():
+                    del self._files[own.fd]
+
+    # -- physical pages --------------------------------------------------------------
+    def create_page(self, placement: PagePlacement | None = None) -> PhysicalPage:
+        """A new page; with ``placement`` it lands at the matching slot of the range's file."""
+        with self._lock:
+            file, offset = self._shared, None
+            if placement is not None and placement.vrange.base in self._table.ranges:
+                file = self._range_file(placement.vrange)
+                offset = file.alloc(self._table.index_of(placement.vrange, placement.offset))
+                if offset is None:  # slot busy (page still alive elsewhere): use shared file
+                    file = self._shared
+            if offset is None:
+                offset = file.alloc()
+            assert offset is not None
+            page = PhysicalPage(self._table.next_page_id(), self.page_size, file.fd, offset)
+            self._table.add_page(page)
+            return page
+
+    def _range_file(self, vrange: VirtualRange) -> _PageFile:
+        self._table.pages_of(vrange)  # validates the range
+        file = self._range_files.get(vrange.base)
+        if file is None:
+            file = _PageFile("elasticserve-range", self.page_size, vrange.size)
+            self._range_files[vrange.base] = file
+            self._files[file.fd] = file
+        return file
+
+    def release_page(self, page: PhysicalPage) -> None:
+        """Punch the page out of its file (memory returns to the OS); imports just close."""
+        with self._lock:
+            self._table.drop_page(page)
+            if page.imported:
+                os.close(page.fd)  # the exporter owns the memory; only our fd goes
+                return
+            file = self._files[page.fd]
+            file.release(page.offset)
+            if file.close_if_done():
+                del self._files[file.fd]
+
+    # -- mapping ---------------------------------------------------------------------
+    def map(self, vrange: VirtualRange, offset: int, page: PhysicalPage) -> None:
+        """mmap the page's slot over the reservation at ``offset`` (MAP_SHARED|MAP_FIXED)."""
+        with self._lock:
+            index = self._table.index_of(vrange, offset)
+            pages = self._table.check_map(vrange, index, page)
+            delta = self._entries_delta(vrange, pages, index, page)
+            self._guard.check(delta)
+            try:
+                sys_mmap(vrange.base + offset, self.page_size, PROT_READ | PROT_WRITE,
+                         MAP_SHARED | MAP_FIXED, page.fd, page.offset)
+            except OSError as exc:
+                raise self._guard.translate(exc) from exc
+            self._table.record_map(pages, index, page)
+            self._entries[vrange.base] += delta
+            self._guard.commit(delta)
+
+    def unmap(self, vrange: VirtualRange, offset: int, *, sync: bool = True) -> PhysicalPage:
+        """Put the zero mapping back at ``offset``; the page keeps its contents."""
+        with self._lock:
+            index = self._table.index_of(vrange, offset)
+            pages = self._table.pages_of(vrange)
+            if index not in pages:
+                raise ValueError(f"offset {offset} of {vrange} is not mapped")
+            delta = self._entries_delta(vrange, pages, index, None)
+            self._guard.check(delta, hard=True)  # may use the headroom: frees memory
+            try:
+                map_zero(vrange.base + offset, self.page_size)
+            except OSError as exc:
+                raise self._guard.translate(exc) from exc
+            self._entries[vrange.base] += delta
+            self._guard.commit(delta)
+            return self._table.pop_mapped(vrange, index)
+
+    def _entries_delta(self, vrange: VirtualRange, pages: dict[int, PhysicalPage],
+                       index: int, new: PhysicalPage | None) -> int:
+        """Change in kernel mappings if slot ``index`` held ``new`` (None = zero mapping).
+
+        Neighbours merge when both are zero mapping, or both are slots of the same
+        page file at consecutive file offsets (and the same process-local open file).
+        """
+        last = vrange.size // self.page_size - 1
+
+        def joined(a: PhysicalPage | None, b: PhysicalPage | None) -> bool:
+            if a is None or b is None:
+                return a is None and b is None
+            return (a.fd == b.fd and not (a.imported or b.imported)
+                    and b.offset == a.offset + self.page_size)
+
+        delta, old = 0, pages.get(index)
+        for left, right in ((index - 1, index), (index, index + 1)):
+            if left < 0 or right > last:
+                continue
+            lp, rp = pages.get(left), pages.get(right)
+            before = joined(old if left == index else lp, old if right == index else rp)
+            after = joined(new if left == index else lp, new if right == index else rp)
+            delta += int(before) - int(after)
+        return delta
+
+    def synchronize(self) -> None:
+        """Nothing to wait for: CPU writes are synchronous."""
+
+    # -- sharing ---------------------------------------------------------------------
+    def export_page(self, page: PhysicalPage) -> PageHandle:
+        """(dup of the page-file fd, slot offset, size); the importer maps the same memory."""
+        with self._lock:
+            if page.page_id not in self._table.live_pages:
+                raise KeyError(f"page {page.page_id} is not live in this backend")
+            return PageHandle("host", os.dup(page.fd), page.offset, self.page_size)
+
+    def import_page(self, handle: PageHandle) -> PhysicalPage:
+        """Adopt a page from another process (fd received, or opened via /proc/<pid>/fd)."""
+        if handle.kind != "host" or handle.size != self.page_size:
+            raise ValueError(f"cannot import {handle} into a host backend of page size "
+                             f"{self.page_size}")
+        if handle.pid == os.getpid():
+            fd = os.dup(handle.fd)
+        else:
+            fd = os.open(f"/proc/{handle.pid}/fd/{handle.fd}", os.O_RDWR | os.O_CLOEXEC)
+        with self._lock:
+            page = PhysicalPage(self._table.next_page_id(), self.page_size, fd,
+                                handle.offset, imported=True)
+            self._table.add_page(page, imported=True)
+            return page
+
+    # -- views and lifecycle ---------------------------------------------------------
+    def as_tensor(self, vrange: VirtualRange, dtype: torch.dtype) -> torch.Tensor:
+        """CPU tensor over the whole range; creating it touches no page."""
+        with self._lock:
+            self._table.pages_of(vrange)
+        buf = (ctypes.c_uint8 * vrange.size).from_address(vrange.base)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
+
+    def stats(self) -> BackendStats:
+        """Counters; ``map_entries`` is this backend's modelled share of the VMA limit."""
+        with self._lock:
+            return self._table.stats(map_entries=sum(self._entries.values()))
+
+    def map_entries(self, vrange: VirtualRange) -> int:
+        """Kernel mappings (VMAs) the model says ``vrange`` occupies right now."""
+        with self._lock:
+            return self._entries[vrange.base]
+
+    def close(self) -> None:
+        """Release every range, then every page, then the page files. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            for vrange, _ in list(self._table.ranges.values()):
+                self.release_range(vrange)
+            for page in list(self._table.live_pages.values()):
+                self.release_page(page)
+            for file in self._files.values():
+                os.close(file.fd)
+            self._files.clear()
+            self._closed = True
+
+    def __enter__(self) -> HostBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,224 @@
+"""User-facing sampling parameters, shaped like vLLM's ``SamplingParams``.
+
+Pure Python on purpose: the scheduler and the API server import this module and
+must not pull in torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass
+
+# Below this temperature sampling is treated as greedy (argmax); dividing logits
+# by such a small number only amplifies float noise.
+GREEDY_TEMPERATURE_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+class SamplingType(enum.IntEnum):
+    """How the next token of a request is chosen."""
+
+    GREEDY = 0
+    RANDOM = 1
+    RANDOM_SEED = 2
+    BEAM = 3
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but True as max_tokens is a caller bug, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+
+
+def _check_float(name: str, value: object) -> None:
+    if not (_is_int(value) or isinstance(value, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(float(value)):  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Sampling parameters for one request (vLLM-compatible names and defaults).
+
+    ``__post_init__`` validates every field (raising ``ValueError`` naming the
+    field) and normalizes: ``stop`` becomes a ``list[str]``, ``stop_token_ids`` a
+    ``list[int]``, ``best_of`` defaults to ``n``, ``top_k=-1`` becomes ``0`` (both
+    mean "off"), and for greedy requests ``top_p``/``top_k``/``min_p`` are reset to
+    their no-op values since they cannot change an argmax.
+
+    Beam search is requested with ``use_beam_search=True`` (width ``best_of``) or
+    with ``beam_width`` (which then also sets ``best_of``). Beams are expanded
+    deterministically by log-probability: ``temperature``, ``top_p``, ``top_k``,
+    ``min_p`` and ``seed`` are accepted but have no effect on beam search.
+    """
+
+    n: int = 1
+    best_of: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    use_beam_search: bool = False
+    beam_width: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._normalize_stops()
+        self._resolve_best_of()
+        self._check_ranges()
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.is_greedy and not self.use_beam_search:
+            # n > 1 greedy is allowed (unlike vLLM): the children are identical, which makes a
+            # cheap check that forked sequences share and copy-on-write their blocks correctly
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    def _check_types(self) -> None:
+        for name in ("n", "top_k", "min_tokens"):
+            _check_int(name, getattr(self, name))
+        for name in ("best_of", "seed", "beam_width", "max_tokens", "logprobs", "prompt_logprobs"):
+            _check_int(name, getattr(self, name), optional=True)
+        for name in (
+            "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+            "repetition_penalty", "length_penalty",
+        ):
+            _check_float(name, getattr(self, name))
+        for name in (
+            "use_beam_search", "early_stopping", "ignore_eos", "skip_special_tokens",
+            "include_stop_str_in_output",
+        ):
+            _check_bool(name, getattr(self, name))
+
+    def _normalize_stops(self) -> None:
+        stop = self.stop
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        self.stop = list(stop)
+        ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        if not isinstance(ids, list | tuple) or not all(_is_int(t) and t >= 0 for t in ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {ids!r}")
+        self.stop_token_ids = list(ids)
+
+    def _resolve_best_of(self) -> None:
+        if self.beam_width is not None:
+            if self.best_of is not None and self.best_of != self.beam_width:
+                raise ValueError(
+                    f"beam_width must equal best_of when both are set, got "
+                    f"beam_width={self.beam_width}, best_of={self.best_of}"
+                )
+            self.use_beam_search = True
+            self.best_of = self.beam_width
+        if self.best_of is None:
+            self.best_of = self.n
+        if self.use_beam_search:
+            self.beam_width = self.best_of
+
+    def _check_ranges(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.actual_best_of < self.n:
+            what = "beam_width" if self.use_beam_search else "best_of"
+            raise ValueError(f"{what} must be >= n, got {what}={self.best_of}, n={self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be > 0 (or None), got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens}, "
+                f"max_tokens={self.max_tokens}"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_range(name, value, 0, MAX_LOGPROBS)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the next token is the argmax (temperature below 1e-5)."""
+        return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        """BEAM for beam search, else GREEDY when ``is_greedy``, else RANDOM(_SEED).
+
+        ``top_k == 1`` is *not* reported as GREEDY (the sampler still takes the
+        argmax for it); the type only reflects the temperature, as in vLLM.
+        """
+        if self.use_beam_search:
+            return SamplingType.BEAM
+        if self.is_greedy:
+            return SamplingType.GREEDY
+        return SamplingType.RANDOM if self.seed is None else SamplingType.RANDOM_SEED
+
+    @property
+    def actual_best_of(self) -> int:
+        """Number of sequences generated per request (``best_of``, never None)."""
+        return self.n if self.best_of is None else self.best_of
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """``stop`` as a list (it always is after construction; typed for callers)."""
+        assert isinstance(self.stop, list)
+        return self.stop
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """``stop_token_ids`` as a list (it always is after construction)."""
+        assert self.stop_token_ids is not None
+        return self.stop_token_ids
+
+    def clone(self) -> SamplingParams:
+        """Independent copy (the list fields are not shared with the original)."""
+        return dataclasses.replace(
+            self, stop=list(self.stop_strings), stop_token_ids=list(self.stop_ids)
+        )

@@ -1,0 +1,86 @@
+"""The OpenAI-compatible HTTP app: one AsyncEngine per served model name."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from elasticserve.engine.async_engine import AsyncEngine
+from elasticserve.server.errors import APIError, install_error_handlers
+from elasticserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from elasticserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from elasticserve.server.serving import ClientGoneError
+from elasticserve.server.serving_chat import create_chat_completion
+from elasticserve.server.serving_completion import create_completion
+
+# nginx's code for "client closed request": nobody reads it, but the access log shows why
+CLIENT_CLOSED = 499
+
+
+def build_app(engines: dict[str, AsyncEngine], title: str = "elasticserve") -> FastAPI:
+    """An app serving `engines` by model name. Starts their step threads (if not running);
+    stopping them is the owner's job (`AsyncEngine.shutdown`), as engines may outlive an app."""
+    if not engines:
+        raise ValueError("engines must name at least one model")
+    app = FastAPI(title=title)
+    install_error_handlers(app)
+    metrics = ServerMetrics(engines)
+    app.state.engines = engines
+    app.state.metrics = metrics
+    for engine in engines.values():
+        engine.start()
+    _add_info_routes(app, engines, metrics)
+    _add_generation_routes(app, engines)
+    return app
+
+
+def _add_info_routes(app: FastAPI, engines: dict[str, AsyncEngine], metrics: ServerMetrics) -> None:
+    created = int(time.time())
+
+    @app.get("/health")
+    async def health() -> Response:
+        dead = [name for name, e in engines.items() if not e.is_alive]
+        if dead:
+            raise APIError(503, f"engine(s) not running: {dead}", code="engine_dead")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[
+            ModelCard(id=name, created=created,
+                      max_model_len=e.engine.scheduler_config.max_model_len)
+            for name, e in engines.items()])
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _add_generation_routes(app: FastAPI, engines: dict[str, AsyncEngine]) -> None:
+    def engine_for(model: str) -> AsyncEngine:
+        engine = engines.get(model)
+        if engine is None:
+            raise APIError(404, f"The model `{model}` does not exist; served models: "
+                                f"{sorted(engines)}", "model", code="model_not_found")
+        return engine
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        try:
+            return await create_completion(engine_for(body.model), body, raw)
+        except ClientGoneError:
+            return Response(status_code=CLIENT_CLOSED)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        try:
+            return await create_chat_completion(engine_for(body.model), body, raw)
+        except ClientGoneError:
+            return Response(status_code=CLIENT_CLOSED)

@@ -1,0 +1,115 @@
+"""OpenAI-shaped errors: every failure becomes `{"error": {message, type, param, code}}`."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from elasticserve.engine.async_engine import EngineDeadError, EngineOverloadedError
+from elasticserve.server.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+          503: "server_error", 500: "server_error"}
+# the engine's "can never fit" checks; a typed exception from the engine would be better
+_TOO_LARGE = ("max_model_len", "can never hold")
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type_: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or _TYPES.get(status, "invalid_request_error")
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type,
+                                             param=self.param, code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status)
+
+
+def from_value_error(exc: ValueError, renames: dict[str, str] | None = None) -> APIError:
+    """An engine or SamplingParams ValueError as a 400 (or 413 when the prompt can never fit).
+
+    Their messages start with the field's name, which becomes `param` (renamed to the API's
+    field name where the two differ, e.g. chat's `top_logprobs` is the engine's `logprobs`)."""
+    message = str(exc)
+    match = re.match(r"[A-Za-z_][A-Za-z0-9_]*", message)
+    param = match.group(0) if match else None
+    if param is not None and renames:
+        param = renames.get(param, param)
+    if any(key in message for key in _TOO_LARGE):
+        return APIError(413, message, param, code="context_length_exceeded")
+    return APIError(400, message, param)
+
+
+def param_from_loc(loc: Sequence[Any]) -> str | None:
+    """("body", "messages", 0, "content", "str") -> "messages[0].content"."""
+    out = ""
+    for item in loc:
+        if item == "body" and not out:
+            continue
+        if isinstance(item, int):
+            out += f"[{item}]"
+        elif isinstance(item, str) and item.isidentifier() and item not in _UNION_TAGS \
+                and not item[0].isupper():
+            out += f".{item}" if out else item
+        else:
+            break  # a union member's tag, not a field
+    return out or None
+
+
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        msg = f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip()
+        return APIError(400, msg).response()
+    param = param_from_loc(first.get("loc", ()))
+    detail = first.get("msg", "invalid value")
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return APIError(400, f"{param or 'body'}: {detail}{more}", param).response()
+
+
+def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return APIError(exc.status_code, str(exc.detail), type_="invalid_request_error").response()
+
+
+def _overloaded(request: Request, exc: Exception) -> JSONResponse:
+    return APIError(503, str(exc), code="overloaded").response()
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error serving %s", request.url.path, exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Replace FastAPI's 422 and HTML-ish errors with OpenAI bodies."""
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(EngineOverloadedError, _overloaded)
+    app.add_exception_handler(EngineDeadError, _overloaded)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,154 @@
+"""POST /v1/chat/completions: the model's chat template, then one engine request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from elasticserve.engine.async_engine import AsyncEngine
+from elasticserve.outputs import RequestOutput
+from elasticserve.sampling_params import SamplingParams
+from elasticserve.server.errors import APIError, from_value_error
+from elasticserve.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
+    random_id,
+)
+from elasticserve.server.serving import (
+    ChoiceDelta,
+    DeltaTracker,
+    clamp_logprob,
+    error_event,
+    merge,
+    prepare,
+    sse,
+    submit,
+    token_text,
+    top_logprobs,
+    until_disconnect,
+)
+
+# engine field names -> this endpoint's
+_RENAMES = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "top_logprobs"}
+
+
+async def create_chat_completion(engine: AsyncEngine, req: ChatCompletionRequest,
+                                 raw: Request) -> Response:
+    params = _sampling_params(req)
+    prompt = await asyncio.to_thread(_render, engine, req)  # a long chat takes a while
+    prepared = await prepare(engine, [prompt], params, _RENAMES)
+    request_id = random_id("chatcmpl")
+    started = submit(engine, prepared, params, request_id, stream=req.stream)
+    outputs = merge(engine, started)
+    prompt_tokens = len(prepared[0].token_ids)
+    if req.stream:
+        body = _stream(engine, req, params, prompt_tokens, outputs, request_id)
+        return StreamingResponse(body, media_type="text/event-stream")
+    resp = await until_disconnect(raw, _collect(engine, req, prompt_tokens, outputs, request_id))
+    return Response(resp.model_dump_json(), media_type="application/json")
+
+
+def _sampling_params(req: ChatCompletionRequest) -> SamplingParams:
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+    try:
+        return req.sampling_params()
+    except ValueError as exc:
+        raise from_value_error(exc, _RENAMES) from exc
+
+
+def _render(engine: AsyncEngine, req: ChatCompletionRequest) -> dict[str, Any]:
+    tokenizer = engine.engine.tokenizer
+    try:
+        text = str(tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True))
+    except Exception as exc:  # noqa: BLE001 - a template rejects a conversation by raising
+        raise APIError(400, f"messages cannot be rendered by the chat template: {exc}",
+                       "messages") from exc
+    # the template already carries any BOS the model wants
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+
+async def _collect(engine: AsyncEngine, req: ChatCompletionRequest, prompt_tokens: int,
+                   outputs: AsyncIterator[tuple[int, RequestOutput]],
+                   request_id: str) -> ChatCompletionResponse:
+    final: RequestOutput | None = None
+    async for _, out in outputs:
+        final = out if out.finished else final
+    assert final is not None
+    choices = []
+    for comp in final.outputs:
+        delta = ChoiceDelta(comp.index, comp.text, comp.token_ids, comp.logprobs, 0,
+                            comp.finish_reason, comp.stop_reason)
+        choices.append(ChatChoice(index=comp.index, message=AssistantMessage(content=comp.text),
+                                  logprobs=_logprobs(engine, req, delta),
+                                  finish_reason=comp.finish_reason, stop_reason=comp.stop_reason))
+    completion = sum(len(c.token_ids) for c in final.outputs)
+    return ChatCompletionResponse(id=request_id, model=req.model, choices=choices,
+                                  usage=UsageInfo.of(prompt_tokens, completion))
+
+
+async def _stream(engine: AsyncEngine, req: ChatCompletionRequest, params: SamplingParams,
+                  prompt_tokens: int, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                  request_id: str) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+        return sse(ChatCompletionChunk(id=request_id, created=created, model=req.model,
+                                       choices=choices, usage=usage))
+
+    tracker = DeltaTracker(params.n, params.stop_strings)
+    completion = 0
+    try:
+        yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                     for i in range(params.n)])
+        async for _, out in outputs:
+            if out.finished:
+                completion = sum(len(c.token_ids) for c in out.outputs)
+            choices = [ChatStreamChoice(index=d.index, delta=DeltaMessage(content=d.text),
+                                        logprobs=_logprobs(engine, req, d),
+                                        finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+                       for d in tracker.update(0, out)]
+            if choices:
+                yield chunk(choices)
+        if req.include_usage:
+            yield chunk([], UsageInfo.of(prompt_tokens, completion))
+    except Exception as exc:  # noqa: BLE001 - headers are sent: the error travels as an event
+        yield error_event(exc)
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
+    yield sse("[DONE]")
+
+
+def _logprobs(engine: AsyncEngine, req: ChatCompletionRequest,
+              delta: ChoiceDelta) -> ChatLogprobs | None:
+    if not req.logprobs or delta.logprobs is None:
+        return None
+    tokenizer: Any = engine.engine.tokenizer
+    k = req.top_logprobs or 0
+    content = []
+    for token_id, entry in zip(delta.token_ids, delta.logprobs, strict=False):
+        token = token_text(tokenizer, token_id)
+        top = [_top(token_text(tokenizer, t), lp) for t, lp in top_logprobs(entry, k)]
+        content.append(ChatTokenLogprob(token=token, logprob=clamp_logprob(entry.get(token_id)),
+                                        bytes=list(token.encode()), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+def _top(token: str, logprob: float) -> TopLogprob:
+    return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))

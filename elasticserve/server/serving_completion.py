@@ -1,0 +1,133 @@
+"""POST /v1/completions: one engine request per prompt, `n` choices each."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from elasticserve.engine.async_engine import AsyncEngine
+from elasticserve.outputs import RequestOutput
+from elasticserve.sampling_params import SamplingParams
+from elasticserve.server.errors import APIError, from_value_error
+from elasticserve.server.protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    random_id,
+)
+from elasticserve.server.serving import (
+    ChoiceDelta,
+    DeltaTracker,
+    Prepared,
+    clamp_logprob,
+    error_event,
+    merge,
+    prepare,
+    sse,
+    submit,
+    token_text,
+    top_logprobs,
+    until_disconnect,
+)
+
+
+async def create_completion(engine: AsyncEngine, req: CompletionRequest,
+                            raw: Request) -> Response:
+    params = _sampling_params(req)
+    prepared = await prepare(engine, req.prompts(), params)
+    request_id = random_id("cmpl")
+    started = submit(engine, prepared, params, request_id, stream=req.stream)
+    outputs = merge(engine, started)
+    if req.stream:
+        body = _stream(engine, req, params, prepared, outputs, request_id)
+        return StreamingResponse(body, media_type="text/event-stream")
+    resp = await until_disconnect(raw, _collect(engine, req, params, prepared, outputs, request_id))
+    return Response(resp.model_dump_json(), media_type="application/json")
+
+
+def _sampling_params(req: CompletionRequest) -> SamplingParams:
+    if req.echo:
+        raise APIError(400, "echo is not supported", "echo")
+    if req.suffix:
+        raise APIError(400, "suffix is not supported", "suffix")
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    try:
+        params = req.sampling_params()
+    except ValueError as exc:
+        raise from_value_error(exc) from exc
+    if req.stream and params.actual_best_of > params.n:
+        # the best n are only known at the end, so nothing could be streamed
+        raise APIError(400, "best_of must equal n when streaming", "best_of")
+    return params
+
+
+async def _collect(engine: AsyncEngine, req: CompletionRequest, params: SamplingParams,
+                   prepared: list[Prepared], outputs: AsyncIterator[tuple[int, RequestOutput]],
+                   request_id: str) -> CompletionResponse:
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in outputs:
+        if out.finished:
+            finals[i] = out
+    tracker = DeltaTracker(params.n, params.stop_strings)
+    choices = [_choice(engine, req, delta)
+               for i in range(len(prepared)) for delta in tracker.update(i, finals[i])]
+    return CompletionResponse(id=request_id, model=req.model, choices=choices,
+                              usage=_usage(prepared, finals.values()))
+
+
+async def _stream(engine: AsyncEngine, req: CompletionRequest, params: SamplingParams,
+                  prepared: list[Prepared], outputs: AsyncIterator[tuple[int, RequestOutput]],
+                  request_id: str) -> AsyncIterator[str]:
+    created = int(time.time())
+    tracker = DeltaTracker(params.n, params.stop_strings)
+    finals: list[RequestOutput] = []
+    try:
+        async for i, out in outputs:
+            if out.finished:
+                finals.append(out)
+            choices = [_choice(engine, req, d) for d in tracker.update(i, out)]
+            if choices:
+                yield sse(CompletionChunk(id=request_id, created=created, model=req.model,
+                                          choices=choices))
+        if req.include_usage:
+            yield sse(CompletionChunk(id=request_id, created=created, model=req.model, choices=[],
+                                      usage=_usage(prepared, finals)))
+    except Exception as exc:  # noqa: BLE001 - headers are sent: the error travels as an event
+        yield error_event(exc)
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
+    yield sse("[DONE]")
+
+
+def _choice(engine: AsyncEngine, req: CompletionRequest, delta: ChoiceDelta) -> CompletionChoice:
+    logprobs = None
+    if req.logprobs is not None and delta.logprobs is not None:
+        logprobs = _logprobs(engine.engine.tokenizer, delta, req.logprobs)
+    return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
+                            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+
+
+def _logprobs(tokenizer: Any, delta: ChoiceDelta, k: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    offset = delta.text_offset
+    for token_id, entry in zip(delta.token_ids, delta.logprobs or [], strict=False):
+        token = token_text(tokenizer, token_id)
+        out.tokens.append(token)
+        out.token_logprobs.append(clamp_logprob(entry.get(token_id)))
+        out.top_logprobs.append({token_text(tokenizer, t): lp for t, lp in top_logprobs(entry, k)})
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+def _usage(prepared: list[Prepared], finals: Any) -> UsageInfo:
+    completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+    return UsageInfo.of(sum(len(p.token_ids) for p in prepared), completion)

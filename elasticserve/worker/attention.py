@@ -1,0 +1,318 @@
+"""Torch reference paged attention over a block-major KV cache (CPU-first).
+
+KV cache layout (fixed by the engine so that one block of all layers is one
+contiguous commit unit for elastic memory):
+
+    kv_cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+
+Index 0 along the ``2`` axis is K, index 1 is V. ``kv_cache[:, layer, kv]`` is a
+strided view whose blocks are gathered with ``index_select`` on its block axis.
+Decode-only batches run as one batched SDPA; multi-token sequences loop in Python.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSeq:
+    """Per-sequence work item for a sequence with more than one new token."""
+
+    token_start: int
+    token_end: int
+    seq_len: int
+    blocks: torch.Tensor  # [ceil(seq_len / block_size)] int64
+    # [n_new, seq_len] bool (True = attend); None when the whole context is new,
+    # which lets SDPA use its built-in causal path.
+    mask: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Describes where a flattened batch of new tokens lives in the paged cache.
+
+    Built once per engine step and shared by every layer, so all index and mask
+    tensors that do not depend on the layer are precomputed here.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset per new token
+    query_start_loc: list[int]  # len B+1
+    seq_lens: list[int]  # len B: context length after this step (cached + new)
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    block_size: int
+    slot_blocks: torch.Tensor  # [T] slot_mapping // block_size
+    slot_offsets: torch.Tensor  # [T] slot_mapping % block_size
+    decode_only: bool  # every sequence has exactly one new token
+    # Sequences with one new token are batched together even in mixed batches.
+    decode_tokens: torch.Tensor  # [Bd] flat token index of each single-token sequence
+    decode_block_tables: torch.Tensor  # [Bd, nb] trimmed to the longest context
+    decode_mask: torch.Tensor  # [Bd, 1, 1, nb * block_size] bool: position < seq_len
+    # Flat [Bd * nb * block_size] positions past each context end; zeroed after the
+    # gather because padding slots may hold NaN/inf that a mask alone cannot hide.
+    decode_invalid_rows: torch.Tensor
+    prefills: list[PrefillSeq]
+
+    @classmethod
+    def build(
+        cls,
+        seqs: list[tuple[int, int, list[int]]],
+        block_size: int,
+        device: torch.device | str | None = None,
+    ) -> AttentionMetadata:
+        """seqs: (start_pos, num_new_tokens, block_table) per sequence, in batch order.
+
+        Index tensors are built on the CPU and moved to ``device`` (the KV cache's) if given.
+        """
+        starts, nums, seq_lens = _validate(seqs, block_size)
+        query_start_loc = list(itertools.accumulate(nums, initial=0))
+        max_blocks = max(len(table) for _, _, table in seqs)
+        block_tables = torch.tensor(
+            [list(table) + [0] * (max_blocks - len(table)) for _, _, table in seqs],
+            dtype=torch.int64,
+        )
+        slot_mapping = _slot_mapping(starts, nums, query_start_loc, block_tables, block_size)
+        decode_idx = [i for i, n in enumerate(nums) if n == 1]
+        dec_tables, dec_valid = _decode_tables(decode_idx, seq_lens, block_tables, block_size)
+        prefills = [
+            _prefill_seq(query_start_loc[i], nums[i], seq_lens[i], block_tables[i], block_size)
+            for i, n in enumerate(nums)
+            if n > 1
+        ]
+        meta = cls(
+            slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            block_size=block_size,
+            slot_blocks=torch.div(slot_mapping, block_size, rounding_mode="floor"),
+            slot_offsets=slot_mapping % block_size,
+            decode_only=len(decode_idx) == len(seqs),
+            decode_tokens=torch.tensor([query_start_loc[i] for i in decode_idx], dtype=torch.int64),
+            decode_block_tables=dec_tables,
+            decode_mask=dec_valid[:, None, None, :],
+            decode_invalid_rows=(~dec_valid).flatten().nonzero().squeeze(1),
+            prefills=prefills,
+        )
+        return meta if device is None else meta.to(device)
+
+    def to(self, device: torch.device | str) -> AttentionMetadata:
+        """Copy with every tensor on ``device``."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        prefills = [
+            replace(p, blocks=p.blocks.to(device), mask=None if p.mask is None else p.mask.to(device))
+            for p in self.prefills
+        ]
+        return replace(self, prefills=prefills, **moved)
+
+
+def _validate(
+    seqs: list[tuple[int, int, list[int]]], block_size: int
+) -> tuple[list[int], list[int], list[int]]:
+    if not seqs:
+        raise ValueError("AttentionMetadata.build: empty batch")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    starts, nums, seq_lens = [], [], []
+    for i, (start, n, table) in enumerate(seqs):
+        if start < 0 or n < 1:
+            raise ValueError(f"seq {i}: need start_pos >= 0 and num_new_tokens >= 1, got {start}, {n}")
+        if len(table) * block_size < start + n:
+            raise ValueError(
+                f"seq {i}: block table of {len(table)} blocks x {block_size} cannot hold "
+                f"{start + n} tokens"
+            )
+        starts.append(start)
+        nums.append(n)
+        seq_lens.append(start + n)
+    return starts, nums, seq_lens
+
+
+def _slot_mapping(
+    starts: list[int],
+    nums: list[int],
+    query_start_loc: list[int],
+    block_tables: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    counts = torch.tensor(nums, dtype=torch.int64)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(nums)), counts)
+    offset_in_seq = torch.arange(query_start_loc[-1]) - torch.tensor(query_start_loc[:-1])[
+        seq_of_token
+    ]
+    pos = torch.tensor(starts, dtype=torch.int64)[seq_of_token] + offset_in_seq
+    block_ids = block_tables[seq_of_token, torch.div(pos, block_size, rounding_mode="floor")]
+    return block_ids * block_size + pos % block_size
+
+
+def _decode_tables(
+    decode_idx: list[int], seq_lens: list[int], block_tables: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not decode_idx:
+        return torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, block_size, dtype=torch.bool)
+    lens = torch.tensor([seq_lens[i] for i in decode_idx], dtype=torch.int64)
+    # Trim padded tables to the longest context so short batches gather less.
+    num_blocks = -(-int(lens.max()) // block_size)
+    tables = block_tables[decode_idx, :num_blocks]
+    valid = torch.arange(num_blocks * block_size)[None, :] < lens[:, None]
+    return tables, valid
+
+
+def _prefill_seq(
+    token_start: int, n: int, seq_len: int, table: torch.Tensor, block_size: int
+) -> PrefillSeq:
+    num_blocks = -(-seq_len // block_size)
+    mask = None
+    if seq_len > n:
+        q_pos = torch.arange(seq_len - n, seq_len)[:, None]
+        mask = torch.arange(seq_len)[None, :] <= q_pos
+    return PrefillSeq(token_start, token_start + n, seq_len, table[:num_blocks].clone(), mask)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int, meta: AttentionMetadata
+) -> None:
+    """Scatter the new tokens' K/V ([T, Hkv, D]) into their cache slots."""
+    kv_cache[meta.slot_blocks, layer_idx, 0, meta.slot_offsets] = k.to(kv_cache.dtype)
+    kv_cache[meta.slot_blocks, layer_idx, 1, meta.slot_offsets] = v.to(kv_cache.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer_idx: int,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write k/v to the cache, then attend each sequence's new queries over its context.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns [T, Hq, D] in q's dtype. Causality is by
+    absolute position: new tokens of sequence i sit at seq_lens[i]-n_i .. seq_lens[i]-1.
+    """
+    write_kv(k, v, kv_cache, layer_idx, meta)
+    if meta.decode_only:
+        return _decode_attention(q, kv_cache, layer_idx, meta, scale)
+    out = torch.empty_like(q)
+    if meta.decode_tokens.numel():
+        idx = meta.decode_tokens
+        out[idx] = _decode_attention(q[idx], kv_cache, layer_idx, meta, scale)
+    for p in meta.prefills:
+        if p.mask is None:
+            # Whole context is new: use the fresh k/v and skip the cache round trip.
+            ctx_k, ctx_v = k[p.token_start : p.token_end], v[p.token_start : p.token_end]
+        else:
+            ctx_k, ctx_v = _gather_seq(kv_cache, layer_idx, p, q.dtype)
+        out[p.token_start : p.token_end] = _sdpa(q[p.token_start : p.token_end], ctx_k, ctx_v, p.mask, scale)
+    return out
+
+
+def _layer_rows(kv_cache: torch.Tensor, layer_idx: int, kv: int) -> torch.Tensor:
+    """[num_blocks, block_size * Hkv * D] view of one layer's K or V (no copy)."""
+    return kv_cache[:, layer_idx, kv].view(kv_cache.shape[0], -1)
+
+
+def _gather_seq(
+    kv_cache: torch.Tensor, layer_idx: int, p: PrefillSeq, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Slicing to seq_len drops the unwritten tail of the last block.
+    hkv, d = kv_cache.shape[-2:]
+    ctx_k = _layer_rows(kv_cache, layer_idx, 0).index_select(0, p.blocks)
+    ctx_v = _layer_rows(kv_cache, layer_idx, 1).index_select(0, p.blocks)
+    ctx_k = ctx_k.view(-1, hkv, d)[: p.seq_len]
+    ctx_v = ctx_v.view(-1, hkv, d)[: p.seq_len]
+    return ctx_k.to(dtype), ctx_v.to(dtype)
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1)
+
+
+class _Workspace:
+    """Reusable gather buffers, grown on demand and kept across calls.
+
+    A fresh multi-MB tensor per layer costs more in page faults than the copy
+    itself, so decode gathers write into these instead. Per thread: several engines
+    (one per model, each stepping in its own thread) may run forwards at once.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        bufs = self._bufs()
+        numel = math.prod(shape)
+        key = (slot, like.dtype, like.device)
+        buf = bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            # a normal (not inference-mode) tensor, so callers in either mode may write it
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            bufs[key] = buf
+        return buf[:numel].view(shape)
+
+    def _bufs(self) -> dict[tuple[int, torch.dtype, torch.device], torch.Tensor]:
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        return bufs
+
+    def clear(self) -> None:
+        self._bufs().clear()
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the cached decode gather buffers (e.g. after a large batch)."""
+    _WORKSPACE.clear()
+
+
+def _decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """One query per sequence, all sequences in one batched SDPA call."""
+    tables = meta.decode_block_tables
+    num_seqs, num_blocks = tables.shape
+    _, _, _, bs, hkv, d = kv_cache.shape
+    hq = q.shape[1]
+    flat = tables.flatten()
+    ctx = []
+    for kv in (0, 1):
+        rows = _layer_rows(kv_cache, layer_idx, kv)
+        buf = _WORKSPACE.get(kv, (flat.numel(), rows.shape[1]), kv_cache)
+        torch.index_select(rows, 0, flat, out=buf)
+        buf.view(-1, hkv * d).index_fill_(0, meta.decode_invalid_rows, 0.0)
+        ctx.append(buf.view(num_seqs, num_blocks * bs, hkv, d).transpose(1, 2).to(q.dtype))
+    out = F.scaled_dot_product_attention(
+        q.reshape(num_seqs, hq, 1, d),
+        ctx[0],
+        ctx[1],
+        attn_mask=meta.decode_mask,
+        scale=scale,
+        enable_gqa=hq != hkv,
+    )
+    return out.reshape(num_seqs, hq, d)

@@ -1,0 +1,81 @@
+"""`elasticserve serve`: argument parsing, and a server built from arguments really serving."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from elasticserve.server.cli_serve import (
+    add_serve_parser,
+    engine_args,
+    make_server,
+    parse_model_specs,
+    parse_size,
+)
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="elasticserve")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_sizes():
+    assert parse_size("4GiB") == 4 << 30
+    assert parse_size("512 MiB") == 512 << 20
+    assert parse_size("1.5G") == 1_500_000_000
+    assert parse_size("4096") == 4096
+    for bad in ("", "lots", "4 parsecs", "0", "-1GiB"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)
+
+
+def test_model_specs():
+    assert parse_model_specs(["a=models/x", "models/y/"]) == {"a": "models/x", "y": "models/y/"}
+    with pytest.raises(ValueError, match="twice"):
+        parse_model_specs(["a=x", "a=y"])
+    with pytest.raises(ValueError, match="NAME=DIR"):
+        parse_model_specs(["=x"])
+
+
+def test_defaults_bind_loopback_and_split_memory():
+    args = _parse()
+    assert (args.host, args.port, args.model, args.memory) == ("127.0.0.1", 8000, [], None)
+    args = _parse("--model", "a=x", "--model", "b=y", "--memory", "4GiB")
+    assert engine_args("x", args, 2).kv_cache_max_bytes == 2 << 30
+    static = _parse("--memory", "1GiB", "--kv-cache-mode", "static")
+    assert engine_args("x", static, 1).kv_cache_bytes == 1 << 30
+    with pytest.raises(SystemExit):
+        _parse("--memory", "much")
+
+
+def test_default_model_is_made_and_served(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default model lands in ./models/tiny-llama
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server, engines = make_server(_parse("--port", str(port), "--log-level", "warning",
+                                         "--memory", "64MiB"))
+    assert (tmp_path / "models" / "tiny-llama" / "config.json").exists()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{port}"
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["tiny-llama"]
+        resp = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "x",
+                                                          "max_tokens": 2}, timeout=30)
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        for engine in engines.values():
+            engine.shutdown()
