@@ -26,7 +26,7 @@ serve: install
 	$(BIN)/elasticserve serve
 
 lint: install
-	$(BIN)/ruff check elasticserve tests bench
+	$(BIN)/ruff check elasticserve tests
 	$(BIN)/mypy elasticserve
 
 test: install

@@ -1,4 +1,4 @@
-"""`elasticserve` command line: make-model | generate | demo (serve and bench come later)."""
+"""`elasticserve` command line: make-model | generate | demo | serve."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make-model", help="write a seeded random model in Hugging Face format")
     mk.add_argument("--arch", choices=["llama", "qwen2", "qwen3", "mistral"], default="llama")
-    mk.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    mk.add_argument("--size", choices=["tiny", "small", "widekv"], default="tiny")
     mk.add_argument("--out", required=True)
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(func=_cmd_make_model)
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("--kv-cache-mode", choices=["elastic", "static"], default="elastic")
     demo.set_defaults(func=_cmd_demo)
+    from elasticserve.server.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -28,6 +28,7 @@ class EngineArgs:
     memory_backend: str = "host"
     page_size: int | None = None
     seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
     dtype: str | None = None
 
     def cache_config(self) -> CacheConfig:

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from elasticserve.outputs import RequestOutput
@@ -69,13 +69,6 @@ class _Abort:
     request_id: str
 
 
-@dataclass(slots=True)
-class _Commands:
-    """Commands from any thread, taken in one batch by the step thread between steps."""
-
-    items: list[_Add | _Abort] = field(default_factory=list)
-
-
 class AsyncEngine:
     """Wraps one LLMEngine (anything with its add_request/abort_request/step interface).
 
@@ -94,7 +87,8 @@ class AsyncEngine:
         self.observer = observer
         self.max_in_flight = int(engine.scheduler_config.max_num_seqs) + max_queue
         self._cv = threading.Condition()
-        self._commands = _Commands()
+        # commands from any thread, taken in one batch by the step thread between steps
+        self._commands: list[_Add | _Abort] = []  # guarded by _cv
         self._streams: dict[str, _Stream] = {}  # guarded by _cv
         self._stopping = False
         self.error: BaseException | None = None
@@ -182,7 +176,7 @@ class AsyncEngine:
                     f"engine {self.name!r} has {len(self._streams)} requests in flight "
                     f"(limit {self.max_in_flight}); retry later")
             self._streams[request_id] = _Stream(loop, queue, RequestTiming(time.monotonic()))
-            self._commands.items.append(_Add(request_id, prompt, params, priority, stream))
+            self._commands.append(_Add(request_id, prompt, params, priority, stream))
             self._cv.notify()
         return queue
 
@@ -191,7 +185,7 @@ class AsyncEngine:
         with self._cv:
             if self._streams.pop(request_id, None) is None:
                 return
-            self._commands.items.append(_Abort(request_id))
+            self._commands.append(_Abort(request_id))
             self._cv.notify()
 
     # ---- the step thread ------------------------------------------------------------------
@@ -213,12 +207,11 @@ class AsyncEngine:
     def _wait_for_work(self) -> list[_Add | _Abort] | None:
         """Sleep while there is nothing to step; return the pending commands (None: stop)."""
         with self._cv:
-            while not (self._stopping or self._commands.items
-                       or self.engine.has_unfinished_requests()):
+            while not (self._stopping or self._commands or self.engine.has_unfinished_requests()):
                 self._cv.wait()
             if self._stopping:
                 return None
-            commands, self._commands.items = self._commands.items, []
+            commands, self._commands = self._commands, []
             return commands
 
     def _apply(self, commands: list[_Add | _Abort]) -> None:

@@ -34,7 +34,6 @@ class ElasticKVStorage(KVStorage):
         self.page_size = self.backend.page_size
         self.reserve_pages = args.kv_reserve_pages
         self.shrink_after_s = args.kv_shrink_after_s
-        self.lock = threading.RLock()  # held by a step and by the idle reclaimer
         self.grow_events = self.shrink_events = self.compactions = 0
         self._over_since: float | None = None
         self._limit_bytes: int | None = None

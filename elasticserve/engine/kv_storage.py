@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -42,6 +43,8 @@ class KVStorage:
             if self.num_swap_blocks else None
         self.pool: BlockPool | None = None
         self.manager: KVCacheManager | None = None
+        # held by a step, an abort and (elastic) the idle reclaimer
+        self.lock = threading.RLock()
 
     def _allocate(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros((self.max_blocks, *self.block_shape), dtype=dtype)

@@ -24,12 +24,18 @@ from elasticserve.worker.model_runner import ModelRunner
 PromptInput = str | dict[str, Any]
 
 
+class PromptTooLargeError(ValueError):
+    """The request can never fit: longer than max_model_len, or than the whole KV cache."""
+
+
 class LLMEngine:
     """Owns one model, its tokenizer, its KV storage, a scheduler and a runner."""
 
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
         torch.manual_seed(args.seed)
+        if args.num_threads is not None:
+            torch.set_num_threads(args.num_threads)
         self.tokenizer = Tokenizer.from_dir(args.model)
         self.model = load_model(args.model, dtype=_dtype(args.dtype))
         self.model_config = self.model.config
@@ -87,7 +93,8 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free every block it holds; unknown ids are ignored."""
-        group = self.scheduler.abort(request_id)
+        with self.kv.lock:  # the idle reclaimer may be compacting blocks
+            group = self.scheduler.abort(request_id)
         if group is not None:
             self.groups.pop(request_id, None)
 
@@ -116,12 +123,14 @@ class LLMEngine:
     def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
         max_len = self.scheduler_config.max_model_len
         if len(token_ids) >= max_len:
-            raise ValueError(f"prompt is {len(token_ids)} tokens, which does not leave room to "
-                             f"generate within max_model_len={max_len}")
+            raise PromptTooLargeError(
+                f"prompt is {len(token_ids)} tokens, which does not leave room to "
+                f"generate within max_model_len={max_len}")
         need = -(-(len(token_ids) + 1) // self.args.block_size) * params.actual_best_of
         if need > self.kv.max_blocks:
-            raise ValueError(f"prompt needs {need} KV blocks but the cache can never hold more than "
-                             f"{self.kv.max_blocks} (raise num_kv_blocks or kv_cache_bytes)")
+            raise PromptTooLargeError(
+                f"prompt needs {need} KV blocks but the cache can never hold more than "
+                f"{self.kv.max_blocks} (raise num_kv_blocks or kv_cache_bytes)")
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -76,7 +76,7 @@ class OutputProcessor:
             CompletionOutput(
                 index=i, text=s.output_text, token_ids=list(s.output_token_ids),
                 cumulative_logprob=s.cumulative_logprob if _tracks_logprob(group) else None,
-                logprobs=s.output_logprobs if group.params.logprobs is not None else None,
+                logprobs=list(s.output_logprobs) if group.params.logprobs is not None else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason)
             for i, s in enumerate(seqs)
         ]

@@ -50,11 +50,15 @@ class SizeSpec:
     kv_heads: int
     intermediate: int
     max_pos: int
+    head_dim: int | None = None  # explicit, when q/k/v heads are wider than hidden // heads
 
 
 SIZES = {
     "tiny": SizeSpec(512, 128, 2, 4, 2, 384, 2048),  # ~0.5M params
     "small": SizeSpec(4096, 512, 8, 8, 4, 1408, 4096),  # ~28M params
+    # cheap to run but with a large KV per token (16 KiB in fp32): memory tests that must map
+    # hundreds of MiB of KV without hours of CPU prefill
+    "widekv": SizeSpec(512, 64, 2, 16, 16, 128, 2048, head_dim=64),
 }
 
 
@@ -106,7 +110,7 @@ def _config(arch: str, s: SizeSpec, style: str, dtype: str) -> dict:
         "num_hidden_layers": s.layers,
         "num_attention_heads": s.heads,
         "num_key_value_heads": s.kv_heads,
-        "head_dim": s.hidden // s.heads,
+        "head_dim": s.head_dim or s.hidden // s.heads,
         "hidden_act": "silu",
         "max_position_embeddings": s.max_pos,
         "rms_norm_eps": 1e-6,

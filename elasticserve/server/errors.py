@@ -13,14 +13,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from elasticserve.engine.async_engine import EngineDeadError, EngineOverloadedError
+from elasticserve.engine.llm_engine import PromptTooLargeError
 from elasticserve.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
           503: "server_error", 500: "server_error"}
-# the engine's "can never fit" checks; a typed exception from the engine would be better
-_TOO_LARGE = ("max_model_len", "can never hold")
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -52,7 +51,7 @@ def from_value_error(exc: ValueError, renames: dict[str, str] | None = None) -> 
     param = match.group(0) if match else None
     if param is not None and renames:
         param = renames.get(param, param)
-    if any(key in message for key in _TOO_LARGE):
+    if isinstance(exc, PromptTooLargeError):
         return APIError(413, message, param, code="context_length_exceeded")
     return APIError(400, message, param)
 

@@ -47,6 +47,12 @@ def test_token_id_prompt_and_batch_of_prompts(client, offline):
     assert [c.index for c in batch.choices] == [0, 1]
     assert batch.choices[0].text == by_text.choices[0].text
     assert batch.usage.prompt_tokens == len(ids) + len(offline.tokenizer.encode("import os"))
+    streamed = {0: "", 1: ""}
+    for chunk in client.completions.create(model="tiny", prompt=[PROMPT, "import os"],
+                                           max_tokens=6, temperature=0, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == {c.index: c.text for c in batch.choices}
 
 
 def test_greedy_chat_matches_offline_engine(client, run_offline, offline):

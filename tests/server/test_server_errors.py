@@ -62,8 +62,10 @@ def test_bad_chat_parameters_are_400_naming_the_field(base_url, body, param):
 
 
 def test_unknown_model_is_404(base_url, client):
-    error = _error(_post(base_url, "/v1/completions", {"model": "gpt-9", "prompt": "x"}), 404)
-    assert error["code"] == "model_not_found" and error["param"] == "model"
+    for stream in (False, True):
+        body = {"model": "gpt-9", "prompt": "x", "stream": stream}
+        error = _error(_post(base_url, "/v1/completions", body), 404)
+        assert error["code"] == "model_not_found" and error["param"] == "model"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
 

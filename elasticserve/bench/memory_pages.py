@@ -1,7 +1,7 @@
 """Host memory backend latency next to the raw system calls it is built from.
 
-Run: ``.venv/bin/python -m bench.bench_memory [--pages 500] [--rounds 2]``
-(or ``python bench/bench_memory.py``). Prints Markdown tables.
+Run: ``.venv/bin/python -m elasticserve.bench.memory_pages [--pages 500] [--rounds 2]``
+Prints Markdown tables.
 
 Raw and backend measurements alternate round by round over the same kind of work
 (2 MiB memfd pages mapped over a read-only reservation, touched before release), so

@@ -4,7 +4,7 @@
 advances it by one token (a new block every `block_size` steps) and publishes full blocks to the
 prefix cache. Target: <= 1 ms per step.
 
-    .venv/bin/python bench/bench_core.py [--seqs 256] [--blocks 100000] [--steps 400]
+    .venv/bin/python -m elasticserve.bench.core_step [--seqs 256] [--blocks 100000] [--steps 400]
 """
 
 from __future__ import annotations
