@@ -1,0 +1,430 @@
+"""One page budget shared by several models' weights and KV caches. Torch-free.
+
+Every model holds ``weights_pages`` while awake plus the KV pages it was granted. A model asks for
+pages with :meth:`Arbiter.request`; when the free budget is short the arbiter takes pages back
+from *other* models through their :class:`Reclaimer`, cheapest first:
+
+1. mapped but unused pages (no live block, no cached prefix);
+2. pages that only hold cached-prefix blocks;
+3. preemption (swap or recompute) in models of lower priority, in idle models, and - with
+   ``fair_share`` - in equal-priority models holding more than their fair share;
+4. putting an idle model to sleep (weights and KV released), least popular and least recently
+   used first.
+
+Tiers 1-3 never take a model below its ``min_bytes``. A model's own pages are never reclaimed to
+serve its own request. The arbiter only reclaims when the estimated reclaimable total covers
+the shortfall, so destructive tiers are not run for a request that would fail anyway.
+
+Locking: every public method holds one re-entrant lock, and reclaimers are called under it. A
+reclaimer reports what it unmapped through its return value; it must not call ``release`` for
+those pages (that would count them twice).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Arbiter", "ArbiterError", "ArbiterPolicy", "ArbiterSnapshot", "ModelState", "Reclaimer"]
+
+_TIERS = ("free", "cached", "preempt", "sleep")
+
+
+class ArbiterError(RuntimeError):
+    """Misuse (unknown model, bad counts) or a broken invariant."""
+
+
+@dataclass(slots=True)
+class ArbiterPolicy:
+    """Which reclaim tiers run. ``static``/``elastic``/``arbiter`` policies are subsets."""
+
+    reclaim_free: bool = True
+    reclaim_cached: bool = True
+    preempt: bool = True
+    sleep_idle: bool = True
+    # equal-priority models above budget/awake-models may be preempted by one below it
+    fair_share: bool = True
+    popularity_tau_s: float = 60.0  # time constant of the request-rate EWMA
+
+
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """One model as :meth:`Arbiter.snapshot` saw it."""
+
+    name: str
+    awake: bool
+    weights_bytes: int
+    weights_pages: int
+    kv_pages: int
+    min_bytes: int
+    max_bytes: int | None
+    priority: int
+    last_used: float
+    popularity: float
+
+
+@dataclass(frozen=True, slots=True)
+class ArbiterSnapshot:
+    page_size: int
+    budget_pages: int
+    used_pages: int
+    free_pages: int
+    models: dict[str, ModelState]
+
+
+class Reclaimer(Protocol):
+    """What the model side implements so the arbiter can take pages back.
+
+    Each ``n``-taking method unmaps at most ``n`` KV pages and returns how many it unmapped.
+    """
+
+    def reclaimable(self) -> tuple[int, int]:
+        """(pages unmappable without dropping anything, pages more if cached blocks go)."""
+        ...
+
+    def free_pages(self, n: int) -> int:
+        """Unmap pages that hold neither live nor cached blocks (compacting first)."""
+        ...
+
+    def drop_cached(self, n: int) -> int:
+        """Evict cached-prefix blocks, then unmap the pages they held."""
+        ...
+
+    def preempt(self, n: int) -> int:
+        """Unmap free and cached pages, then preempt (swap or recompute) only as needed."""
+        ...
+
+    def sleep(self) -> int:
+        """Release every KV page (the model is about to lose its weights); return them all."""
+        ...
+
+    def is_idle(self) -> bool:
+        """Whether the model has no request in flight (so sleeping it hurts nobody now)."""
+        ...
+
+
+@dataclass(slots=True)
+class _Model:
+    name: str
+    reclaimer: Reclaimer
+    weights_bytes: int
+    weights_pages: int
+    min_bytes: int
+    max_bytes: int | None
+    min_pages: int
+    max_pages: int
+    priority: int
+    awake: bool
+    kv_pages: int = 0
+    last_used: float = 0.0
+    rate: float = 0.0  # EWMA of the request rate, as of rate_t
+    rate_t: float = 0.0
+
+
+class Arbiter:
+    """Grants KV pages out of one budget; reclaims from other models when it runs short."""
+
+    def __init__(self, budget_bytes: int, page_size: int = 2 << 20,
+                 policy: ArbiterPolicy | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if page_size <= 0 or budget_bytes < 0:
+            raise ValueError("page_size must be > 0 and budget_bytes >= 0")
+        self.page_size = page_size
+        self.budget_pages = budget_bytes // page_size
+        self.policy = policy or ArbiterPolicy()
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._models: dict[str, _Model] = {}
+        self._used = 0
+        self.stats: dict[str, int] = {t: 0 for t in _TIERS} | {"wakes": 0, "denied": 0}
+
+    # ---- registration and limits ---------------------------------------------------------
+    def register(self, name: str, weights_bytes: int, min_bytes: int = 0,
+                 max_bytes: int | None = None, priority: int = 0,
+                 reclaimer: Reclaimer | None = None, awake: bool = True) -> None:
+        """Add a model; an awake one is charged its weights now (reclaiming if needed)."""
+        if reclaimer is None:
+            raise ArbiterError(f"model {name!r} needs a reclaimer")
+        if weights_bytes < 0:
+            raise ValueError(f"weights_bytes must be >= 0, got {weights_bytes}")
+        with self._lock:
+            if name in self._models:
+                raise ArbiterError(f"model {name!r} is already registered")
+            m = _Model(name, reclaimer, weights_bytes, self._pages_up(weights_bytes), 0, None,
+                       0, 0, priority, awake=False, last_used=self._clock())
+            m.rate_t = m.last_used
+            self._apply_limits(m, min_bytes, max_bytes)
+            self._models[name] = m
+            if awake and not self.wake(name):
+                del self._models[name]
+                raise ArbiterError(f"no room for the weights of {name!r} "
+                                   f"({m.weights_pages} pages, {self.free_pages} free)")
+
+    def unregister(self, name: str) -> None:
+        """Forget a model; it must hold no KV pages (sleep it first or release them)."""
+        with self._lock:
+            m = self._get(name)
+            if m.kv_pages:
+                raise ArbiterError(f"model {name!r} still holds {m.kv_pages} KV pages")
+            if m.awake:
+                self._used -= m.weights_pages
+            del self._models[name]
+
+    def set_limits(self, name: str, min_bytes: int | None = None, max_bytes: int | None = None,
+                   priority: int | None = None) -> None:
+        """Change limits; a lower ceiling takes pages back from the model itself first."""
+        with self._lock:
+            m = self._get(name)
+            new_min = m.min_bytes if min_bytes is None else min_bytes
+            new_max = m.max_bytes if max_bytes is None else max_bytes
+            old = (m.min_bytes, m.max_bytes, m.min_pages, m.max_pages)
+            self._apply_limits(m, new_min, new_max)
+            if priority is not None:
+                m.priority = priority
+            excess = m.kv_pages - m.max_pages
+            for tier in ("free", "cached", "preempt"):
+                if excess > 0:
+                    excess -= self._take(m, tier, excess)
+            if excess > 0:
+                m.min_bytes, m.max_bytes, m.min_pages, m.max_pages = old
+                raise ArbiterError(f"model {name!r} cannot give back {excess} more pages "
+                                   f"to meet max_bytes={new_max}")
+
+    def _apply_limits(self, m: _Model, min_bytes: int, max_bytes: int | None) -> None:
+        if min_bytes < 0 or (max_bytes is not None and max_bytes < min_bytes):
+            raise ValueError(f"need 0 <= min_bytes <= max_bytes, got {min_bytes}, {max_bytes}")
+        m.min_bytes, m.max_bytes = min_bytes, max_bytes
+        m.min_pages = self._pages_up(min_bytes)
+        # a ceiling rounds down, like the engine's page limit; a floor rounds up
+        m.max_pages = self.budget_pages if max_bytes is None else max_bytes // self.page_size
+        m.min_pages = min(m.min_pages, m.max_pages)
+
+    # ---- grants ---------------------------------------------------------------------------
+    def request(self, name: str, pages: int, at_least: int | None = None) -> int:
+        """Grant up to ``pages`` KV pages, but no fewer than ``at_least`` (default: all).
+
+        Returns the pages granted: 0, or between ``at_least`` and ``pages``.
+        """
+        need = pages if at_least is None else at_least
+        if not 0 <= need <= pages:
+            raise ValueError(f"need 0 <= at_least <= pages, got {at_least}, {pages}")
+        with self._lock:
+            m = self._awake_model(name)
+            m.last_used = self._clock()
+            want = min(pages, m.max_pages - m.kv_pages)
+            if want < need:
+                self.stats["denied"] += 1
+                return 0
+            if self.free_pages < need:
+                self._reclaim(m, need - self.free_pages, m.kv_pages + need)
+            if self.free_pages < need:
+                self.stats["denied"] += 1
+                return 0
+            grant = min(want, self.free_pages)
+            m.kv_pages += grant
+            self._used += grant
+            return grant
+
+    def release(self, name: str, pages: int) -> None:
+        """The model unmapped ``pages`` KV pages on its own (shrink, shutdown)."""
+        with self._lock:
+            m = self._get(name)
+            if not 0 <= pages <= m.kv_pages:
+                raise ArbiterError(f"model {name!r} releases {pages} pages but holds {m.kv_pages}")
+            m.kv_pages -= pages
+            self._used -= pages
+
+    def sleep(self, name: str) -> int:
+        """Put a model to sleep now: every KV page and its weights go back to the budget."""
+        with self._lock:
+            return self._sleep(self._get(name))
+
+    def wake(self, name: str) -> bool:
+        """Charge the weights of a sleeping model again (reclaiming if needed)."""
+        with self._lock:
+            m = self._get(name)
+            if m.awake:
+                return True
+            m.last_used = self._clock()
+            if self.free_pages < m.weights_pages:
+                self._reclaim(m, m.weights_pages - self.free_pages, m.min_pages)
+            if self.free_pages < m.weights_pages:
+                return False
+            m.awake = True
+            self._used += m.weights_pages
+            self.stats["wakes"] += 1
+            return True
+
+    # ---- popularity -----------------------------------------------------------------------
+    def note_request(self, name: str) -> None:
+        """A request arrived for ``name``: update its rate EWMA and last-used time."""
+        with self._lock:
+            m = self._get(name)
+            now = self._clock()
+            m.rate = self._decayed_rate(m, now) + 1.0 / self.policy.popularity_tau_s
+            m.rate_t = m.last_used = now
+
+    def popularity(self, name: str) -> float:
+        """Request rate EWMA (requests/s) as of now."""
+        with self._lock:
+            return self._decayed_rate(self._get(name), self._clock())
+
+    def _decayed_rate(self, m: _Model, now: float) -> float:
+        return m.rate * math.exp(-max(0.0, now - m.rate_t) / self.policy.popularity_tau_s)
+
+    # ---- reclaim --------------------------------------------------------------------------
+    def _reclaim(self, req: _Model, short: int, req_after: int) -> None:
+        """Take ``short`` pages from models other than ``req`` (which will then hold
+        ``req_after`` KV pages), cheapest tier first."""
+        plans = {tier: self._victims(req, tier, req_after) for tier in self._tiers()}
+        # Tiers overlap (preempting also unmaps free pages), so a model yields at most its
+        # best cumulative tier, not the sum over tiers.
+        best: dict[str, int] = {}
+        for tier, victims in plans.items():
+            for m, cap in victims:
+                prior = best.get(m.name, 0)
+                best[m.name] = prior + cap if tier == "cached" else max(prior, cap)
+        if sum(best.values()) < short:
+            return  # cannot succeed: do not disturb anyone
+        got = 0
+        for tier, victims in plans.items():
+            for victim, cap in victims:
+                if got >= short:
+                    return
+                got += self._take(victim, tier, min(cap, short - got))
+
+    def _tiers(self) -> list[str]:
+        p = self.policy
+        flags = (p.reclaim_free, p.reclaim_cached, p.preempt, p.sleep_idle)
+        return [t for t, on in zip(_TIERS, flags, strict=True) if on]
+
+    def _victims(self, req: _Model, tier: str, req_after: int) -> list[tuple[_Model, int]]:
+        """Candidates of one tier, in reclaim order, with an upper bound on what each yields."""
+        now = self._clock()
+        others = sorted((m for m in self._models.values() if m is not req and m.awake),
+                        key=lambda m: (m.priority, self._decayed_rate(m, now), m.last_used))
+        out: list[tuple[_Model, int]] = []
+        for m in others:
+            above_min = m.kv_pages - m.min_pages
+            if tier in ("free", "cached"):
+                free, cached = m.reclaimer.reclaimable()
+                cap = min(above_min, free if tier == "free" else cached)
+            elif tier == "preempt":
+                cap = self._preemptable(req, m, req_after, above_min)
+            else:
+                cap = m.kv_pages + m.weights_pages \
+                    if m.priority <= req.priority and m.reclaimer.is_idle() else 0
+            if cap > 0:
+                out.append((m, cap))
+        return out
+
+    def _preemptable(self, req: _Model, m: _Model, req_after: int, above_min: int) -> int:
+        if m.priority < req.priority or m.reclaimer.is_idle():
+            return above_min
+        if self.policy.fair_share and m.priority == req.priority:
+            fair = self._fair_share()
+            if req_after <= fair:
+                return min(above_min, m.kv_pages - fair)
+        return 0
+
+    def _fair_share(self) -> int:
+        awake = [m for m in self._models.values() if m.awake]
+        kv_room = self.budget_pages - sum(m.weights_pages for m in awake)
+        return kv_room // max(1, len(awake))
+
+    def _take(self, m: _Model, tier: str, n: int) -> int:
+        """Run one reclaim call on ``m`` and book what it returned."""
+        if tier == "sleep":
+            return self._sleep(m)
+        call = {"free": m.reclaimer.free_pages, "cached": m.reclaimer.drop_cached,
+                "preempt": m.reclaimer.preempt}[tier]
+        freed = call(n)
+        if not 0 <= freed <= m.kv_pages:
+            raise ArbiterError(f"reclaimer of {m.name!r} returned {freed} pages from {tier} "
+                               f"but holds {m.kv_pages}")
+        m.kv_pages -= freed
+        self._used -= freed
+        self.stats[tier] += freed
+        return freed
+
+    def _sleep(self, m: _Model) -> int:
+        if not m.awake:
+            return 0
+        freed = m.reclaimer.sleep()
+        if freed != m.kv_pages:
+            raise ArbiterError(f"{m.name!r} released {freed} KV pages on sleep, holds {m.kv_pages}")
+        total = m.kv_pages + m.weights_pages
+        self._used -= total
+        m.kv_pages, m.awake = 0, False
+        self.stats["sleep"] += total
+        return total
+
+    # ---- observability --------------------------------------------------------------------
+    @property
+    def free_pages(self) -> int:
+        """Pages not granted to anyone."""
+        return self.budget_pages - self._used
+
+    @property
+    def used_pages(self) -> int:
+        """Pages held as weights of awake models or as KV grants."""
+        return self._used
+
+    def kv_pages(self, name: str) -> int:
+        """KV pages currently granted to ``name``."""
+        with self._lock:
+            return self._get(name).kv_pages
+
+    def is_awake(self, name: str) -> bool:
+        with self._lock:
+            return self._get(name).awake
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+    def snapshot(self) -> ArbiterSnapshot:
+        """A consistent copy of the budget and every model's state."""
+        with self._lock:
+            now = self._clock()
+            models = {m.name: ModelState(m.name, m.awake, m.weights_bytes, m.weights_pages,
+                                         m.kv_pages, m.min_bytes, m.max_bytes, m.priority,
+                                         m.last_used, self._decayed_rate(m, now))
+                      for m in self._models.values()}
+            return ArbiterSnapshot(self.page_size, self.budget_pages, self._used,
+                                   self.free_pages, models)
+
+    def check_integrity(self) -> None:
+        """Raise ArbiterError unless grants + weights == used <= budget and limits hold."""
+        with self._lock:
+            total = sum(m.kv_pages + (m.weights_pages if m.awake else 0)
+                        for m in self._models.values())
+            if total != self._used or self._used > self.budget_pages:
+                raise ArbiterError(f"used={self._used}, grants+weights={total}, "
+                                   f"budget={self.budget_pages}")
+            for m in self._models.values():
+                if not 0 <= m.kv_pages <= m.max_pages or m.min_pages > m.max_pages:
+                    raise ArbiterError(f"{m.name!r}: kv={m.kv_pages} outside "
+                                       f"[0, {m.max_pages}] (min {m.min_pages})")
+                if not m.awake and m.kv_pages:
+                    raise ArbiterError(f"{m.name!r} is asleep but holds {m.kv_pages} KV pages")
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _pages_up(self, nbytes: int) -> int:
+        return -(-nbytes // self.page_size)
+
+    def _get(self, name: str) -> _Model:
+        m = self._models.get(name)
+        if m is None:
+            raise ArbiterError(f"unknown model {name!r}")
+        return m
+
+    def _awake_model(self, name: str) -> _Model:
+        m = self._get(name)
+        if not m.awake:
+            raise ArbiterError(f"model {name!r} is asleep; wake it before requesting pages")
+        return m

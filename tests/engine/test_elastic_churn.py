@@ -1,0 +1,154 @@
+"""Hypothesis state machine: the KV contents of every live block survive any sequence of
+allocate / append / fork / free / grow / shrink-with-compaction / resize on real pages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from elasticserve.core.block_pool import BlockPool
+from elasticserve.core.kv_cache_manager import KVCacheManager
+from elasticserve.engine.args import EngineArgs
+from elasticserve.engine.elastic_kv import ElasticKVStorage
+
+BS = 4
+PAGE = 4096
+
+
+@dataclass
+class _Shape:  # block = 2 layers x K/V x 4 tokens x 1 head x 8 dims x fp32 = 512 B: 8 per page
+    num_hidden_layers: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 8
+
+
+class _Preempter:
+    """Stands in for the scheduler: resize below use preempts (recompute) whole sequences."""
+
+    def __init__(self, machine: ElasticChurn) -> None:
+        self.machine = machine
+
+    def preempt_to_fit(self, max_blocks: int) -> list[tuple[int, int]]:
+        m = self.machine
+        while m.pool.num_used > max_blocks and m.lengths:
+            m.drop(max(m.lengths))
+        return []
+
+
+class ElasticChurn(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        args = EngineArgs(model="unused", block_size=BS, kv_cache_max_bytes=48 * PAGE,
+                          page_size=PAGE, kv_reserve_pages=0, kv_shrink_after_s=0.0, swap_space=0)
+        self.kv = ElasticKVStorage(args, _Shape(), torch.float32)
+        self.pool = BlockPool(self.kv.num_blocks, enable_caching=False)
+        self.mgr = KVCacheManager(self.pool, BS, 0, enable_prefix_caching=False)
+        self.kv.attach(self.pool, self.mgr)
+        self.lengths: dict[int, int] = {}
+        self.values: dict[int, list[float]] = {}
+        self.next_id = 0
+
+    # -- helpers --------------------------------------------------------------------------
+    def drop(self, seq_id: int) -> None:
+        self.mgr.free(seq_id)
+        del self.lengths[seq_id], self.values[seq_id]
+
+    def _reserve(self, seq_id: int, start: int, count: int) -> bool:
+        need = self.mgr.num_blocks_needed(seq_id, start + count, start)
+        if need > self.pool.num_free and not self.kv.grow(need - self.pool.num_free):
+            return False
+        for src, dst in self.mgr.append_slots(seq_id, start, count):
+            self.kv.tensor[dst] = self.kv.tensor[src]  # copy-on-write, as the runner does
+        return True
+
+    def _write(self, seq_id: int, start: int, values: list[float]) -> None:
+        table = self.mgr.block_table(seq_id)
+        for i, value in enumerate(values):
+            pos = start + i
+            self.kv.tensor[table[pos // BS], :, :, pos % BS] = value
+
+    # -- rules ----------------------------------------------------------------------------
+    @rule(count=st.integers(1, 30), seed=st.integers(0, 10**6))
+    def add_sequence(self, count: int, seed: int) -> None:
+        seq_id, self.next_id = self.next_id, self.next_id + 1
+        self.mgr.allocate_prompt(seq_id, [])
+        if not self._reserve(seq_id, 0, count):
+            self.mgr.free(seq_id)
+            return
+        values = [float(seed % 1000 + i) + seq_id * 1e4 for i in range(count)]
+        self._write(seq_id, 0, values)
+        self.lengths[seq_id], self.values[seq_id] = count, values
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data(), count=st.integers(1, 9))
+    def append(self, data: st.DataObject, count: int) -> None:
+        seq_id = data.draw(st.sampled_from(sorted(self.lengths)))
+        start = self.lengths[seq_id]
+        if not self._reserve(seq_id, start, count):
+            return
+        values = [-(seq_id * 1e4 + start + i) for i in range(count)]
+        self._write(seq_id, start, values)
+        self.lengths[seq_id] += count
+        self.values[seq_id] += values
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def fork(self, data: st.DataObject) -> None:
+        parent = data.draw(st.sampled_from(sorted(self.lengths)))
+        child, self.next_id = self.next_id, self.next_id + 1
+        self.mgr.fork(parent, child)
+        self.lengths[child] = self.lengths[parent]
+        self.values[child] = list(self.values[parent])
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def free(self, data: st.DataObject) -> None:
+        self.drop(data.draw(st.sampled_from(sorted(self.lengths))))
+
+    @rule()
+    def shrink_and_compact(self) -> None:
+        self.kv.maybe_shrink()
+
+    @precondition(lambda self: len(self.lengths) >= 2)
+    @rule()
+    def free_lowest_then_shrink(self) -> None:
+        # a hole at the bottom of the id space forces the shrink to move live blocks down
+        lowest = min(self.lengths, key=lambda s: min(self.mgr.block_table(s) or [10**9]))
+        self.drop(lowest)
+        self.kv.maybe_shrink()
+
+    @rule(pages=st.integers(1, 48))
+    def resize(self, pages: int) -> None:
+        self.kv.resize(pages * PAGE, _Preempter(self))  # type: ignore[arg-type]
+
+    # -- invariants -----------------------------------------------------------------------
+    @invariant()
+    def contents_survive(self) -> None:
+        self.kv.check_integrity()
+        self.mgr.check_integrity()
+        for seq_id, values in self.values.items():
+            table = self.mgr.block_table(seq_id)
+            got = [float(self.kv.tensor[table[p // BS], 1, 1, p % BS, 0, 7])
+                   for p in range(len(values))]
+            assert got == values, f"sequence {seq_id} lost its KV"
+
+    @invariant()
+    def unmapped_space_reads_zero(self) -> None:
+        first_free_row = -(-self.kv.vt.mapped_bytes // self.kv.block_bytes)
+        tail = self.kv.tensor[first_free_row:first_free_row + 16]
+        assert not tail.any()
+
+    def teardown(self) -> None:
+        for seq_id in list(self.lengths):
+            self.drop(seq_id)
+        self.kv.maybe_shrink()
+        assert self.pool.num_used == 0 and self.kv.vt.mapped_pages == 0
+        self.kv.close()
+
+
+ElasticChurn.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+TestElasticChurn = ElasticChurn.TestCase
