@@ -1,4 +1,4 @@
-"""`elasticserve` command line: make-model | generate | demo | serve."""
+"""`elasticserve` command line: make-model | generate | demo | serve | top."""
 
 from __future__ import annotations
 
@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kv-cache-mode", choices=["elastic", "static"], default="elastic")
     demo.set_defaults(func=_cmd_demo)
     from elasticserve.server.cli_serve import add_serve_parser
+    from elasticserve.server.top import add_top_parser
 
     add_serve_parser(sub)
+    add_top_parser(sub)
     return parser
 
 

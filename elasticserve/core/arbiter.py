@@ -98,8 +98,9 @@ class Reclaimer(Protocol):
         """Unmap free and cached pages, then preempt (swap or recompute) only as needed."""
         ...
 
-    def sleep(self) -> int:
-        """Release every KV page (the model is about to lose its weights); return them all."""
+    def sleep(self) -> int | None:
+        """Release every KV page (the model is about to lose its weights); return them all,
+        or None when the model cannot sleep right now (e.g. it is in the middle of a step)."""
         ...
 
     def is_idle(self) -> bool:
@@ -140,7 +141,9 @@ class Arbiter:
         self._lock = threading.RLock()
         self._models: dict[str, _Model] = {}
         self._used = 0
-        self.stats: dict[str, int] = {t: 0 for t in _TIERS} | {"wakes": 0, "denied": 0}
+        # pages taken per reclaim tier, plus event counts
+        self.stats: dict[str, int] = {t: 0 for t in _TIERS} | {"sleeps": 0, "wakes": 0,
+                                                                "denied": 0}
 
     # ---- registration and limits ---------------------------------------------------------
     def register(self, name: str, weights_bytes: int, min_bytes: int = 0,
@@ -159,10 +162,12 @@ class Arbiter:
             m.rate_t = m.last_used
             self._apply_limits(m, min_bytes, max_bytes)
             self._models[name] = m
-            if awake and not self.wake(name):
-                del self._models[name]
-                raise ArbiterError(f"no room for the weights of {name!r} "
-                                   f"({m.weights_pages} pages, {self.free_pages} free)")
+            if awake:
+                if not self.wake(name):
+                    del self._models[name]
+                    raise ArbiterError(f"no room for the weights of {name!r} "
+                                       f"({m.weights_pages} pages, {self.free_pages} free)")
+                self.stats["wakes"] -= 1  # loading at registration is not a wake-up
 
     def unregister(self, name: str) -> None:
         """Forget a model; it must hold no KV pages (sleep it first or release them)."""
@@ -355,12 +360,15 @@ class Arbiter:
         if not m.awake:
             return 0
         freed = m.reclaimer.sleep()
+        if freed is None:
+            return 0  # the model is mid-step and cannot sleep now
         if freed != m.kv_pages:
             raise ArbiterError(f"{m.name!r} released {freed} KV pages on sleep, holds {m.kv_pages}")
         total = m.kv_pages + m.weights_pages
         self._used -= total
         m.kv_pages, m.awake = 0, False
         self.stats["sleep"] += total
+        self.stats["sleeps"] += 1
         return total
 
     # ---- observability --------------------------------------------------------------------

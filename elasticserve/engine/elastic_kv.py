@@ -5,6 +5,10 @@ that lie wholly inside mapped pages, so the block pool's capacity is `rows_mappe
 only by `BlockPool.resize`. Growing maps pages at the end; shrinking first moves live blocks
 out of the tail (`KVCacheManager.relocate`, a KV copy plus a block-table rewrite) and then unmaps
 and releases the tail pages.
+
+With a `PageBroker` (several models on one budget), every page mapped is granted by the broker
+first and every page the storage unmaps on its own is released to it; pages taken back *by*
+the broker (reclaim) are reported through the reclaim call's return value instead.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -23,18 +27,28 @@ from elasticserve.memory.backend import get_backend
 from elasticserve.memory.vtensor import VirtualTensor
 
 
+class PageBroker(Protocol):
+    """Who grants pages when several models share one budget (see engine/multi_model.py)."""
+
+    def grant(self, pages: int, at_least: int) -> int: ...
+    def release(self, pages: int) -> None: ...
+
+
 class ElasticKVStorage(KVStorage):
     """Grows when requests lack blocks, shrinks with hysteresis when under-used."""
 
     elastic = True
 
-    def __init__(self, args: EngineArgs, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, args: EngineArgs, config: Any, dtype: torch.dtype,
+                 broker: PageBroker | None = None) -> None:
         self._args = args
+        self.broker = broker
         self.backend = get_backend(args.memory_backend, args.page_size)
         self.page_size = self.backend.page_size
         self.reserve_pages = args.kv_reserve_pages
         self.shrink_after_s = args.kv_shrink_after_s
         self.grow_events = self.shrink_events = self.compactions = 0
+        self.reclaim_debt = 0  # pages a broker asked for while a step held the lock
         self._over_since: float | None = None
         self._limit_bytes: int | None = None
         self.closed = False
@@ -44,7 +58,7 @@ class ElasticKVStorage(KVStorage):
         self.vt = VirtualTensor(self.backend, self.max_blocks * self.block_bytes, dtype,
                                 self.block_shape)
         self.max_blocks = min(self.max_blocks, self.vt.tensor.shape[0])
-        self.vt.map_pages(self._pages_for_bytes(self._args.kv_cache_min_bytes) + self.reserve_pages)
+        self.vt.map_pages(self._granted(self._initial_pages(), 0))
         self.num_blocks = self.vt.rows_mapped
         return self.vt.tensor
 
@@ -52,8 +66,12 @@ class ElasticKVStorage(KVStorage):
     def _pages_for_bytes(self, nbytes: int) -> int:
         return -(-nbytes // self.page_size)
 
-    def _pages_for_blocks(self, blocks: int) -> int:
+    def pages_for_blocks(self, blocks: int) -> int:
         return self._pages_for_bytes(blocks * self.block_bytes)
+
+    def _initial_pages(self) -> int:
+        return min(self._max_pages,
+                   self._pages_for_bytes(self._args.kv_cache_min_bytes) + self.reserve_pages)
 
     @property
     def _max_pages(self) -> int:
@@ -65,30 +83,44 @@ class ElasticKVStorage(KVStorage):
     def _floor_pages(self) -> int:
         return min(self._max_pages, self._pages_for_bytes(self._args.kv_cache_min_bytes))
 
-    def _set_pages(self, pages: int) -> None:
-        """Map or unmap so that exactly `pages` are mapped; the pool follows."""
+    def _granted(self, pages: int, at_least: int) -> int:
+        if self.broker is None or pages <= 0:
+            return max(pages, 0)
+        return self.broker.grant(pages, at_least)
+
+    def _set_pages(self, pages: int, notify: bool = True) -> int:
+        """Map or unmap so that exactly `pages` are mapped; the pool follows. Returns the
+        pages unmapped (0 on growth). Growth must already be granted by the broker."""
         assert self.pool is not None
         current = self.vt.mapped_pages
         if pages > current:
             self.vt.map_pages(pages - current)
             self.pool.resize(self.vt.rows_mapped)
             self.grow_events += 1
-        elif pages < current:
-            rows = (pages * self.page_size) // self.block_bytes
-            self.pool.resize(rows)
-            self.vt.unmap_pages(current - pages)
-            self.shrink_events += 1
+            return 0
+        if pages == current:
+            return 0
+        self._compact_below((pages * self.page_size) // self.block_bytes)
+        self.pool.resize((pages * self.page_size) // self.block_bytes)
+        self.vt.unmap_pages(current - pages)
+        self.shrink_events += 1
+        if notify and self.broker is not None:
+            self.broker.release(current - pages)
+        return current - pages
 
     # ---- hooks the scheduler and the engine call -----------------------------------------
     def grow(self, num_blocks: int) -> bool:
-        """Map enough pages for `num_blocks` more blocks (plus the reserve), if the limit allows."""
+        """Map enough pages for `num_blocks` more blocks (plus the reserve), if allowed."""
         assert self.pool is not None
-        before = self.pool.num_blocks
-        want = self._pages_for_blocks(before + num_blocks)
-        pages = min(self._max_pages, want + self.reserve_pages)
-        if pages <= self.vt.mapped_pages:
+        before, mapped = self.pool.num_blocks, self.vt.mapped_pages
+        need = min(self._max_pages, self.pages_for_blocks(before + num_blocks)) - mapped
+        want = min(self._max_pages, need + mapped + self.reserve_pages) - mapped
+        if need <= 0:
             return False
-        self._set_pages(pages)
+        granted = self._granted(want, need)
+        if granted <= 0:
+            return False
+        self._set_pages(mapped + granted)
         return self.pool.num_blocks - before >= num_blocks
 
     def before_step(self, scheduler: Scheduler) -> None:
@@ -96,6 +128,8 @@ class ElasticKVStorage(KVStorage):
 
     def after_step(self, scheduler: Scheduler) -> None:
         try:
+            if self.reclaim_debt:
+                self._pay_debt()
             if scheduler.memory_pressure:
                 self._over_since = None
             else:
@@ -103,12 +137,18 @@ class ElasticKVStorage(KVStorage):
         finally:
             self.lock.release()
 
+    def _pay_debt(self) -> None:
+        assert self.pool is not None
+        floor = self.pages_for_blocks(self.pool.num_used)
+        target = max(floor, self.vt.mapped_pages - self.reclaim_debt)
+        self.reclaim_debt = max(0, self.reclaim_debt - self._set_pages(target))
+
     def maybe_shrink(self) -> None:
         """Give back pages above what live blocks + the reserve need, once that has been true
         for `kv_shrink_after_s` (hysteresis: a burst's pages are not thrashed step to step)."""
         assert self.pool is not None
         target = max(self._floor_pages(),
-                     min(self._max_pages, self._pages_for_blocks(self.pool.num_used)
+                     min(self._max_pages, self.pages_for_blocks(self.pool.num_used)
                          + self.reserve_pages))
         if target >= self.vt.mapped_pages:
             self._over_since = None
@@ -117,7 +157,6 @@ class ElasticKVStorage(KVStorage):
         if self._over_since is None:
             self._over_since = now
         if now - self._over_since >= self.shrink_after_s:
-            self._compact_below((target * self.page_size) // self.block_bytes)
             self._set_pages(target)
             self._over_since = None
 
@@ -130,6 +169,18 @@ class ElasticKVStorage(KVStorage):
             self.tensor[dst] = self.tensor[src]
             self.compactions += 1
 
+    def give_back(self, target_pages: int) -> int:
+        """For a broker's reclaim (caller holds the lock): shrink to `target_pages` or to what
+        live blocks need, whichever is more; returns pages unmapped (not released: the
+        broker counts them from this return value)."""
+        assert self.pool is not None
+        floor = self.pages_for_blocks(self.pool.num_used)
+        return self._set_pages(max(target_pages, floor), notify=False)
+
+    def remap_initial(self) -> None:
+        """After sleep: map the starting pages again (granted by the broker)."""
+        self._set_pages(self._granted(self._initial_pages(), 0))
+
     def resize(self, nbytes: int, scheduler: Scheduler) -> None:
         """User-set ceiling: shrinking below what is in use preempts (swap or recompute) first."""
         if nbytes <= 0:
@@ -139,15 +190,16 @@ class ElasticKVStorage(KVStorage):
             rows = (self._max_pages * self.page_size) // self.block_bytes
             assert self.pool is not None
             if self.pool.num_used > rows:
-                self._apply_swap_out(scheduler.preempt_to_fit(rows))
+                self.apply_swap_out(scheduler.preempt_to_fit(rows))
             if self.vt.mapped_pages > self._max_pages:
-                self._compact_below(rows)
                 self._set_pages(self._max_pages)
 
     def reclaim_idle(self) -> None:
         """Called by the reclaimer thread: shrink between steps, and while no step runs."""
         if self.lock.acquire(blocking=False):
             try:
+                if self.reclaim_debt:
+                    self._pay_debt()
                 self.maybe_shrink()
             finally:
                 self.lock.release()
@@ -172,14 +224,11 @@ class ElasticKVStorage(KVStorage):
             self.closed = True
             self.vt.close()
 
-    def _apply_swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        if pairs:
-            assert self.swap_tensor is not None
-            dev = torch.tensor([p[0] for p in pairs], dtype=torch.long)
-            host = torch.tensor([p[1] for p in pairs], dtype=torch.long)
-            self.swap_tensor[host] = self.tensor[dev]
-
     # ---- observability --------------------------------------------------------------------
+    @property
+    def mapped_pages(self) -> int:
+        return self.vt.mapped_pages
+
     def check_integrity(self) -> None:
         super().check_integrity()
         assert self.pool is not None

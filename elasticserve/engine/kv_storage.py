@@ -56,8 +56,21 @@ class KVStorage:
     def grow(self, num_blocks: int) -> bool:
         return False
 
+    def give_back(self, target_pages: int) -> int:
+        raise ValueError("a static KV cache cannot give memory back; use kv_cache_mode='elastic'")
+
+    def remap_initial(self) -> None:
+        """Static storage never unmaps, so there is nothing to map again."""
+
     def resize(self, nbytes: int, scheduler: Scheduler) -> None:
         raise ValueError("resize_kv_cache needs kv_cache_mode='elastic'; this cache is static")
+
+    def apply_swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        if pairs:
+            assert self.swap_tensor is not None
+            dev = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+            host = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+            self.swap_tensor[host] = self.tensor[dev]
 
     def start_reclaimer(self, interval_s: float = 0.1) -> None:
         """Static memory is never given back: nothing to reclaim."""
@@ -83,10 +96,14 @@ class KVStorage:
         }
 
 
-def build_kv_storage(args: EngineArgs, config: Any) -> KVStorage:
+def build_kv_storage(args: EngineArgs, config: Any, broker: Any = None) -> KVStorage:
+    """Static or elastic storage; `broker` (a PageBroker) makes an elastic one ask a shared
+    budget for every page."""
     dtype = torch.float32 if args.dtype in (None, "auto") else getattr(torch, args.dtype)
     if args.kv_cache_mode == "static":
+        if broker is not None:
+            raise ValueError("a shared page budget needs kv_cache_mode='elastic'")
         return KVStorage(args, config, dtype)
     from elasticserve.engine.elastic_kv import ElasticKVStorage
 
-    return ElasticKVStorage(args, config, dtype)
+    return ElasticKVStorage(args, config, dtype, broker)

@@ -31,8 +31,11 @@ class PromptTooLargeError(ValueError):
 class LLMEngine:
     """Owns one model, its tokenizer, its KV storage, a scheduler and a runner."""
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, broker: Any = None) -> None:
+        """`broker`: a shared page budget (engine/multi_model.py's ModelHost); it is told the
+        weights' size before the KV storage asks it for pages."""
         self.args = args
+        self.broker = broker
         torch.manual_seed(args.seed)
         if args.num_threads is not None:
             torch.set_num_threads(args.num_threads)
@@ -41,7 +44,9 @@ class LLMEngine:
         self.model_config = self.model.config
         self.cache_config = args.cache_config()
         self.scheduler_config = args.scheduler_config(_model_max_len(self.model_config))
-        self.kv: KVStorage = build_kv_storage(args, self.model_config)
+        if broker is not None:
+            broker.attach_model(self.weights_bytes)
+        self.kv: KVStorage = build_kv_storage(args, self.model_config, broker)
         pool = BlockPool(self.kv.num_blocks, enable_caching=args.enable_prefix_caching)
         self.kv_manager = KVCacheManager(pool, args.block_size, self.kv.num_swap_blocks,
                                          args.enable_prefix_caching)
@@ -53,7 +58,15 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler_config.max_model_len)
         self.groups: dict[str, SequenceGroup] = {}
         self._next_id = 0
+        self.asleep = False
+        self.sleeps = self.wakes = 0
+        self.wake_latencies_s: list[float] = []
+        self.last_active = time.monotonic()
         self.kv.start_reclaimer()
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @classmethod
     def from_args(cls, model: str, **kwargs: Any) -> LLMEngine:
@@ -135,6 +148,10 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return outputs of the requests that finished in it."""
+        if self.asleep and not self._wake_for_work():
+            return []
+        if self.scheduler.has_unfinished():
+            self.last_active = time.monotonic()
         self.kv.before_step(self.scheduler)
         try:
             out = self.scheduler.schedule()
@@ -221,6 +238,48 @@ class LLMEngine:
             group.prompt_logprobs = [None]
         group.prompt_logprobs.extend(entries)
 
+    # ---- sleep and wake -------------------------------------------------------------------
+    def sleep(self) -> int:
+        """Give every KV page back and drop the weights (re-read from the checkpoint on wake).
+
+        Running requests are preempted (swap or recompute) and resume after the wake. Returns
+        the KV pages unmapped; the caller (the arbiter's reclaim or an admin) accounts them.
+        """
+        with self.kv.lock:
+            if self.asleep:
+                return 0
+            self.kv.apply_swap_out(self.scheduler.preempt_to_fit(0))
+            pages = self.kv.give_back(0)
+            self.runner.model = None  # type: ignore[assignment]
+            del self.model
+            self.asleep = True
+            self.sleeps += 1
+            return pages
+
+    def wake(self) -> bool:
+        """Reload the weights and map the starting KV pages; False if the budget has no room."""
+        with self.kv.lock:
+            if not self.asleep:
+                return True
+            if self.broker is not None and not self.broker.wake():
+                return False
+            start = time.monotonic()
+            self.model = load_model(self.args.model, dtype=_dtype(self.args.dtype))
+            self.runner.model = self.model
+            self.kv.remap_initial()
+            self.asleep = False
+            self.wakes += 1
+            self.wake_latencies_s.append(time.monotonic() - start)
+            return True
+
+    def _wake_for_work(self) -> bool:
+        if not self.scheduler.has_unfinished():
+            return False
+        if self.wake():
+            return True
+        time.sleep(0.005)  # no room yet: back-pressure, not a busy loop
+        return False
+
     # ---- introspection --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         s = self.scheduler.stats
@@ -232,6 +291,7 @@ class LLMEngine:
             "blocks_total": self.kv_manager.pool.num_blocks,
             "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
             "num_swapped": len(self.scheduler.swapped),
+            "asleep": self.asleep, "sleeps": self.sleeps, "wakes": self.wakes,
         }
 
     def check_integrity(self) -> None:

@@ -8,6 +8,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from elasticserve.engine.async_engine import AsyncEngine
+from elasticserve.engine.multi_model import ModelPool
+from elasticserve.server.admin import add_admin_routes
 from elasticserve.server.errors import APIError, install_error_handlers
 from elasticserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from elasticserve.server.protocol import (
@@ -24,9 +26,11 @@ from elasticserve.server.serving_completion import create_completion
 CLIENT_CLOSED = 499
 
 
-def build_app(engines: dict[str, AsyncEngine], title: str = "elasticserve") -> FastAPI:
+def build_app(engines: dict[str, AsyncEngine], title: str = "elasticserve",
+              pool: ModelPool | None = None, admin_token: str | None = None) -> FastAPI:
     """An app serving `engines` by model name. Starts their step threads (if not running);
-    stopping them is the owner's job (`AsyncEngine.shutdown`), as engines may outlive an app."""
+    stopping them is the owner's job (`AsyncEngine.shutdown`), as engines may outlive an app.
+    With `pool` (the models' shared budget) and `admin_token`, the admin routes are on."""
     if not engines:
         raise ValueError("engines must name at least one model")
     app = FastAPI(title=title)
@@ -37,7 +41,9 @@ def build_app(engines: dict[str, AsyncEngine], title: str = "elasticserve") -> F
     for engine in engines.values():
         engine.start()
     _add_info_routes(app, engines, metrics)
-    _add_generation_routes(app, engines)
+    _add_generation_routes(app, engines, pool)
+    if pool is not None and admin_token:
+        add_admin_routes(app, pool, admin_token)
     return app
 
 
@@ -63,12 +69,15 @@ def _add_info_routes(app: FastAPI, engines: dict[str, AsyncEngine], metrics: Ser
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _add_generation_routes(app: FastAPI, engines: dict[str, AsyncEngine]) -> None:
+def _add_generation_routes(app: FastAPI, engines: dict[str, AsyncEngine],
+                           pool: ModelPool | None) -> None:
     def engine_for(model: str) -> AsyncEngine:
         engine = engines.get(model)
         if engine is None:
             raise APIError(404, f"The model `{model}` does not exist; served models: "
                                 f"{sorted(engines)}", "model", code="model_not_found")
+        if pool is not None:
+            pool.note_request(model)  # popularity for the arbiter's reclaim order
         return engine
 
     @app.post("/v1/completions")

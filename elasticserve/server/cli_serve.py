@@ -47,14 +47,35 @@ def parse_model_specs(specs: list[str]) -> dict[str, str]:
     return models
 
 
-def engine_args(path: str, args: argparse.Namespace, num_models: int) -> EngineArgs:
-    """EngineArgs of one model; --memory is split evenly until the shared arbiter lands."""
-    share = None if args.memory is None else args.memory // num_models
-    kwargs: dict[str, Any] = {"kv_cache_mode": args.kv_cache_mode,
-                              "max_num_seqs": args.max_num_seqs}
-    if share is not None:
-        kwargs["kv_cache_max_bytes" if args.kv_cache_mode == "elastic" else "kv_cache_bytes"] = share
-    return EngineArgs(model=path, **kwargs)
+def engine_args(args: argparse.Namespace) -> EngineArgs:
+    """Engine settings shared by every served model (memory comes from the pool)."""
+    return EngineArgs(model="", max_num_seqs=args.max_num_seqs, num_threads=args.threads)
+
+
+def parse_priorities(specs: list[str]) -> dict[str, int]:
+    """['a=2'] -> {'a': 2}."""
+    out: dict[str, int] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            raise ValueError(f"--priority must be NAME=INT, got {spec!r}")
+        out[name] = int(value)
+    return out
+
+
+def model_specs(args: argparse.Namespace) -> list[Any]:
+    from elasticserve.cli import DEFAULT_MODEL_DIR, ensure_model
+    from elasticserve.engine.multi_model import ModelSpec
+
+    models = parse_model_specs(args.model)
+    if not models:
+        models = {DEFAULT_MODEL_NAME: ensure_model(DEFAULT_MODEL_DIR)}
+    priorities = parse_priorities(args.priority)
+    unknown = set(priorities) - set(models)
+    if unknown:
+        raise ValueError(f"--priority names unknown model(s): {sorted(unknown)}")
+    return [ModelSpec(name, path, priority=priorities.get(name, 0))
+            for name, path in models.items()]
 
 
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -64,9 +85,18 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                    help="a model to serve under NAME (repeatable); default: the tiny model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--memory", type=parse_size, default=None,
-                   help="KV cache memory for all models together, e.g. 4GiB")
-    p.add_argument("--kv-cache-mode", choices=["elastic", "static"], default="elastic")
+    p.add_argument("--memory", type=parse_size, default=parse_size("4GiB"),
+                   help="memory budget for all models' weights and KV caches (default 4GiB)")
+    p.add_argument("--memory-policy", choices=["arbiter", "static"], default="arbiter",
+                   help="arbiter: pages move between models by demand; static: an even split")
+    p.add_argument("--priority", action="append", default=[], metavar="NAME=INT",
+                   help="a model's priority for the arbiter (higher keeps its memory)")
+    p.add_argument("--idle-sleep-s", type=float, default=None,
+                   help="put a model to sleep after this many idle seconds (arbiter policy)")
+    p.add_argument("--admin-token", default=os.environ.get("ELASTICSERVE_ADMIN_TOKEN"),
+                   help="bearer token for /admin routes (or $ELASTICSERVE_ADMIN_TOKEN); "
+                        "without one they are off")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (process-wide)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch per engine step")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests queued beyond the batch before new ones get 503")
@@ -80,18 +110,16 @@ def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The uvicorn.Server for parsed `serve` arguments, and the engines it serves."""
     import uvicorn
 
-    from elasticserve.cli import DEFAULT_MODEL_DIR, ensure_model
     from elasticserve.engine.async_engine import AsyncEngine
-    from elasticserve.engine.llm_engine import LLMEngine
+    from elasticserve.engine.multi_model import ModelPool
     from elasticserve.server.api_server import build_app
 
-    models = parse_model_specs(args.model)
-    if not models:
-        models = {DEFAULT_MODEL_NAME: ensure_model(DEFAULT_MODEL_DIR)}
-    engines = {name: AsyncEngine(LLMEngine(engine_args(path, args, len(models))),
-                                 max_queue=args.max_queue, name=name)
-               for name, path in models.items()}
-    config = uvicorn.Config(build_app(engines), host=args.host, port=args.port,
+    pool = ModelPool(model_specs(args), args.memory, engine_args(args),
+                     policy=args.memory_policy, idle_sleep_s=args.idle_sleep_s)
+    engines = {name: AsyncEngine(engine, max_queue=args.max_queue, name=name)
+               for name, engine in pool.engines.items()}
+    app = build_app(engines, pool=pool, admin_token=args.admin_token)
+    config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.log_level)
     return uvicorn.Server(config), engines
 

@@ -102,6 +102,8 @@ class _EngineCollector(Collector):
         preemptions = CounterMetricFamily("elasticserve:num_preemptions",
                                           "Requests preempted for lack of KV memory.",
                                           labels=["model"])
+        counters = {key: CounterMetricFamily(name, doc, labels=["model"])
+                    for key, name, doc in _COUNTERS}
         for model, engine in self.engines.items():
             # plain reads of counters owned by the step thread: a scrape may see a value one
             # step old, which is fine for monitoring and needs no lock on the hot path
@@ -110,5 +112,29 @@ class _EngineCollector(Collector):
             for gauge, (_, _, key, source) in zip(gauges, _GAUGES, strict=True):
                 gauge.add_metric([model], float(sources[source][key]))
             preemptions.add_metric([model], float(sources["stats"]["preemptions"]))
+            values = _memory_counters(engine.engine)
+            for key, family in counters.items():
+                family.add_metric([model], float(values[key]))
         yield from gauges
         yield preemptions
+        yield from counters.values()
+
+
+# the elastic memory's life, per model: pages granted (grow events map them), pages taken
+# back by the arbiter, sleeps and wakes
+_COUNTERS = (
+    ("grow_events", "elasticserve:kv_grow_events", "Times the KV cache mapped more pages."),
+    ("shrink_events", "elasticserve:kv_shrink_events", "Times the KV cache unmapped pages."),
+    ("pages_reclaimed", "elasticserve:kv_pages_reclaimed",
+     "KV pages the arbiter took back for other models."),
+    ("sleeps", "elasticserve:model_sleeps", "Times the model was put to sleep."),
+    ("wakes", "elasticserve:model_wakes", "Times the model was woken."),
+)
+
+
+def _memory_counters(engine: Any) -> dict[str, int]:
+    mem = engine.kv.memory_stats()
+    broker = getattr(engine, "broker", None)
+    return {"grow_events": mem["grow_events"], "shrink_events": mem["shrink_events"],
+            "pages_reclaimed": getattr(broker, "pages_reclaimed", 0),
+            "sleeps": engine.sleeps, "wakes": engine.wakes}

@@ -7,12 +7,14 @@ runtime only prices each step with the cost model and records request timings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from elasticserve.config import CacheConfig, SchedulerConfig
 from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.scheduler import Scheduler
+from elasticserve.outputs import ScheduledSeq
 from elasticserve.request import SequenceGroup, SequenceStatus
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.sim.cost_model import CostModel
@@ -73,12 +75,15 @@ class ModelRuntime:
     """Scheduler + KV manager + block pool + simulated storage of one model."""
 
     def __init__(self, spec: ModelSpec, storage: SimKVStorage, cost: CostModel,
-                 sched_cfg: SchedulerConfig, cache_cfg: CacheConfig, swap_blocks: int) -> None:
+                 sched_cfg: SchedulerConfig, cache_cfg: CacheConfig, swap_blocks: int,
+                 drain_costs: Callable[[], float] | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.storage = storage
         self.cost = cost
         self.block_bytes = storage.block_bytes
+        # reclaim work this step caused anywhere (mapping, compaction, victims' swap-outs)
+        self._drain_costs = drain_costs or storage.take_pending_cost
         pool = BlockPool(0, enable_caching=cache_cfg.enable_prefix_caching)
         kv = KVCacheManager(pool, cache_cfg.block_size, swap_blocks,
                             enable_prefix_caching=cache_cfg.enable_prefix_caching)
@@ -132,7 +137,7 @@ class ModelRuntime:
             dt += cost.swap_time(swaps, self.block_bytes)
         if out.blocks_to_copy:
             dt += cost.copy_time(len(out.blocks_to_copy), self.block_bytes)
-        dt += self.storage.take_pending_cost()
+        dt += self._drain_costs()
         end = now + dt
         finished = self._sample(out.scheduled, end)
         self.steps += 1
@@ -142,7 +147,7 @@ class ModelRuntime:
             self._collect_errors(end)
         return dt, finished
 
-    def _sample(self, scheduled: list, end: float) -> bool:
+    def _sample(self, scheduled: list[ScheduledSeq], end: float) -> bool:
         """Fake runner: every sampled sequence gets one token; stop at the output length."""
         sched = self.scheduler
         records = self.records

@@ -19,6 +19,8 @@ Policies:
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +29,7 @@ from elasticserve.core.arbiter import Arbiter, ArbiterPolicy
 from elasticserve.sim.cost_model import CostModel
 from elasticserve.sim.gpu_specs import DeviceSpec
 from elasticserve.sim.kv_sim import SimKVStorage
+from elasticserve.sim.metrics import Slo
 from elasticserve.sim.runtime import ModelRuntime, ModelSpec, RequestRecord
 from elasticserve.sim.workload import RequestSpec
 
@@ -54,10 +57,15 @@ class SimConfig:
     sample_every_s: float = 0.5  # KV-pages timeline resolution
     ttft_slo_s: float = 2.0
     tpot_slo_s: float = 0.1
+    ttft_slo_per_token_s: float = 0.0
     # stop as soon as more than this many requests are certain to miss the TTFT SLO
     max_ttft_violations: int | None = None
     stuck_after_s: float = 600.0  # no progress for this long (simulated) is a bug: raise
     enable_prefix_caching: bool = True
+
+    @property
+    def slo(self) -> Slo:
+        return Slo(self.ttft_slo_s, self.tpot_slo_s, self.ttft_slo_per_token_s)
 
     @property
     def budget_bytes(self) -> int:
@@ -99,8 +107,10 @@ class Simulator:
         self.arbiter = Arbiter(config.budget_bytes, config.page_size, _arbiter_policy(policy),
                                clock=lambda: self.now)
         static_pages = self._static_share(models) if policy == "static" else 0
+        self._rr = 0
         self.models = [self._build(spec, static_pages) for spec in models]
         self.by_name = {m.name: m for m in self.models}
+        self._drain_costs()  # mapping at start-up happens before serving, not during it
 
     def _static_share(self, models: list[ModelSpec]) -> int:
         weights = sum(-(-m.shape.weights_bytes // self.config.page_size) for m in models)
@@ -116,6 +126,7 @@ class Simulator:
         block_bytes = shape.kv_block_bytes(cfg.block_size)
         cost = CostModel(cfg.device, shape)
         static = self.policy == "static"
+        max_bytes: int | None
         if static:
             min_bytes = max_bytes = static_pages * cfg.page_size
             max_pages = min_pages = static_pages
@@ -134,8 +145,152 @@ class Simulator:
         sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
                                 max_num_batched_tokens=cfg.max_num_batched_tokens,
                                 max_model_len=cfg.max_model_len)
-        runtime = ModelRuntime(spec, storage, cost, sched, cache, cfg.swap_bytes // block_bytes)
+        runtime = ModelRuntime(spec, storage, cost, sched, cache, cfg.swap_bytes // block_bytes,
+                               drain_costs=self._drain_costs)
         arb.register(spec.name, shape.weights_bytes, min_bytes, max_bytes, spec.priority,
                      reclaimer=storage)
         storage.start()
         return runtime
+
+    # ---- the event loop -------------------------------------------------------------------
+    def run(self, requests: Sequence[RequestSpec]) -> SimResult:
+        """Simulate ``requests`` (sorted by arrival) to completion; returns every timing."""
+        cfg = self.config
+        unknown = {r.model for r in requests} - set(self.by_name)
+        if unknown:
+            raise ValueError(f"requests for unknown model(s): {', '.join(sorted(unknown))}")
+        records = [RequestRecord(i, r.model, r.arrival, r.input_len, r.output_len)
+                   for i, r in enumerate(requests)]
+        result = SimResult(self.policy, records, 0.0, page_size=cfg.page_size,
+                           timeline_pages={m.name: [] for m in self.models})
+        watch = _SloWatch(cfg.slo, cfg.max_ttft_violations)
+        i, n = 0, len(requests)
+        next_sweep = next_sample = last_progress = 0.0
+        while True:
+            now = self.now
+            while i < n and requests[i].arrival <= now:
+                self.by_name[requests[i].model].add(requests[i], records[i])
+                watch.pending.append(records[i])
+                i += 1
+            if now >= next_sweep:
+                self._sweep()
+                next_sweep = now + cfg.sweep_s
+                if watch.exceeded(now):
+                    result.stopped_early = True
+                    break
+            if now >= next_sample:
+                self._sample(result)
+                next_sample = now + cfg.sample_every_s
+            m = self._pick(now)
+            if m is None:
+                if i >= n and not any(x.has_work for x in self.models):
+                    break
+                self.now = self._next_time(now, requests[i].arrival if i < n else None, next_sweep)
+                if self.now - last_progress > cfg.stuck_after_s:
+                    raise RuntimeError(f"{self.policy}: no progress for {cfg.stuck_after_s} s at "
+                                       f"t={self.now:.1f}: {self._describe()}")
+                continue
+            dt, finished = m.step(now)
+            if dt > 0:
+                self.now = last_progress = now + dt
+            if finished:
+                for x in self.models:
+                    x.blocked = False
+        return self._finish(result)
+
+    def _pick(self, now: float) -> ModelRuntime | None:
+        """Next model in round-robin order that can step now; wakes sleeping ones on the way."""
+        models, k = self.models, len(self.models)
+        for j in range(k):
+            m = models[(self._rr + j) % k]
+            if m.blocked or m.ready_at > now or not m.has_work:
+                continue
+            if not self.arbiter.is_awake(m.name):
+                if self.arbiter.wake(m.name):
+                    # weights come over the host link; other models keep the device meanwhile
+                    m.ready_at = now + m.cost.load_weights_time()
+                    m.storage.on_wake()
+                else:
+                    m.blocked = True
+                continue
+            self._rr = (self._rr + j + 1) % k
+            return m
+        return None
+
+    def _next_time(self, now: float, next_arrival: float | None, next_sweep: float) -> float:
+        times = [m.ready_at for m in self.models if m.has_work and m.ready_at > now]
+        if next_arrival is not None:
+            times.append(next_arrival)
+        if any(m.has_work for m in self.models):
+            times.append(next_sweep)  # blocked models retry after the next idle shrink
+        return max(now, min(times)) if times else now + self.config.sweep_s
+
+    def _sweep(self) -> None:
+        """The engine's reclaimer thread: idle shrink with hysteresis; blocked models retry."""
+        for m in self.models:
+            if self.arbiter.is_awake(m.name):
+                m.storage.maybe_shrink()
+            m.blocked = False
+
+    def _sample(self, result: SimResult) -> None:
+        result.timeline_t.append(self.now)
+        for m in self.models:
+            result.timeline_pages[m.name].append(m.storage.mapped_pages)
+
+    def _drain_costs(self) -> float:
+        return sum(m.storage.take_pending_cost() for m in self.models)
+
+    def _describe(self) -> str:
+        return "; ".join(f"{m.name}: awake={self.arbiter.is_awake(m.name)} "
+                         f"waiting={len(m.scheduler.waiting)} running={len(m.scheduler.running)} "
+                         f"swapped={len(m.scheduler.swapped)} pages={m.storage.mapped_pages}"
+                         for m in self.models)
+
+    def _finish(self, result: SimResult) -> SimResult:
+        if result.stopped_early:
+            for m in self.models:
+                m.abort_all("simulation stopped early: TTFT SLO already missed")
+        self._sample(result)
+        result.end_time = self.now
+        result.arbiter_stats = dict(self.arbiter.stats)
+        for m in self.models:
+            m.storage.check_integrity()
+            st, sto = m.scheduler.stats, m.storage
+            result.model_stats[m.name] = {
+                "steps": m.steps, "busy_s": m.busy_s, "preemptions": st.preemptions,
+                "swap_outs": st.swap_outs, "recomputes": st.recomputes,
+                "grow_events": sto.grow_events, "shrink_events": sto.shrink_events,
+                "compactions": sto.compactions}
+        self.arbiter.check_integrity()
+        return result
+
+
+@dataclass(slots=True)
+class _SloWatch:
+    """Counts requests certain to miss the TTFT SLO, to cut hopeless bisection probes short."""
+
+    slo: Slo
+    limit: int | None
+    pending: deque[RequestRecord] = field(default_factory=deque)
+    late: int = 0
+
+    def exceeded(self, now: float) -> bool:
+        if self.limit is None:
+            return False
+        pending, slo = self.pending, self.slo
+        while pending and (pending[0].first_token is not None or pending[0].error is not None):
+            self.late += not slo.meets_ttft(pending.popleft())
+        # still waiting and already past the target: certain misses (the scan stops at the
+        # first request still within the base target, as arrivals are in order)
+        overdue = 0
+        for rec in pending:
+            if rec.arrival >= now - slo.ttft_s:
+                break
+            overdue += rec.first_token is None and now - rec.arrival > slo.ttft_target(rec)
+        return self.late + overdue > self.limit
+
+
+def simulate(models: list[ModelSpec], requests: Sequence[RequestSpec], config: SimConfig,
+             policy: Policy) -> SimResult:
+    """Build a fresh simulator for ``policy`` and run ``requests`` through it."""
+    return Simulator(models, config, policy).run(requests)

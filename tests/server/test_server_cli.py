@@ -43,15 +43,17 @@ def test_model_specs():
         parse_model_specs(["=x"])
 
 
-def test_defaults_bind_loopback_and_split_memory():
+def test_defaults_bind_loopback_with_one_shared_budget():
     args = _parse()
-    assert (args.host, args.port, args.model, args.memory) == ("127.0.0.1", 8000, [], None)
-    args = _parse("--model", "a=x", "--model", "b=y", "--memory", "4GiB")
-    assert engine_args("x", args, 2).kv_cache_max_bytes == 2 << 30
-    static = _parse("--memory", "1GiB", "--kv-cache-mode", "static")
-    assert engine_args("x", static, 1).kv_cache_bytes == 1 << 30
+    assert (args.host, args.port, args.model, args.memory) == ("127.0.0.1", 8000, [], 4 << 30)
+    assert (args.memory_policy, args.admin_token, args.idle_sleep_s) == ("arbiter", None, None)
+    args = _parse("--model", "a=x", "--max-num-seqs", "7", "--threads", "1")
+    assert engine_args(args).max_num_seqs == 7 and engine_args(args).num_threads == 1
+    assert _parse("--memory-policy", "static").memory_policy == "static"
     with pytest.raises(SystemExit):
         _parse("--memory", "much")
+    with pytest.raises(SystemExit):
+        _parse("--memory-policy", "greedy")
 
 
 def test_default_model_is_made_and_served(tmp_path, monkeypatch):

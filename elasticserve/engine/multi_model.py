@@ -1,0 +1,272 @@
+"""Several models on one memory budget: engines, the arbiter between them, sleep and wake.
+
+`ModelHost` is one model's face to the arbiter: the page broker its elastic KV storage asks
+for pages, and the `Reclaimer` the arbiter calls to take pages back. Reclaim calls arrive on
+*another* model's thread while the arbiter's lock is held, so they only ever try-lock the
+victim: a victim in the middle of a step is skipped now and owes the pages instead (it pays at
+the end of its step). No thread ever waits for a model's lock while holding the arbiter's, so
+the two locks cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from elasticserve.core.arbiter import Arbiter, ArbiterPolicy
+from elasticserve.engine.args import EngineArgs
+from elasticserve.engine.elastic_kv import ElasticKVStorage
+from elasticserve.engine.llm_engine import LLMEngine
+
+MemoryPolicy = Literal["arbiter", "static"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    name: str
+    path: str
+    priority: int = 0
+    min_bytes: int = 0
+    max_bytes: int | None = None
+
+
+class ModelHost:
+    """Page broker + arbiter reclaimer for one engine."""
+
+    def __init__(self, arbiter: Arbiter, spec: ModelSpec) -> None:
+        self.arbiter = arbiter
+        self.spec = spec
+        self.engine: LLMEngine | None = None
+        self.pages_reclaimed = 0
+
+    # ---- broker (called by the engine's own thread) --------------------------------------
+    def attach_model(self, weights_bytes: int) -> None:
+        s = self.spec
+        self.arbiter.register(s.name, weights_bytes, s.min_bytes, s.max_bytes, s.priority,
+                              reclaimer=self)
+
+    def grant(self, pages: int, at_least: int) -> int:
+        return self.arbiter.request(self.spec.name, pages, at_least)
+
+    def release(self, pages: int) -> None:
+        self.arbiter.release(self.spec.name, pages)
+
+    def wake(self) -> bool:
+        return self.arbiter.wake(self.spec.name)
+
+    # ---- reclaimer (called under the arbiter's lock, from any thread) -----------------------
+    def reclaimable(self) -> tuple[int, int]:
+        engine = self.engine
+        if engine is None or engine.asleep:
+            return 0, 0
+        pool, kv = engine.kv_manager.pool, _elastic(engine)
+        live = kv.pages_for_blocks(pool.num_used)
+        with_cached = kv.pages_for_blocks(pool.num_used + pool.num_cached_free)
+        mapped = kv.mapped_pages
+        return max(0, mapped - with_cached), max(0, with_cached - live)
+
+    def free_pages(self, n: int) -> int:
+        def run(engine: LLMEngine) -> int:
+            pool, kv = engine.kv_manager.pool, _elastic(engine)
+            keep = kv.pages_for_blocks(pool.num_used + pool.num_cached_free)
+            return kv.give_back(max(keep, kv.mapped_pages - n))
+        return self._locked(n, run)
+
+    def drop_cached(self, n: int) -> int:
+        def run(engine: LLMEngine) -> int:
+            engine.kv_manager.pool.evict_cached()
+            kv = _elastic(engine)
+            return kv.give_back(kv.mapped_pages - n)
+        return self._locked(n, run)
+
+    def preempt(self, n: int) -> int:
+        def run(engine: LLMEngine) -> int:
+            kv = _elastic(engine)
+            target = max(0, kv.mapped_pages - n)
+            rows = target * kv.page_size // kv.block_bytes
+            kv.apply_swap_out(engine.scheduler.preempt_to_fit(rows))
+            return kv.give_back(target)
+        return self._locked(n, run)
+
+    def sleep(self) -> int | None:
+        engine = self.engine
+        if engine is None or not engine.kv.lock.acquire(blocking=False):
+            return None
+        try:
+            return engine.sleep()
+        finally:
+            engine.kv.lock.release()
+
+    def is_idle(self) -> bool:
+        engine = self.engine
+        return engine is None or not engine.scheduler.has_unfinished()
+
+    def _locked(self, n: int, action: Callable[[LLMEngine], int]) -> int:
+        engine = self.engine
+        if engine is None or engine.asleep:
+            return 0
+        if not engine.kv.lock.acquire(blocking=False):
+            _elastic(engine).reclaim_debt += n  # mid-step: it pays at the end of the step
+            return 0
+        try:
+            got = action(engine)
+        finally:
+            engine.kv.lock.release()
+        self.pages_reclaimed += got
+        return got
+
+
+class ModelPool:
+    """The engines a server hosts, under one budget (`arbiter`) or split evenly (`static`)."""
+
+    def __init__(self, specs: list[ModelSpec], memory_bytes: int, base: EngineArgs,
+                 policy: MemoryPolicy = "arbiter", idle_sleep_s: float | None = None,
+                 page_size: int | None = None) -> None:
+        if not specs:
+            raise ValueError("at least one model is needed")
+        self.policy = policy
+        self.idle_sleep_s = idle_sleep_s
+        self.memory_bytes = memory_bytes
+        self.arbiter: Arbiter | None = None
+        self.hosts: dict[str, ModelHost] = {}
+        self.engines: dict[str, LLMEngine] = {}
+        if policy == "static":
+            self._build_static(specs, base)
+        elif policy == "arbiter":
+            self._build_shared(specs, base, page_size)
+        else:
+            raise ValueError(f"memory policy must be 'arbiter' or 'static', got {policy!r}")
+        self._closed = False
+        self._start_housekeeping()
+
+    def _build_static(self, specs: list[ModelSpec], base: EngineArgs) -> None:
+        share = self.memory_bytes // len(specs)
+        for spec in specs:
+            kv_bytes = share - checkpoint_bytes(spec.path)
+            if kv_bytes <= 0:
+                raise ValueError(f"--memory {self.memory_bytes} split {len(specs)} ways leaves no "
+                                 f"KV memory for {spec.name!r} after its weights")
+            args = replace(base, model=spec.path, kv_cache_mode="static", kv_cache_bytes=kv_bytes)
+            self.engines[spec.name] = LLMEngine(args)
+
+    def _build_shared(self, specs: list[ModelSpec], base: EngineArgs,
+                      page_size: int | None) -> None:
+        from elasticserve.memory.backend import DEFAULT_PAGE_SIZE
+
+        page = page_size or base.page_size or DEFAULT_PAGE_SIZE
+        self.arbiter = Arbiter(self.memory_bytes, page, ArbiterPolicy())
+        for spec in specs:
+            host = ModelHost(self.arbiter, spec)
+            args = replace(base, model=spec.path, kv_cache_mode="elastic", page_size=page,
+                           kv_cache_max_bytes=spec.max_bytes or self.memory_bytes,
+                           kv_cache_min_bytes=spec.min_bytes)
+            engine = LLMEngine(args, broker=host)
+            host.engine = engine
+            self.hosts[spec.name] = host
+            self.engines[spec.name] = engine
+
+    # ---- sleep / wake ---------------------------------------------------------------------
+    def sleep(self, name: str) -> int:
+        """Put a model to sleep now (admin); returns the KV pages it gave back."""
+        engine = self._engine(name)
+        if self.arbiter is None:
+            raise ValueError("sleep needs --memory-policy arbiter")
+        with engine.kv.lock:
+            return self.arbiter.sleep(name)
+
+    def wake(self, name: str) -> bool:
+        return self._engine(name).wake()
+
+    def note_request(self, name: str) -> None:
+        if self.arbiter is not None:
+            self.arbiter.note_request(name)
+
+    def _engine(self, name: str) -> LLMEngine:
+        if name not in self.engines:
+            raise KeyError(name)
+        return self.engines[name]
+
+    def _start_housekeeping(self) -> None:
+        if self.arbiter is None or self.idle_sleep_s is None:
+            return
+        ref = weakref.ref(self)
+
+        def loop() -> None:
+            while True:
+                time.sleep(0.05)
+                pool = ref()
+                if pool is None or pool._closed:
+                    return
+                pool.sleep_idle_models()
+                del pool
+
+        threading.Thread(target=loop, name="idle-sleeper", daemon=True).start()
+
+    def sleep_idle_models(self) -> None:
+        """Models idle for `idle_sleep_s` give back everything (weights and KV)."""
+        assert self.arbiter is not None and self.idle_sleep_s is not None
+        now = time.monotonic()
+        for name, engine in self.engines.items():
+            if engine.asleep or engine.scheduler.has_unfinished():
+                continue
+            if now - engine.last_active < self.idle_sleep_s:
+                continue
+            if engine.kv.lock.acquire(blocking=False):
+                try:
+                    if not engine.scheduler.has_unfinished():
+                        self.arbiter.sleep(name)
+                finally:
+                    engine.kv.lock.release()
+
+    # ---- observability --------------------------------------------------------------------
+    def memory_report(self) -> dict[str, object]:
+        """The budget and, per model, state, weights, KV bytes, limits, priority, queues."""
+        models: dict[str, object] = {}
+        snap = self.arbiter.snapshot() if self.arbiter is not None else None
+        for name, engine in self.engines.items():
+            stats = engine.stats()
+            entry: dict[str, object] = {
+                "state": "asleep" if engine.asleep else "awake",
+                "kv": engine.kv.memory_stats(),
+                "running": stats["num_running"], "waiting": stats["num_waiting"],
+                "swapped": stats["num_swapped"], "sleeps": engine.sleeps,
+                "wakes": engine.wakes, "wake_latency_s": engine.wake_latencies_s[-5:],
+            }
+            if snap is not None:
+                m = snap.models[name]
+                entry.update(weights_bytes=m.weights_bytes, kv_pages=m.kv_pages,
+                             min_bytes=m.min_bytes, max_bytes=m.max_bytes, priority=m.priority,
+                             popularity=m.popularity,
+                             pages_reclaimed=self.hosts[name].pages_reclaimed)
+            models[name] = entry
+        budget: dict[str, object] = {"bytes": self.memory_bytes, "policy": self.policy}
+        if snap is not None:
+            budget.update(page_size=snap.page_size, pages=snap.budget_pages,
+                          used_pages=snap.used_pages, free_pages=snap.free_pages)
+        return {"budget": budget, "models": models}
+
+    def check_integrity(self) -> None:
+        if self.arbiter is not None:
+            self.arbiter.check_integrity()
+        for engine in self.engines.values():
+            with engine.kv.lock:
+                engine.check_integrity()
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _elastic(engine: LLMEngine) -> ElasticKVStorage:
+    assert isinstance(engine.kv, ElasticKVStorage), "a shared budget needs elastic KV storage"
+    return engine.kv
+
+
+def checkpoint_bytes(path: str) -> int:
+    """Weights' size from the safetensors files (what fp32 weights take once loaded on CPU)."""
+    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*.safetensors")))

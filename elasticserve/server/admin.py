@@ -1,0 +1,74 @@
+"""Admin routes: memory report, per-model limits, sleep and wake. Bearer-token protected;
+without a token configured the routes do not exist at all."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from elasticserve.core.arbiter import ArbiterError
+from elasticserve.engine.multi_model import ModelPool
+from elasticserve.server.errors import APIError
+
+
+class LimitsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    min_bytes: int | None = Field(default=None, ge=0)
+    max_bytes: int | None = Field(default=None, gt=0)
+    priority: int | None = None
+
+
+def add_admin_routes(app: FastAPI, pool: ModelPool, token: str) -> None:
+    """GET /admin/memory; POST /admin/models/{name}/limits, /sleep, /wake."""
+
+    def check(request: Request) -> None:
+        sent = request.headers.get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            raise APIError(401, "admin routes need 'Authorization: Bearer <admin token>'",
+                           code="unauthorized", type_="authentication_error")
+
+    def known(name: str) -> None:
+        if name not in pool.engines:
+            raise APIError(404, f"unknown model {name!r}; served: {sorted(pool.engines)}",
+                           "name", code="model_not_found")
+
+    @app.get("/admin/memory")
+    async def memory(request: Request) -> JSONResponse:
+        check(request)
+        return JSONResponse(pool.memory_report())
+
+    @app.post("/admin/models/{name}/limits")
+    async def limits(name: str, body: LimitsRequest, request: Request) -> JSONResponse:
+        check(request)
+        known(name)
+        if pool.arbiter is None:
+            raise APIError(400, "limits need --memory-policy arbiter", "name")
+        try:
+            await asyncio.to_thread(pool.arbiter.set_limits, name, body.min_bytes,
+                                    body.max_bytes, body.priority)
+        except (ArbiterError, ValueError) as exc:
+            raise APIError(400, str(exc), "max_bytes") from exc
+        return JSONResponse(pool.memory_report()["models"][name])  # type: ignore[index]
+
+    @app.post("/admin/models/{name}/sleep")
+    async def sleep(name: str, request: Request) -> JSONResponse:
+        check(request)
+        known(name)
+        try:
+            pages = await asyncio.to_thread(pool.sleep, name)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "name") from exc
+        return JSONResponse({"model": name, "state": "asleep", "kv_pages_released": pages})
+
+    @app.post("/admin/models/{name}/wake")
+    async def wake(name: str, request: Request) -> JSONResponse:
+        check(request)
+        known(name)
+        woke = await asyncio.to_thread(pool.wake, name)
+        if not woke:
+            raise APIError(503, f"no room in the budget to wake {name!r} now", code="no_memory")
+        return JSONResponse({"model": name, "state": "awake"})

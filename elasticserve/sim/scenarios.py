@@ -1,0 +1,127 @@
+"""Named scenarios: models, device, SLOs and a workload whose rate can be scaled.
+
+* ``ramp3``: three Llama-3.1-8B on one H100-80GB. 256-token prompts, outputs of 256 or 400
+  tokens (equally likely). One model at a time ramps 0 -> 12 -> 1 req/s (piecewise linear)
+  and holds 1 req/s while the other two get nothing; then the next model takes its turn.
+* ``zipf16``: sixteen models (6x Qwen3-0.6B, 7x Llama-3.1-8B, 3x Qwen2.5-14B) on four H100s'
+  memory, each model tensor-parallel over the four GPUs (one execution resource, 4x the
+  bandwidth and FLOP/s). Zipf(1) popularity over an interleaved size order; every model has
+  its own Gamma renewal arrivals with CV 3; chat-like log-normal lengths.
+* ``longctx``: one Llama-3.1-8B on one H100: 128K-token prompts mixed with short chat requests.
+
+The rate scale multiplies every rate profile; ``rate_at(scale)`` turns it into the req/s
+figure the report prints (peak rate for ramp3, mean total rate otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from elasticserve.sim.gpu_specs import H100_80GB
+from elasticserve.sim.model_shapes import LLAMA_3_1_8B, QWEN2_5_14B, QWEN3_0_6B, ModelShape
+from elasticserve.sim.runtime import ModelSpec
+from elasticserve.sim.simulator import SimConfig
+from elasticserve.sim.workload import (
+    CHAT_INPUT,
+    CHAT_OUTPUT,
+    ArrivalProcess,
+    Choice,
+    Fixed,
+    ModelStream,
+    RateProfile,
+    RequestSpec,
+    Workload,
+    poisson,
+    zipf_mix,
+)
+
+
+@dataclass(slots=True)
+class Scenario:
+    """Everything one comparison needs; ``workload.generate(seed, scale)`` gives requests."""
+
+    name: str
+    description: str
+    models: list[ModelSpec]
+    config: SimConfig
+    workload: Workload
+    rate_label: str
+    rate_at: Callable[[float], float]
+    start_scale: float = 1.0  # first bisection probe
+    bisect_iters: int = 4
+    notes: list[str] = field(default_factory=list)
+
+    def requests(self, seed: int, scale: float = 1.0) -> list[RequestSpec]:
+        return self.workload.generate(seed, scale)
+
+
+def ramp_profile(offset: float, up_s: float, down_s: float, hold_s: float, peak: float = 12.0,
+                 low: float = 1.0) -> RateProfile:
+    """0 -> ``peak`` over ``up_s``, -> ``low`` over ``down_s``, ``low`` for ``hold_s``, then 0."""
+    t1, t2, t3 = offset + up_s, offset + up_s + down_s, offset + up_s + down_s + hold_s
+    pts = [(offset, 0.0), (t1, peak), (t2, low), (t3, low), (t3, 0.0)]
+    return RateProfile(tuple(([(0.0, 0.0)] if offset > 0 else []) + pts))
+
+
+def ramp3(up_s: float = 10.0, down_s: float = 10.0, hold_s: float = 5.0) -> Scenario:
+    names = [f"llama8b-{i}" for i in range(3)]
+    phase = up_s + down_s + hold_s
+    streams = tuple(
+        ModelStream(n, ArrivalProcess(ramp_profile(i * phase, up_s, down_s, hold_s)),
+                    Fixed(256), Choice((256, 400)))
+        for i, n in enumerate(names))
+    cfg = SimConfig(H100_80GB, max_num_seqs=1024, max_num_batched_tokens=8192,
+                    ttft_slo_s=1.0, tpot_slo_s=0.1)
+    return Scenario(
+        "ramp3", "3x Llama-3.1-8B on one H100-80GB; one model at a time ramps 0->12->1 req/s",
+        [ModelSpec(n, LLAMA_3_1_8B) for n in names], cfg, Workload(streams),
+        rate_label="peak req/s", rate_at=lambda s: 12.0 * s, start_scale=2.0)
+
+
+_ZIPF16_ORDER: tuple[ModelShape, ...] = (
+    LLAMA_3_1_8B, QWEN3_0_6B, QWEN2_5_14B, LLAMA_3_1_8B, QWEN3_0_6B, LLAMA_3_1_8B,
+    QWEN2_5_14B, QWEN3_0_6B, LLAMA_3_1_8B, QWEN3_0_6B, LLAMA_3_1_8B, QWEN2_5_14B,
+    QWEN3_0_6B, LLAMA_3_1_8B, QWEN3_0_6B, LLAMA_3_1_8B,
+)
+
+
+def zipf16(total_rate: float = 8.0, duration: float = 60.0, cv: float = 3.0) -> Scenario:
+    names = [f"{shape.name.lower()}-{rank:02d}" for rank, shape in enumerate(_ZIPF16_ORDER)]
+    models = [ModelSpec(n, shape) for n, shape in zip(names, _ZIPF16_ORDER, strict=True)]
+    cfg = SimConfig(H100_80GB, num_gpus=4, max_num_seqs=1024, max_num_batched_tokens=8192,
+                    ttft_slo_s=1.0, tpot_slo_s=0.1)
+    return Scenario(
+        "zipf16", "16 mixed models on 4x H100-80GB memory; Zipf(1) popularity, Gamma CV 3",
+        models, cfg, zipf_mix(names, total_rate, duration, cv, CHAT_INPUT, CHAT_OUTPUT),
+        rate_label="mean req/s", rate_at=lambda s: total_rate * s, start_scale=2.0,
+        notes=["the 4 GPUs are modelled as one tensor-parallel device (tp=4 for every model)"])
+
+
+def longctx(short_rate: float = 2.0, long_rate: float = 0.05, duration: float = 120.0,
+            long_len: int = 128 * 1024) -> Scenario:
+    model = "llama8b"
+    streams = (
+        ModelStream(model, poisson(short_rate, duration), CHAT_INPUT, CHAT_OUTPUT),
+        ModelStream(model, poisson(long_rate, duration), Fixed(long_len), Fixed(256)),
+    )
+    # a 128K prefill takes seconds however the memory is managed: its SLO grows with length
+    cfg = SimConfig(H100_80GB, max_num_seqs=1024, max_num_batched_tokens=8192,
+                    max_model_len=long_len + 4096, ttft_slo_s=1.0, tpot_slo_s=0.1,
+                    ttft_slo_per_token_s=2e-4)
+    return Scenario(
+        "longctx", "1x Llama-3.1-8B on one H100-80GB; 128K-token prompts among short chats",
+        [ModelSpec(model, LLAMA_3_1_8B)], cfg, Workload(streams),
+        rate_label="mean req/s", rate_at=lambda s: (short_rate + long_rate) * s,
+        notes=["TTFT SLO = 1 s + 0.2 ms per prompt token"])
+
+
+SCENARIOS: dict[str, Callable[[], Scenario]] = {"ramp3": ramp3, "zipf16": zipf16,
+                                                "longctx": longctx}
+
+
+def get_scenario(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]()
+    except KeyError:
+        raise KeyError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}") from None
