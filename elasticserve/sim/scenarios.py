@@ -86,7 +86,7 @@ _ZIPF16_ORDER: tuple[ModelShape, ...] = (
 )
 
 
-def zipf16(total_rate: float = 8.0, duration: float = 60.0, cv: float = 3.0) -> Scenario:
+def zipf16(total_rate: float = 8.0, duration: float = 40.0, cv: float = 3.0) -> Scenario:
     names = [f"{shape.name.lower()}-{rank:02d}" for rank, shape in enumerate(_ZIPF16_ORDER)]
     models = [ModelSpec(n, shape) for n, shape in zip(names, _ZIPF16_ORDER, strict=True)]
     cfg = SimConfig(H100_80GB, num_gpus=4, max_num_seqs=1024, max_num_batched_tokens=8192,
@@ -94,7 +94,7 @@ def zipf16(total_rate: float = 8.0, duration: float = 60.0, cv: float = 3.0) -> 
     return Scenario(
         "zipf16", "16 mixed models on 4x H100-80GB memory; Zipf(1) popularity, Gamma CV 3",
         models, cfg, zipf_mix(names, total_rate, duration, cv, CHAT_INPUT, CHAT_OUTPUT),
-        rate_label="mean req/s", rate_at=lambda s: total_rate * s, start_scale=2.0,
+        rate_label="mean req/s", rate_at=lambda s: total_rate * s, start_scale=4.0,
         notes=["the 4 GPUs are modelled as one tensor-parallel device (tp=4 for every model)"])
 
 

@@ -1,0 +1,149 @@
+"""Smoke test of `elasticserve bench serve` against a real server on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+
+from elasticserve.bench import serve  # noqa: E402
+from elasticserve.bench.serve_client import ClientConfig, parse_memory, run_benchmark  # noqa: E402
+from elasticserve.bench.serve_report import SLO, goodput_rates, markdown_run, summarize  # noqa: E402
+from elasticserve.engine.args import EngineArgs  # noqa: E402
+from elasticserve.engine.async_engine import AsyncEngine  # noqa: E402
+from elasticserve.engine.multi_model import ModelPool, ModelSpec  # noqa: E402
+from elasticserve.server.api_server import build_app  # noqa: E402
+from elasticserve.sim.workload import RequestSpec  # noqa: E402
+
+TOKEN = "bench-token"
+METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from elasticserve.models.make_model import make_model
+
+    path = make_model("llama", "tiny", str(tmp_path_factory.mktemp("bench") / "tiny"))
+    pool = ModelPool([ModelSpec("tiny", path), ModelSpec("tiny-b", path)], 256 << 20,
+                     EngineArgs(model=""))
+    engines = {name: AsyncEngine(e, name=name) for name, e in pool.engines.items()}
+    app = build_app(engines, pool=pool, admin_token=TOKEN)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+    for engine in engines.values():
+        engine.shutdown()
+    pool.close()
+
+
+def _specs() -> list[RequestSpec]:
+    return [RequestSpec(0.05 * i, "tiny" if i % 2 else "tiny-b", 5 + 5 * i, 4 + i)
+            for i in range(8)]
+
+
+def test_core_run_reports_every_metric(base_url: str) -> None:
+    cfg = ClientConfig(base_url, admin_token=TOKEN, memory_interval_s=0.05, progress=False)
+    run = asyncio.run(run_benchmark(_specs(), cfg))
+    assert len(run.records) == 8
+    for rec in run.records:
+        assert rec.ok, (rec.status, rec.failure, rec.error)
+        assert rec.ttft_s is not None and rec.e2e_s is not None and rec.ttft_s <= rec.e2e_s
+        assert rec.output_tokens == rec.usage_completion_tokens == rec.max_tokens
+        assert rec.usage_prompt_tokens == rec.input_len
+        assert len(rec.itl_s) == rec.output_tokens - 1
+    summary = summarize(run, SLO(ttft_s=30.0, tpot_s=30.0))
+    for part in [summary["overall"], *summary["models"].values()]:
+        for metric in METRICS:
+            assert all(v is not None and v >= 0 for v in part[metric].values()), metric
+        assert part["failed"] == 0 and part["token_count_mismatches"] == 0
+        assert part["request_throughput"] > 0 and part["output_token_throughput"] > 0
+        assert part["slo_attainment"] == 1.0 and part["goodput"] > 0
+    assert set(summary["models"]) == {"tiny", "tiny-b"}
+    assert summary["overall"]["output_tokens"] == sum(s.output_len for s in _specs())
+    assert run.memory and summary["memory"]["models"]["tiny"]["kv_mapped_bytes"]["peak"] > 0
+    assert "TTFT" in markdown_run(summary) and "kv_used_bytes" in markdown_run(summary)
+    json.dumps(summary)  # JSON-ready
+
+
+def test_failures_are_counted_not_raised(base_url: str) -> None:
+    specs = [RequestSpec(0.0, "no-such-model", 4, 2), RequestSpec(0.0, "tiny", 4, 2),
+             RequestSpec(99.0, "tiny", 4, 2)]
+    cfg = ClientConfig(base_url, admin_token="wrong", time_limit_s=10.0, progress=False)
+    run = asyncio.run(run_benchmark(specs, cfg))
+    summary = summarize(run, SLO(ttft_s=30.0))
+    assert summary["overall"]["failures"] == {"404": 1, "not_sent": 1}
+    assert summary["overall"]["completed"] == 1 and summary["overall"]["slo_met"] == 1
+    assert run.memory_note is not None and "401" in run.memory_note
+
+
+def test_cli_preset_sweep_json_and_plots(base_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    argv = ["--base-url", base_url, "--preset", "alternating", "--burst-s", "0.25",
+            "--duration", "1", "--sweep-rates", "4,8", "--input-len", "16", "--output-len", "4",
+            "--ttft-slo", "30000", "--admin-token", TOKEN, "--out-json", str(out),
+            "--no-progress", "--cooldown", "0"]
+    if _has_matplotlib():
+        argv += ["--plots", str(tmp_path / "plots")]
+    assert serve.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [r["rate"] for r in report["runs"]] == [4.0, 8.0]
+    assert report["goodput"]["max_rate_at_90pct"] == 8.0
+    if _has_matplotlib():
+        assert {Path(p).name for p in report["plots"]} >= {"memory.png", "latency_cdf.png",
+                                                           "attainment.png"}
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_alternating_profile_bursts_one_model_at_a_time() -> None:
+    a = serve.alternating_profile(0, 2, 3.0, 1.0, 4.0)
+    b = serve.alternating_profile(1, 2, 3.0, 1.0, 4.0)
+    assert [a.rate(t) for t in (0.5, 1.5, 2.5, 3.5)] == [3.0, 0.0, 3.0, 0.0]
+    assert [b.rate(t) for t in (0.5, 1.5, 2.5, 3.5)] == [0.0, 3.0, 0.0, 3.0]
+    assert a.expected_count == pytest.approx(6.0) == b.expected_count
+
+
+def test_fit_lengths_and_goodput_rates() -> None:
+    fitted = serve.fit_lengths([RequestSpec(0, "m", 500, 300), RequestSpec(0, "m", 0, 0)],
+                               {"m": 256})
+    assert [(s.input_len, s.output_len) for s in fitted] == [(128, 128), (1, 1)]
+    runs = [{"rate": r, "overall": {"slo_attainment": a}}
+            for r, a in ((1, 1.0), (2, 0.95), (4, 0.5))]
+    assert goodput_rates(runs) == {"max_rate_at_90pct": 2, "max_rate_at_99pct": 1}
+
+
+def test_parse_memory_flattens_nested_fields() -> None:
+    sample = parse_memory({"budget": {"bytes": 8}, "models": {"a": {
+        "state": "awake", "weights_bytes": 3, "kv": {"kv_mapped_bytes": 2, "kv_used_bytes": 1}}}},
+        1.5)
+    assert sample.budget_bytes == 8 and sample.states == {"a": "awake"}
+    assert sample.models["a"] == {"weights_bytes": 3, "kv_mapped_bytes": 2, "kv_used_bytes": 1}
