@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from elasticserve.memory import HostBackend, PagePlacement, VirtualTensor
-from elasticserve.memory.host import (
+from elasticserve.memory.linux import (
     MAP_FIXED,
     MAP_SHARED,
     PROT_READ,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from elasticserve.memory import HostBackend, MapCountLimitError, PagePlacement, VirtualTensor
-from elasticserve.memory.host import MapCountGuard, count_process_maps
+from elasticserve.memory.linux import MapCountGuard, count_process_maps
 from tests.memory.memory_helpers import kernel_vmas
 
 PS = 16 * 1024
