@@ -58,6 +58,9 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler_config.max_model_len)
         self.groups: dict[str, SequenceGroup] = {}
         self._next_id = 0
+        # (start_pos, num_new) per scheduled sequence and the runner's seconds, per step, when
+        # set to a list: what the simulator's CPU cost model is fitted to
+        self.step_trace: list[tuple[tuple[tuple[int, int], ...], float]] | None = None
         self.asleep = False
         self.sleeps = self.wakes = 0
         self.wake_latencies_s: list[float] = []
@@ -155,7 +158,11 @@ class LLMEngine:
         self.kv.before_step(self.scheduler)
         try:
             out = self.scheduler.schedule()
+            start = time.perf_counter()
             result = self.runner.execute(out)
+            if self.step_trace is not None and out.scheduled:
+                chunks = tuple((s.start_pos, len(s.token_ids)) for s in out.scheduled)
+                self.step_trace.append((chunks, time.perf_counter() - start))
             self.scheduler.on_step_done(out)
             self._process(out, result)
             finished = self.scheduler.pop_finished_groups() + self._errored_groups()
