@@ -1,4 +1,4 @@
-"""`elasticserve` command line: make-model | generate | demo | serve | top."""
+"""`elasticserve` command line: make-model | generate | demo | serve | top | simulate."""
 
 from __future__ import annotations
 
@@ -63,6 +63,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from elasticserve.sim.cli_sim import main as sim_main
+
+    return int(sim_main(args.sim_args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elasticserve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,10 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_top_parser(sub)
+    sim = sub.add_parser("simulate", add_help=False,
+                         help="run a named scenario in the GPU-scale simulator (see --help)")
+    sim.set_defaults(func=lambda _: _cmd_simulate(argparse.Namespace(sim_args=[])))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        # the simulator owns its flags (argparse's REMAINDER would swallow none starting "-")
+        from elasticserve.sim.cli_sim import main as sim_main
+
+        return int(sim_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -23,7 +23,14 @@ from typing import Any
 import httpx
 
 from elasticserve.bench.serve_client import ClientConfig, run_benchmark
-from elasticserve.bench.serve_report import SLO, goodput_rates, markdown_run, markdown_sweep, summarize
+from elasticserve.bench.serve_report import (
+    SLO,
+    goodput_rates,
+    markdown_run,
+    markdown_sweep,
+    records_json,
+    summarize,
+)
 from elasticserve.sim.trace import load_trace, scale_rate
 from elasticserve.sim.workload import (
     ArrivalProcess,
@@ -48,14 +55,16 @@ def _split(models: Sequence[str], duration: float, inp: LengthDist, out: LengthD
 
 
 def alternating_profile(index: int, num_models: int, rate: float, on_s: float,
-                        duration: float) -> RateProfile:
-    """``rate`` during model ``index``'s slot of each period of ``num_models`` slots, else 0."""
+                        duration: float, slot_s: float | None = None) -> RateProfile:
+    """Model ``index`` of ``num_models`` takes turns: ``rate`` for ``on_s`` at the start of its
+    slot (``slot_s``, default ``on_s``) of every round of ``num_models`` slots, else 0."""
+    slot = max(slot_s or on_s, on_s)
     points: list[tuple[float, float]] = [(0.0, 0.0)]
-    t = index * on_s
+    t = index * slot
     while t < duration:
         end = min(t + on_s, duration)
         points += [(t, 0.0), (t, rate), (end, rate), (end, 0.0)]
-        t += num_models * on_s
+        t += num_models * slot
     points.append((max(duration, points[-1][0]), 0.0))
     return RateProfile(tuple(points))
 
@@ -173,6 +182,8 @@ async def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         run = await run_benchmark(build_specs(args, models, served, rate), client_config(args, rate))
         runs.append(run)
         summaries.append(summarize(run, slo))
+        if args.save_requests:
+            summaries[-1]["requests"] = records_json(run)
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "admin_token"},
                               "runs": summaries}
     if args.sweep_rates:
@@ -220,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", action="store_true", help="count tokens exactly via logprobs=0")
     p.add_argument("--label", default="run")
     p.add_argument("--out-json", default=None)
+    p.add_argument("--save-requests", action="store_true", help="every request in the JSON")
     p.add_argument("--plots", default=None, metavar="DIR")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -172,6 +172,13 @@ def summarize(run: RunResult, slo: SLO) -> dict[str, Any]:
     }
 
 
+def records_json(run: RunResult) -> list[dict[str, Any]]:
+    """Every request of a run, for offline analysis (ITL gaps left out)."""
+    keys = ("model", "input_len", "max_tokens", "scheduled_s", "sent_s", "ttft_s", "e2e_s",
+            "output_tokens", "status", "failure")
+    return [{k: getattr(r, k) for k in keys} for r in run.records]
+
+
 def goodput_rates(summaries: list[dict[str, Any]]) -> dict[str, float | None]:
     """The highest swept rate whose attainment reaches 90% and 99%."""
     out: dict[str, float | None] = {}

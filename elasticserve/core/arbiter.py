@@ -107,6 +107,10 @@ class Reclaimer(Protocol):
         """Whether the model has no request in flight (so sleeping it hurts nobody now)."""
         ...
 
+    # Optional: ``is_starved() -> bool``, whether requests are queued (waiting or swapped out)
+    # for want of memory. With ``fair_share`` a starved model keeps its share of free pages.
+    # A reclaimer without it is never treated as starved.
+
 
 @dataclass(slots=True)
 class _Model:
@@ -312,29 +316,37 @@ class Arbiter:
         now = self._clock()
         others = sorted((m for m in self._models.values() if m is not req and m.awake),
                         key=lambda m: (m.priority, self._decayed_rate(m, now), m.last_used))
+        fair = self._fair_share()
         out: list[tuple[_Model, int]] = []
         for m in others:
-            above_min = m.kv_pages - m.min_pages
-            if tier in ("free", "cached"):
-                free, cached = m.reclaimer.reclaimable()
-                cap = min(above_min, free if tier == "free" else cached)
-            elif tier == "preempt":
-                cap = self._preemptable(req, m, req_after, above_min)
-            else:
+            if tier == "sleep":
                 cap = m.kv_pages + m.weights_pages \
                     if m.priority <= req.priority and m.reclaimer.is_idle() else 0
+            else:
+                floor = self._floor(req, m, tier, req_after, fair)
+                cap = m.kv_pages - floor
+                if tier != "preempt":
+                    free, cached = m.reclaimer.reclaimable()
+                    cap = min(cap, free if tier == "free" else cached)
             if cap > 0:
                 out.append((m, cap))
         return out
 
-    def _preemptable(self, req: _Model, m: _Model, req_after: int, above_min: int) -> int:
+    def _floor(self, req: _Model, m: _Model, tier: str, req_after: int, fair: int) -> int:
+        """KV pages of victim ``m`` that this request may not take in ``tier``."""
         if m.priority < req.priority or m.reclaimer.is_idle():
-            return above_min
-        if self.policy.fair_share and m.priority == req.priority:
-            fair = self._fair_share()
-            if req_after <= fair:
-                return min(above_min, m.kv_pages - fair)
-        return 0
+            return m.min_pages
+        within = self.policy.fair_share and req_after <= fair
+        if tier == "preempt":
+            # a busy peer is preempted only for a requester within its fair share, and only
+            # down to that share; a higher-priority model never is
+            return max(m.min_pages, fair) if within and m.priority == req.priority else m.kv_pages
+        if self.policy.fair_share and not within and _starved(m.reclaimer):
+            # The requester is above its share and the peer has a queue: the peer keeps its
+            # share, free pages too - they are about to serve that queue, and taking them makes
+            # the two models preempt each other in turn.
+            return max(m.min_pages, fair)
+        return m.min_pages
 
     def _fair_share(self) -> int:
         awake = [m for m in self._models.values() if m.awake]
@@ -436,3 +448,8 @@ class Arbiter:
         if not m.awake:
             raise ArbiterError(f"model {name!r} is asleep; wake it before requesting pages")
         return m
+
+
+def _starved(reclaimer: Reclaimer) -> bool:
+    starved = getattr(reclaimer, "is_starved", None)
+    return bool(starved()) if starved is not None else False

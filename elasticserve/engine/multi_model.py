@@ -107,6 +107,11 @@ class ModelHost:
         engine = self.engine
         return engine is None or not engine.scheduler.has_unfinished()
 
+    def is_starved(self) -> bool:
+        """Requests wait for memory: the arbiter then protects this model's share."""
+        engine = self.engine
+        return engine is not None and bool(engine.scheduler.waiting or engine.scheduler.swapped)
+
     def _locked(self, n: int, action: Callable[[LLMEngine], int]) -> int:
         engine = self.engine
         if engine is None or engine.asleep:

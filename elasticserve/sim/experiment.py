@@ -37,7 +37,8 @@ class PolicyOutcome:
     max_scale: float
     max_rate: float
     probes: list[Probe] = field(default_factory=list)
-    reference: SimResult | None = None
+    reference: SimResult | None = None  # the run at the common reference scale
+    at_max: SimResult | None = None  # the run at this policy's own max scale
     summary: Summary | None = None
     by_model: dict[str, Summary] = field(default_factory=dict)
 
@@ -119,7 +120,8 @@ def compare(scn: Scenario, seed: int = 0, policies: Sequence[Policy] = POLICIES,
     for policy in policies:
         best, probes, passed = max_scale(scn, policy, seed, target)
         cache.update({(policy, s): r for s, r in passed.items()})
-        outcomes[policy] = PolicyOutcome(policy, best, scn.rate_at(best), probes)
+        outcomes[policy] = PolicyOutcome(policy, best, scn.rate_at(best), probes,
+                                         at_max=passed.get(best))
     bests = [o.max_scale for o in outcomes.values() if o.max_scale > 0]
     ref = outcomes["static"].max_scale if "static" in outcomes else min(bests, default=0.0)
     ref = ref if ref > 0 else min(bests, default=scn.start_scale)

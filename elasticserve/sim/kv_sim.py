@@ -201,6 +201,10 @@ class SimKVStorage:
         return (not self.scheduler.has_unfinished()
                 and self.clock() - self.last_active >= self.idle_after_s)
 
+    def is_starved(self) -> bool:
+        s = self.scheduler
+        return bool(s.waiting or s.swapped)
+
     def _unmap_down_to(self, pages: int) -> int:
         before = self.mapped_pages
         self._shrink_to(pages)

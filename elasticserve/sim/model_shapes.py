@@ -92,8 +92,11 @@ class ModelShape:
         return dataclasses.replace(self, tp=tp)
 
 
-def shape_from_hf_config(config: dict[str, Any], name: str | None = None, tp: int = 1) -> ModelShape:
-    """Build a shape from a Hugging Face ``config.json`` dict (Llama/Qwen2/Qwen3/Mistral style)."""
+def shape_from_hf_config(config: dict[str, Any], name: str | None = None, tp: int = 1,
+                         dtype_bytes: int | None = None) -> ModelShape:
+    """Build a shape from a Hugging Face ``config.json`` dict (Llama/Qwen2/Qwen3/Mistral style).
+
+    ``dtype_bytes`` overrides the checkpoint dtype (e.g. 4 when the engine runs in float32)."""
     try:
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
@@ -111,8 +114,8 @@ def shape_from_hf_config(config: dict[str, Any], name: str | None = None, tp: in
             qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias")),
             qk_norm=config.get("model_type") == "qwen3",
             max_position_embeddings=int(config.get("max_position_embeddings", 131072)),
-            dtype_bytes=_DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype")
-                                             or "bfloat16"), 2),
+            dtype_bytes=dtype_bytes or _DTYPE_BYTES.get(
+                str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), 2),
             tp=tp,
         )
     except KeyError as e:

@@ -147,9 +147,13 @@ class Simulator:
                                 max_model_len=cfg.max_model_len)
         runtime = ModelRuntime(spec, storage, cost, sched, cache, cfg.swap_bytes // block_bytes,
                                drain_costs=self._drain_costs)
+        # with sleep, more models than fit at once are fine: the rest start asleep
+        awake = self.policy != "arbiter" or arb.free_pages >= -(-shape.weights_bytes
+                                                              // cfg.page_size)
         arb.register(spec.name, shape.weights_bytes, min_bytes, max_bytes, spec.priority,
-                     reclaimer=storage)
-        storage.start()
+                     reclaimer=storage, awake=awake)
+        if awake:
+            storage.start()
         return runtime
 
     # ---- the event loop -------------------------------------------------------------------
@@ -168,10 +172,7 @@ class Simulator:
         next_sweep = next_sample = last_progress = 0.0
         while True:
             now = self.now
-            while i < n and requests[i].arrival <= now:
-                self.by_name[requests[i].model].add(requests[i], records[i])
-                watch.pending.append(records[i])
-                i += 1
+            i = self._admit(requests, records, i, watch)
             if now >= next_sweep:
                 self._sweep()
                 next_sweep = now + cfg.sweep_s
@@ -182,21 +183,33 @@ class Simulator:
                 self._sample(result)
                 next_sample = now + cfg.sample_every_s
             m = self._pick(now)
-            if m is None:
-                if i >= n and not any(x.has_work for x in self.models):
-                    break
+            if m is not None:
+                dt, finished = m.step(now)
+                if dt > 0:
+                    self.now = last_progress = now + dt
+                if finished:  # memory came free: blocked models may fit now
+                    for x in self.models:
+                        x.blocked = False
+            elif i >= n and not any(x.has_work for x in self.models):
+                break
+            else:
                 self.now = self._next_time(now, requests[i].arrival if i < n else None, next_sweep)
                 if self.now - last_progress > cfg.stuck_after_s:
                     raise RuntimeError(f"{self.policy}: no progress for {cfg.stuck_after_s} s at "
                                        f"t={self.now:.1f}: {self._describe()}")
-                continue
-            dt, finished = m.step(now)
-            if dt > 0:
-                self.now = last_progress = now + dt
-            if finished:
-                for x in self.models:
-                    x.blocked = False
         return self._finish(result)
+
+    def _admit(self, requests: Sequence[RequestSpec], records: list[RequestRecord], i: int,
+               watch: _SloWatch) -> int:
+        """Hand every request that has arrived by now to its model; returns the next index."""
+        now, n = self.now, len(requests)
+        while i < n and requests[i].arrival <= now:
+            req = requests[i]
+            self.by_name[req.model].add(req, records[i])
+            self.arbiter.note_request(req.model)  # popularity, for picking who sleeps
+            watch.pending.append(records[i])
+            i += 1
+        return i
 
     def _pick(self, now: float) -> ModelRuntime | None:
         """Next model in round-robin order that can step now; wakes sleeping ones on the way."""
@@ -248,8 +261,12 @@ class Simulator:
 
     def _finish(self, result: SimResult) -> SimResult:
         if result.stopped_early:
+            reason = "simulation stopped early: TTFT SLO already missed"
             for m in self.models:
-                m.abort_all("simulation stopped early: TTFT SLO already missed")
+                m.abort_all(reason)
+            for rec in result.records:  # including requests that never arrived
+                if rec.finish is None and rec.error is None:
+                    rec.error = reason
         self._sample(result)
         result.end_time = self.now
         result.arbiter_stats = dict(self.arbiter.stats)

@@ -17,7 +17,7 @@ import csv
 import json
 import math
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,8 @@ def _azure_time(value: str, path: str | Path, line: int) -> float:
         stamp = datetime.fromisoformat(head + (dot + frac[:6] if dot else ""))
     except ValueError:
         raise _fail(path, line, f"TIMESTAMP {text!r} is neither seconds nor a date-time") from None
+    if stamp.tzinfo is None:  # naive: read as UTC so a local DST change cannot shift gaps
+        stamp = stamp.replace(tzinfo=UTC)
     return stamp.timestamp()
 
 

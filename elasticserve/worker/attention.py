@@ -7,7 +7,10 @@ contiguous commit unit for elastic memory):
 
 Index 0 along the ``2`` axis is K, index 1 is V. ``kv_cache[:, layer, kv]`` is a
 strided view whose blocks are gathered with ``index_select`` on its block axis.
-Decode-only batches run as one batched SDPA; multi-token sequences loop in Python.
+Single-token (decode) sequences are sorted by context length and attended in chunks of
+similar length, one batched SDPA per chunk: padding stays small and each chunk's gathered
+K/V stays in cache between the gather and the SDPA that reads it. Multi-token sequences
+loop in Python.
 """
 
 from __future__ import annotations
@@ -34,6 +37,24 @@ class PrefillSeq:
     mask: torch.Tensor | None
 
 
+# Context tokens gathered per decode SDPA call: a chunk's K and V (2 x 2048 tokens x 1 KiB per
+# layer for the small model) stay in L2/L3 between the gather and the attention that reads it.
+_DECODE_CHUNK_TOKENS = 2048
+
+
+@dataclass(slots=True)
+class DecodeChunk:
+    """Single-token sequences of similar context length, attended in one SDPA call."""
+
+    tokens: torch.Tensor  # [n] flat token index of each sequence's query (and output row)
+    blocks: torch.Tensor  # [n * num_blocks] block ids, sequence-major, padded with block 0
+    num_blocks: int  # blocks per sequence: the longest context in the chunk
+    mask: torch.Tensor  # [n, 1, 1, num_blocks * block_size] bool: position < seq_len
+    # Flat [n * num_blocks * block_size] positions past each context end; zeroed after the
+    # gather because padding slots may hold NaN/inf that a mask alone cannot hide.
+    invalid_rows: torch.Tensor
+
+
 @dataclass(slots=True)
 class AttentionMetadata:
     """Describes where a flattened batch of new tokens lives in the paged cache.
@@ -54,9 +75,7 @@ class AttentionMetadata:
     decode_tokens: torch.Tensor  # [Bd] flat token index of each single-token sequence
     decode_block_tables: torch.Tensor  # [Bd, nb] trimmed to the longest context
     decode_mask: torch.Tensor  # [Bd, 1, 1, nb * block_size] bool: position < seq_len
-    # Flat [Bd * nb * block_size] positions past each context end; zeroed after the
-    # gather because padding slots may hold NaN/inf that a mask alone cannot hide.
-    decode_invalid_rows: torch.Tensor
+    decode_chunks: list[DecodeChunk]  # the decode sequences, longest contexts first
     prefills: list[PrefillSeq]
 
     @classmethod
@@ -80,6 +99,8 @@ class AttentionMetadata:
         slot_mapping = _slot_mapping(starts, nums, query_start_loc, block_tables, block_size)
         decode_idx = [i for i, n in enumerate(nums) if n == 1]
         dec_tables, dec_valid = _decode_tables(decode_idx, seq_lens, block_tables, block_size)
+        chunks = _decode_chunks(decode_idx, seq_lens, query_start_loc, dec_tables, dec_valid,
+                                block_size)
         prefills = [
             _prefill_seq(query_start_loc[i], nums[i], seq_lens[i], block_tables[i], block_size)
             for i, n in enumerate(nums)
@@ -97,7 +118,7 @@ class AttentionMetadata:
             decode_tokens=torch.tensor([query_start_loc[i] for i in decode_idx], dtype=torch.int64),
             decode_block_tables=dec_tables,
             decode_mask=dec_valid[:, None, None, :],
-            decode_invalid_rows=(~dec_valid).flatten().nonzero().squeeze(1),
+            decode_chunks=chunks,
             prefills=prefills,
         )
         return meta if device is None else meta.to(device)
@@ -113,7 +134,12 @@ class AttentionMetadata:
             replace(p, blocks=p.blocks.to(device), mask=None if p.mask is None else p.mask.to(device))
             for p in self.prefills
         ]
-        return replace(self, prefills=prefills, **moved)
+        chunks = [
+            replace(c, tokens=c.tokens.to(device), blocks=c.blocks.to(device),
+                    mask=c.mask.to(device), invalid_rows=c.invalid_rows.to(device))
+            for c in self.decode_chunks
+        ]
+        return replace(self, prefills=prefills, decode_chunks=chunks, **moved)
 
 
 def _validate(
@@ -168,6 +194,32 @@ def _decode_tables(
     return tables, valid
 
 
+def _decode_chunks(
+    decode_idx: list[int], seq_lens: list[int], query_start_loc: list[int],
+    tables: torch.Tensor, valid: torch.Tensor, block_size: int,
+) -> list[DecodeChunk]:
+    """Split the decode sequences, longest first, into chunks of about _DECODE_CHUNK_TOKENS
+    gathered context tokens; each chunk is padded only to its own longest context."""
+    order = sorted(range(len(decode_idx)), key=lambda r: -seq_lens[decode_idx[r]])
+    chunks: list[DecodeChunk] = []
+    start = 0
+    while start < len(order):
+        num_blocks = -(-seq_lens[decode_idx[order[start]]] // block_size)
+        count = max(1, _DECODE_CHUNK_TOKENS // (num_blocks * block_size))
+        rows = order[start : start + count]
+        start += len(rows)
+        idx = torch.tensor(rows, dtype=torch.int64)
+        chunk_valid = valid[idx, : num_blocks * block_size]
+        chunks.append(DecodeChunk(
+            tokens=torch.tensor([query_start_loc[decode_idx[r]] for r in rows], dtype=torch.int64),
+            blocks=tables[idx, :num_blocks].flatten(),
+            num_blocks=num_blocks,
+            mask=chunk_valid[:, None, None, :],
+            invalid_rows=(~chunk_valid).flatten().nonzero().squeeze(1),
+        ))
+    return chunks
+
+
 def _prefill_seq(
     token_start: int, n: int, seq_len: int, table: torch.Tensor, block_size: int
 ) -> PrefillSeq:
@@ -202,12 +254,9 @@ def paged_attention(
     absolute position: new tokens of sequence i sit at seq_lens[i]-n_i .. seq_lens[i]-1.
     """
     write_kv(k, v, kv_cache, layer_idx, meta)
-    if meta.decode_only:
-        return _decode_attention(q, kv_cache, layer_idx, meta, scale)
     out = torch.empty_like(q)
-    if meta.decode_tokens.numel():
-        idx = meta.decode_tokens
-        out[idx] = _decode_attention(q[idx], kv_cache, layer_idx, meta, scale)
+    for chunk in meta.decode_chunks:
+        _decode_attention(q, kv_cache, layer_idx, chunk, scale, out)
     for p in meta.prefills:
         if p.mask is None:
             # Whole context is new: use the fresh k/v and skip the cache round trip.
@@ -238,16 +287,17 @@ def _gather_seq(
 def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
+    # 4-D inputs: CPU SDPA takes its flash kernel only for [B, H, L, D] (3-D falls back to math)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1),
-        v.transpose(0, 1),
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
         attn_mask=mask,
         is_causal=mask is None,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class _Workspace:
@@ -292,27 +342,26 @@ def release_workspace() -> None:
 
 
 def _decode_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
-    """One query per sequence, all sequences in one batched SDPA call."""
-    tables = meta.decode_block_tables
-    num_seqs, num_blocks = tables.shape
+    q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int, chunk: DecodeChunk, scale: float,
+    out: torch.Tensor,
+) -> None:
+    """One query per sequence of ``chunk``, all in one batched SDPA; writes rows of ``out``."""
+    num_seqs = chunk.tokens.numel()
     _, _, _, bs, hkv, d = kv_cache.shape
     hq = q.shape[1]
-    flat = tables.flatten()
     ctx = []
     for kv in (0, 1):
         rows = _layer_rows(kv_cache, layer_idx, kv)
-        buf = _WORKSPACE.get(kv, (flat.numel(), rows.shape[1]), kv_cache)
-        torch.index_select(rows, 0, flat, out=buf)
-        buf.view(-1, hkv * d).index_fill_(0, meta.decode_invalid_rows, 0.0)
-        ctx.append(buf.view(num_seqs, num_blocks * bs, hkv, d).transpose(1, 2).to(q.dtype))
-    out = F.scaled_dot_product_attention(
-        q.reshape(num_seqs, hq, 1, d),
+        buf = _WORKSPACE.get(kv, (chunk.blocks.numel(), rows.shape[1]), kv_cache)
+        torch.index_select(rows, 0, chunk.blocks, out=buf)
+        buf.view(-1, hkv * d).index_fill_(0, chunk.invalid_rows, 0.0)
+        ctx.append(buf.view(num_seqs, chunk.num_blocks * bs, hkv, d).transpose(1, 2).to(q.dtype))
+    attn = F.scaled_dot_product_attention(
+        q.index_select(0, chunk.tokens).view(num_seqs, hq, 1, d),
         ctx[0],
         ctx[1],
-        attn_mask=meta.decode_mask,
+        attn_mask=chunk.mask,
         scale=scale,
         enable_gqa=hq != hkv,
     )
-    return out.reshape(num_seqs, hq, d)
+    out.index_copy_(0, chunk.tokens, attn.view(num_seqs, hq, d))

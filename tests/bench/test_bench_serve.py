@@ -147,3 +147,39 @@ def test_parse_memory_flattens_nested_fields() -> None:
         1.5)
     assert sample.budget_bytes == 8 and sample.states == {"a": "awake"}
     assert sample.models["a"] == {"weights_bytes": 3, "kv_mapped_bytes": 2, "kv_used_bytes": 1}
+
+
+def test_multi_model_budget_splits_the_burst(tmp_path: Path) -> None:
+    from elasticserve.bench import multi_model as mm
+    from elasticserve.models.make_model import make_model
+
+    sc = mm.Scenario(rounds=2, burst_rate=4.0, burst_s=1.0, slot_s=2.0)
+    specs = sc.requests()
+    for spec in specs:  # A only in its slots, B only in its own
+        slot = int(spec.arrival // sc.slot_s) % 2
+        assert spec.model == mm.MODELS[slot] and spec.arrival % sc.slot_s <= sc.burst_s
+    assert {s.model for s in specs} == set(mm.MODELS)
+    peak = 40 << 20
+    budget = mm.budget_for(make_model("llama", "tiny", str(tmp_path / "m")), peak, "measured", 1.1)
+    # the burst does not fit the static half, and fits what the arbiter can give one model
+    assert budget.static_kv_bytes < peak <= budget.arbiter_room_bytes
+    assert budget.memory_bytes % mm.PAGE == 0
+
+
+def test_multi_model_compare_and_section() -> None:
+    from elasticserve.bench import multi_model as mm
+    from elasticserve.bench.serve_report import RequestRecord, RunResult
+
+    def run(label: str, ttfts: list[float]) -> dict[str, object]:
+        recs = [RequestRecord("model-a", 8, 4, 0.0, 0.0, t, [0.01] * 3, t + 0.03, 4, 8, 4, 200)
+                for t in ttfts]
+        return summarize(RunResult(label, None, 10.0, recs), SLO(ttft_s=1.0))
+
+    summaries = {"arbiter": run("arbiter", [0.2, 0.3, 0.5, 0.9]),
+                 "static": run("static", [0.2, 0.4, 3.0, 5.0])}
+    cmp = mm.compare(summaries)  # type: ignore[arg-type]
+    assert (cmp["arbiter_within_slo"], cmp["static_within_slo"]) == (4, 2)
+    assert cmp["within_slo_ratio"] == 2.0
+    budget = mm.Budget(300 << 20, 100 << 20, 16384, 60 << 20, "measured", 50 << 20, 90 << 20)
+    text = mm.markdown_section(mm.Scenario(), budget, summaries, cmp)  # type: ignore[arg-type]
+    assert "2.00x" in text and "| arbiter | 4/4 | 4 (100%)" in text
