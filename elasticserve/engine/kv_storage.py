@@ -56,7 +56,13 @@ class KVStorage:
     def grow(self, num_blocks: int) -> bool:
         return False
 
+    def bind_scheduler(self, scheduler: Scheduler) -> None:
+        """Static storage never preempts on its own."""
+
     def give_back(self, target_pages: int) -> int:
+        raise ValueError("a static KV cache cannot give memory back; use kv_cache_mode='elastic'")
+
+    def release_all(self) -> int:
         raise ValueError("a static KV cache cannot give memory back; use kv_cache_mode='elastic'")
 
     def remap_initial(self) -> None:

@@ -53,6 +53,7 @@ class LLMEngine:
         self.kv.attach(pool, self.kv_manager)
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, self.kv_manager,
                                    grow=self.kv.grow if self.kv.elastic else None)
+        self.kv.bind_scheduler(self.scheduler)
         self.runner = ModelRunner(self.model, self.kv.tensor, self.kv.swap_tensor,
                                   args.block_size, self.tokenizer.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler_config.max_model_len)
@@ -255,8 +256,7 @@ class LLMEngine:
         with self.kv.lock:
             if self.asleep:
                 return 0
-            self.kv.apply_swap_out(self.scheduler.preempt_to_fit(0))
-            pages = self.kv.give_back(0)
+            pages = self.kv.release_all()
             self.runner.model = None  # type: ignore[assignment]
             del self.model
             self.asleep = True

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import glob
 import os
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from elasticserve.core.arbiter import Arbiter, ArbiterPolicy
 from elasticserve.engine.args import EngineArgs
-from elasticserve.engine.elastic_kv import ElasticKVStorage
+from elasticserve.engine.elastic_kv import ElasticKVStorage, run_periodically
 from elasticserve.engine.llm_engine import LLMEngine
 
 MemoryPolicy = Literal["arbiter", "static"]
@@ -65,34 +63,16 @@ class ModelHost:
         engine = self.engine
         if engine is None or engine.asleep:
             return 0, 0
-        pool, kv = engine.kv_manager.pool, _elastic(engine)
-        live = kv.pages_for_blocks(pool.num_used)
-        with_cached = kv.pages_for_blocks(pool.num_used + pool.num_cached_free)
-        mapped = kv.mapped_pages
-        return max(0, mapped - with_cached), max(0, with_cached - live)
+        return _elastic(engine).pages.reclaimable()
 
     def free_pages(self, n: int) -> int:
-        def run(engine: LLMEngine) -> int:
-            pool, kv = engine.kv_manager.pool, _elastic(engine)
-            keep = kv.pages_for_blocks(pool.num_used + pool.num_cached_free)
-            return kv.give_back(max(keep, kv.mapped_pages - n))
-        return self._locked(n, run)
+        return self._locked(n, lambda engine: _elastic(engine).pages.free_pages(n))
 
     def drop_cached(self, n: int) -> int:
-        def run(engine: LLMEngine) -> int:
-            engine.kv_manager.pool.evict_cached()
-            kv = _elastic(engine)
-            return kv.give_back(kv.mapped_pages - n)
-        return self._locked(n, run)
+        return self._locked(n, lambda engine: _elastic(engine).pages.drop_cached(n))
 
     def preempt(self, n: int) -> int:
-        def run(engine: LLMEngine) -> int:
-            kv = _elastic(engine)
-            target = max(0, kv.mapped_pages - n)
-            rows = target * kv.page_size // kv.block_bytes
-            kv.apply_swap_out(engine.scheduler.preempt_to_fit(rows))
-            return kv.give_back(target)
-        return self._locked(n, run)
+        return self._locked(n, lambda engine: _elastic(engine).pages.preempt(n))
 
     def sleep(self) -> int | None:
         engine = self.engine
@@ -117,7 +97,7 @@ class ModelHost:
         if engine is None or engine.asleep:
             return 0
         if not engine.kv.lock.acquire(blocking=False):
-            _elastic(engine).reclaim_debt += n  # mid-step: it pays at the end of the step
+            _elastic(engine).pages.reclaim_debt += n  # mid-step: it pays at the end of the step
             return 0
         try:
             got = action(engine)
@@ -147,7 +127,7 @@ class ModelPool:
             self._build_shared(specs, base, page_size)
         else:
             raise ValueError(f"memory policy must be 'arbiter' or 'static', got {policy!r}")
-        self._closed = False
+        self.closed = False
         self._start_housekeeping()
 
     def _build_static(self, specs: list[ModelSpec], base: EngineArgs) -> None:
@@ -198,20 +178,8 @@ class ModelPool:
         return self.engines[name]
 
     def _start_housekeeping(self) -> None:
-        if self.arbiter is None or self.idle_sleep_s is None:
-            return
-        ref = weakref.ref(self)
-
-        def loop() -> None:
-            while True:
-                time.sleep(0.05)
-                pool = ref()
-                if pool is None or pool._closed:
-                    return
-                pool.sleep_idle_models()
-                del pool
-
-        threading.Thread(target=loop, name="idle-sleeper", daemon=True).start()
+        if self.arbiter is not None and self.idle_sleep_s is not None:
+            run_periodically(self, 0.05, ModelPool.sleep_idle_models, "idle-sleeper")
 
     def sleep_idle_models(self) -> None:
         """Models idle for `idle_sleep_s` give back everything (weights and KV)."""
@@ -264,7 +232,7 @@ class ModelPool:
                 engine.check_integrity()
 
     def close(self) -> None:
-        self._closed = True
+        self.closed = True
 
 
 def _elastic(engine: LLMEngine) -> ElasticKVStorage:

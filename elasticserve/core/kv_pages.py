@@ -1,0 +1,230 @@
+"""Page accounting of one elastic KV cache, shared by the engine and the simulator. Torch-free.
+
+Pages are mapped as a prefix of a reserved range; block ids `[0, rows)` are exactly the blocks
+lying wholly inside mapped pages (`rows = pages * page_size // block_bytes`), and the block
+pool's capacity always equals `rows`. Growing maps pages at the end (granted by a broker when
+several models share a budget); shrinking moves live blocks out of the tail first
+(`KVCacheManager.relocate`) and then unmaps. What "map", "unmap" and "copy" mean is the
+caller's: real pages and tensor copies in the engine, accrued costs in the simulator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from elasticserve.core.block_pool import BlockPool
+from elasticserve.core.kv_cache_manager import KVCacheManager
+
+Pairs = list[tuple[int, int]]
+
+
+class PageActions(Protocol):
+    """The physical side: back `n` more pages at the end, drop the last `n`, copy blocks."""
+
+    def map_pages(self, n: int) -> None: ...
+    def unmap_pages(self, n: int) -> None: ...
+    def copy_blocks(self, pairs: Pairs) -> None: ...
+    def swap_out(self, pairs: Pairs) -> None: ...
+
+
+class PageBroker(Protocol):
+    """Who grants pages when several models share one budget."""
+
+    def grant(self, pages: int, at_least: int) -> int: ...
+    def release(self, pages: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PagePolicy:
+    page_size: int
+    block_bytes: int
+    min_pages: int
+    max_pages: int
+    reserve_pages: int = 1  # pre-mapped beyond need, so allocation rarely waits
+    shrink_after_s: float = 0.5  # hysteresis before unused pages are given back
+
+
+class ElasticPages:
+    """Grow on demand, shrink with hysteresis, compact before unmapping, reclaim on request."""
+
+    def __init__(self, policy: PagePolicy, actions: PageActions,
+                 broker: PageBroker | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.actions = actions
+        self.broker = broker
+        self.clock = clock
+        self.mapped_pages = 0
+        self.limit_pages = policy.max_pages
+        self.grow_events = self.shrink_events = self.compactions = 0
+        self.reclaim_debt = 0  # pages a broker asked for while a step held the cache
+        self.pool: BlockPool | None = None
+        self.manager: KVCacheManager | None = None
+        self.preempt_to_fit: Callable[[int], Pairs] | None = None
+        self._over_since: float | None = None
+
+    # ---- sizing ---------------------------------------------------------------------------
+    def rows_for(self, pages: int) -> int:
+        return pages * self.policy.page_size // self.policy.block_bytes
+
+    def pages_for_blocks(self, blocks: int) -> int:
+        return -(-blocks * self.policy.block_bytes // self.policy.page_size)
+
+    @property
+    def floor_pages(self) -> int:
+        return min(self.limit_pages, self.policy.min_pages)
+
+    def _live_pages(self) -> int:
+        assert self.pool is not None
+        return self.pages_for_blocks(self.pool.num_used)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> int:
+        """Map the starting pages (floor + reserve, as granted); returns the rows they hold."""
+        want = min(self.limit_pages, self.policy.min_pages + self.policy.reserve_pages)
+        self._map(self._granted(want, min(want, self.policy.min_pages)))
+        return self.rows_for(self.mapped_pages)
+
+    def attach(self, pool: BlockPool, manager: KVCacheManager,
+               preempt_to_fit: Callable[[int], Pairs] | None = None) -> None:
+        self.pool, self.manager, self.preempt_to_fit = pool, manager, preempt_to_fit
+
+    def _granted(self, pages: int, at_least: int) -> int:
+        if self.broker is None or pages <= 0:
+            return max(pages, 0)
+        return self.broker.grant(pages, at_least)
+
+    def _map(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.actions.map_pages(n)
+        self.mapped_pages += n
+        self.grow_events += 1
+        if self.pool is not None:
+            self.pool.resize(self.rows_for(self.mapped_pages))
+
+    def set_pages(self, pages: int, notify: bool = True) -> int:
+        """Shrink to `pages` (never below live blocks): compact, resize, unmap. Returns the
+        pages unmapped; `notify` releases them to the broker (not when it reclaimed them)."""
+        assert self.pool is not None
+        pages = max(pages, self._live_pages())
+        gone = self.mapped_pages - pages
+        if gone <= 0:
+            return 0
+        self._compact_below(self.rows_for(pages))
+        self.pool.resize(self.rows_for(pages))
+        self.actions.unmap_pages(gone)
+        self.mapped_pages = pages
+        self.shrink_events += 1
+        if notify and self.broker is not None:
+            self.broker.release(gone)
+        return gone
+
+    def _compact_below(self, rows: int) -> None:
+        assert self.manager is not None
+        copies = self.manager.relocate(rows)
+        if copies:
+            self.actions.copy_blocks(copies)
+            self.compactions += 1
+
+    # ---- the scheduler's and the engine's hooks ---------------------------------------------
+    def grow(self, num_blocks: int) -> bool:
+        """Map pages for `num_blocks` more blocks (plus the reserve), if granted."""
+        assert self.pool is not None
+        before, mapped = self.pool.num_blocks, self.mapped_pages
+        need = min(self.limit_pages, self.pages_for_blocks(before + num_blocks)) - mapped
+        if need <= 0:
+            return False
+        want = min(self.limit_pages, mapped + need + self.policy.reserve_pages) - mapped
+        granted = self._granted(want, need)
+        if granted <= 0:
+            return False
+        self._map(granted)
+        return self.pool.num_blocks - before >= num_blocks
+
+    def after_step(self, memory_pressure: bool) -> None:
+        if self.reclaim_debt:
+            self.reclaim_debt = max(0, self.reclaim_debt - self.set_pages(
+                self.mapped_pages - self.reclaim_debt))
+        if memory_pressure:
+            self._over_since = None
+        else:
+            self.maybe_shrink()
+
+    def maybe_shrink(self) -> None:
+        """Give back pages above live blocks + the reserve once that held for
+        `shrink_after_s` (a burst's pages are not thrashed step to step)."""
+        target = max(self.floor_pages,
+                     min(self.limit_pages, self._live_pages() + self.policy.reserve_pages))
+        if target >= self.mapped_pages:
+            self._over_since = None
+            return
+        now = self.clock()
+        if self._over_since is None:
+            self._over_since = now
+        if now - self._over_since >= self.policy.shrink_after_s:
+            self.set_pages(target)
+            self._over_since = None
+
+    def set_limit(self, pages: int) -> None:
+        """A user-set ceiling: preempts (swap or recompute) what does not fit, then shrinks."""
+        assert self.pool is not None
+        self.limit_pages = max(1, min(pages, self.policy.max_pages))
+        self._preempt_to_rows(self.rows_for(self.limit_pages))
+        if self.mapped_pages > self.limit_pages:
+            self.set_pages(self.limit_pages)
+
+    def _preempt_to_rows(self, rows: int) -> None:
+        assert self.pool is not None
+        if self.pool.num_used > rows:
+            assert self.preempt_to_fit is not None, "attach() a scheduler to preempt"
+            self.actions.swap_out(self.preempt_to_fit(rows))
+
+    # ---- what a broker may take back (the caller holds the cache's lock) ---------------------
+    def reclaimable(self) -> tuple[int, int]:
+        """(pages free of live and cached blocks, pages more if cached blocks go)."""
+        assert self.pool is not None
+        with_cached = self.pages_for_blocks(self.pool.num_used + self.pool.num_cached_free)
+        free = max(0, self.mapped_pages - with_cached)
+        return free, max(0, with_cached - self._live_pages())
+
+    def free_pages(self, n: int) -> int:
+        assert self.pool is not None
+        keep = self.pages_for_blocks(self.pool.num_used + self.pool.num_cached_free)
+        return self._reclaimed(max(keep, self.mapped_pages - n))
+
+    def drop_cached(self, n: int) -> int:
+        assert self.pool is not None
+        target = max(self._live_pages(), self.mapped_pages - n)
+        excess = self.pool.num_used + self.pool.num_cached_free - self.rows_for(target)
+        if excess > 0:
+            self.pool.evict_cached(excess)  # least recently used first
+        return self._reclaimed(target)
+
+    def preempt(self, n: int) -> int:
+        target = max(0, self.mapped_pages - n)
+        self._preempt_to_rows(self.rows_for(target))
+        return self.drop_cached(n)
+
+    def release_all(self) -> int:
+        """Sleep: preempt everyone, drop the cache, unmap every page (not released: the broker
+        books a sleep itself)."""
+        assert self.pool is not None
+        self._preempt_to_rows(0)
+        self.pool.evict_cached()
+        return self._reclaimed(0)
+
+    def _reclaimed(self, target: int) -> int:
+        self._over_since = None
+        return self.set_pages(target, notify=False)
+
+    def check_integrity(self) -> None:
+        assert self.pool is not None
+        if self.pool.num_blocks != self.rows_for(self.mapped_pages):
+            raise AssertionError(f"pool has {self.pool.num_blocks} blocks but "
+                                 f"{self.mapped_pages} pages hold {self.rows_for(self.mapped_pages)}")
+        if self.mapped_pages > self.policy.max_pages:
+            raise AssertionError(f"{self.mapped_pages} pages mapped, limit {self.policy.max_pages}")
