@@ -27,89 +27,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+
+from elasticserve.core.arbiter_types import (
+    ArbiterError,
+    ArbiterPolicy,
+    ArbiterSnapshot,
+    ModelState,
+    Reclaimer,
+)
 
 __all__ = ["Arbiter", "ArbiterError", "ArbiterPolicy", "ArbiterSnapshot", "ModelState", "Reclaimer"]
 
 _TIERS = ("free", "cached", "preempt", "sleep")
-
-
-class ArbiterError(RuntimeError):
-    """Misuse (unknown model, bad counts) or a broken invariant."""
-
-
-@dataclass(slots=True)
-class ArbiterPolicy:
-    """Which reclaim tiers run. ``static``/``elastic``/``arbiter`` policies are subsets."""
-
-    reclaim_free: bool = True
-    reclaim_cached: bool = True
-    preempt: bool = True
-    sleep_idle: bool = True
-    # equal-priority models above budget/awake-models may be preempted by one below it
-    fair_share: bool = True
-    popularity_tau_s: float = 60.0  # time constant of the request-rate EWMA
-
-
-@dataclass(frozen=True, slots=True)
-class ModelState:
-    """One model as :meth:`Arbiter.snapshot` saw it."""
-
-    name: str
-    awake: bool
-    weights_bytes: int
-    weights_pages: int
-    kv_pages: int
-    min_bytes: int
-    max_bytes: int | None
-    priority: int
-    last_used: float
-    popularity: float
-
-
-@dataclass(frozen=True, slots=True)
-class ArbiterSnapshot:
-    page_size: int
-    budget_pages: int
-    used_pages: int
-    free_pages: int
-    models: dict[str, ModelState]
-
-
-class Reclaimer(Protocol):
-    """What the model side implements so the arbiter can take pages back.
-
-    Each ``n``-taking method unmaps at most ``n`` KV pages and returns how many it unmapped.
-    """
-
-    def reclaimable(self) -> tuple[int, int]:
-        """(pages unmappable without dropping anything, pages more if cached blocks go)."""
-        ...
-
-    def free_pages(self, n: int) -> int:
-        """Unmap pages that hold neither live nor cached blocks (compacting first)."""
-        ...
-
-    def drop_cached(self, n: int) -> int:
-        """Evict cached-prefix blocks, then unmap the pages they held."""
-        ...
-
-    def preempt(self, n: int) -> int:
-        """Unmap free and cached pages, then preempt (swap or recompute) only as needed."""
-        ...
-
-    def sleep(self) -> int | None:
-        """Release every KV page (the model is about to lose its weights); return them all,
-        or None when the model cannot sleep right now (e.g. it is in the middle of a step)."""
-        ...
-
-    def is_idle(self) -> bool:
-        """Whether the model has no request in flight (so sleeping it hurts nobody now)."""
-        ...
-
-    # Optional: ``is_starved() -> bool``, whether requests are queued (waiting or swapped out)
-    # for want of memory. With ``fair_share`` a starved model keeps its share of free pages.
-    # A reclaimer without it is never treated as starved.
 
 
 @dataclass(slots=True)
