@@ -1,4 +1,4 @@
-"""`elasticserve` command line: make-model | generate | demo | serve | top | simulate."""
+"""`elasticserve` command line: make-model | generate | demo | serve | top | simulate | bench."""
 
 from __future__ import annotations
 
@@ -63,10 +63,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from elasticserve.sim.cli_sim import main as sim_main
+BENCHES = {
+    "offline": "elasticserve.bench.offline",
+    "serve": "elasticserve.bench.serve",
+    "multi-model": "elasticserve.bench.multi_model",
+    "elastic-overhead": "elasticserve.bench.elastic_overhead",
+    "core": "elasticserve.bench.core_step",
+    "memory": "elasticserve.bench.memory_pages",
+}
 
-    return int(sim_main(args.sim_args) or 0)
+
+def _forward(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return int(importlib.import_module(module).main(argv) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,18 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_top_parser(sub)
     sim = sub.add_parser("simulate", add_help=False,
-                         help="run a named scenario in the GPU-scale simulator (see --help)")
-    sim.set_defaults(func=lambda _: _cmd_simulate(argparse.Namespace(sim_args=[])))
+                         help="simulator scenarios (ramp3 | zipf16 | longctx | calibrate)")
+    sim.set_defaults(func=lambda _: _forward("elasticserve.sim.cli_sim", []))
+    bench = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHES)}")
+    bench.add_argument("which", choices=sorted(BENCHES))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the simulator and the benchmarks own their flags: hand them the rest of the line
+    # (argparse's REMAINDER would not take flags that start with "-")
+    if argv[:2] == ["simulate", "calibrate"]:
+        return _forward("elasticserve.sim.calibrate_engine", argv[2:])
     if argv[:1] == ["simulate"]:
-        # the simulator owns its flags (argparse's REMAINDER would swallow none starting "-")
-        from elasticserve.sim.cli_sim import main as sim_main
-
-        return int(sim_main(argv[1:]) or 0)
+        return _forward("elasticserve.sim.cli_sim", argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHES:
+        return _forward(BENCHES[argv[1]], argv[2:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 
+from elasticserve.bench import report
 from elasticserve.memory import HostBackend, PagePlacement, VirtualTensor
 from elasticserve.memory.linux import (
     MAP_FIXED,
@@ -132,22 +133,35 @@ def grow_shrink(gib: int = 1) -> str:
     ])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--pages", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--grow-gib", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--write-docs", action="store_true",
+                        help="write the tables into docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    load_before = report.load_average()
     keys = ("map", "unmap", "release", "unmap+release")
     raw: Samples = {k: [] for k in keys}
     ours: Samples = {k: [] for k in keys}
     for _ in range(args.rounds):
         raw_round(args.pages, raw)
         backend_round(args.pages, ours)
-    print(latency_table(raw, ours, args.pages, args.rounds))
-    print()
-    print(grow_shrink(args.grow_gib))
+    body = "\n\n".join([latency_table(raw, ours, args.pages, args.rounds),
+                          grow_shrink(args.grow_gib)])
+    print(body)
+    if args.write_docs:
+        report.update_section("memory-pages", "\n\n".join([
+            "Host backend: per-page latency next to the raw system calls it is built from "
+            "(measured alternately in one process), and growing / shrinking a VirtualTensor "
+            "by whole GiB.", body,
+            f"Run {report.today()} on {report.machine_line(torch.get_num_threads())}; load "
+            f"average {load_before} before, {report.load_average()} after. CUDA: not "
+            "measured (no GPU was lent to this session).",
+            f"Command: `{report.command_line('elasticserve.bench.memory_pages', argv)}`"]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

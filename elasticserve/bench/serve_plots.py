@@ -68,25 +68,27 @@ def plot_memory(plt: Any, runs: Sequence[RunResult], path: str) -> bool:
     return True
 
 
-def _cdf(ax: Any, values_ms: list[float], label: str) -> None:
-    if values_ms:
-        xs = sorted(values_ms)
+def _cdf(ax: Any, values: list[float], label: str) -> None:
+    if values:
+        xs = sorted(values)
         ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], drawstyle="steps-post",
                 label=label)
 
 
 def plot_latency_cdfs(plt: Any, runs: Sequence[RunResult], path: str) -> bool:
-    """CDFs of TTFT, TPOT, E2E; one line per (run, model)."""
+    """CDFs of TTFT, TPOT, E2E; one line per (run, model), or per run beyond two runs."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for run in runs:
-        for model in sorted({r.model for r in run.records}):
-            ok = [r for r in run.records if r.model == model and r.ok]
-            label = f"{run.label}{f' @ {run.rate:g} req/s' if run.rate else ''}: {model}"
-            _cdf(axes[0], [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None], label)
+        groups = [None] if len(runs) > 2 else sorted({r.model for r in run.records})
+        for model in groups:
+            ok = [r for r in run.records if model in (None, r.model) and r.ok]
+            label = (f"{run.label}{f' @ {run.rate:g} req/s' if run.rate else ''}"
+                     + (f": {model}" if model else ""))
+            _cdf(axes[0], [r.ttft_s for r in ok if r.ttft_s is not None], label)
             _cdf(axes[1], [t * 1e3 for r in ok if (t := r.tpot_s) is not None], label)
-            _cdf(axes[2], [r.e2e_s * 1e3 for r in ok if r.e2e_s is not None], label)
-    for ax, name in zip(axes, ("TTFT", "TPOT", "E2E latency"), strict=True):
-        ax.set_xlabel(f"{name} (ms)")
+            _cdf(axes[2], [r.e2e_s for r in ok if r.e2e_s is not None], label)
+    for ax, name in zip(axes, ("TTFT (s)", "TPOT (ms)", "E2E latency (s)"), strict=True):
+        ax.set_xlabel(name)
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

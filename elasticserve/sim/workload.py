@@ -127,7 +127,8 @@ class RateProfile:
     def on_off(rate: float, on_s: float, off_s: float, duration: float,
                off_rate: float = 0.0, start: float = 0.0) -> RateProfile:
         """Bursts: ``rate`` for ``on_s``, then ``off_rate`` for ``off_s``, repeated."""
-        pts: list[tuple[float, float]] = [(0.0, off_rate)] if start > 0 else []
+        # off until `start`: a flat segment, not a ramp from 0 up to the first burst
+        pts: list[tuple[float, float]] = [(0.0, off_rate), (start, off_rate)] if start > 0 else []
         t = start
         while t < duration:
             end_on = min(t + on_s, duration)

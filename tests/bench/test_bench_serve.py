@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,37 +150,48 @@ def test_parse_memory_flattens_nested_fields() -> None:
     assert sample.models["a"] == {"weights_bytes": 3, "kv_mapped_bytes": 2, "kv_used_bytes": 1}
 
 
-def test_multi_model_budget_splits_the_burst(tmp_path: Path) -> None:
+def test_multi_model_budgets_split_the_burst(tmp_path: Path) -> None:
     from elasticserve.bench import multi_model as mm
     from elasticserve.models.make_model import make_model
 
     sc = mm.Scenario(rounds=2, burst_rate=4.0, burst_s=1.0, slot_s=2.0)
     specs = sc.requests()
-    for spec in specs:  # A only in its slots, B only in its own
-        slot = int(spec.arrival // sc.slot_s) % 2
-        assert spec.model == mm.MODELS[slot] and spec.arrival % sc.slot_s <= sc.burst_s
+    for spec in specs:  # A only in its turns, B only in its own
+        assert spec.model == mm.MODELS[int(spec.arrival // sc.slot_s) % 2]
+        assert spec.arrival % sc.slot_s <= sc.burst_s
     assert {s.model for s in specs} == set(mm.MODELS)
+    path = make_model("llama", "tiny", str(tmp_path / "m"))
     peak = 40 << 20
-    budget = mm.budget_for(make_model("llama", "tiny", str(tmp_path / "m")), peak, "measured", 1.1)
+    awake = mm.budget_for(path, peak, "given", sc, "awake")
     # the burst does not fit the static half, and fits what the arbiter can give one model
-    assert budget.static_kv_bytes < peak <= budget.arbiter_room_bytes
-    assert budget.memory_bytes % mm.PAGE == 0
+    assert awake.static_kv_bytes < peak <= awake.arbiter_room_bytes
+    assert awake.arbiter_room_bytes < 2 * awake.static_kv_bytes + (4 << 20)
+    asleep = mm.budget_for(path, peak, "given", sc, "sleep")
+    # tiny weights: sleeping frees little, so the room rule sizes this budget
+    assert asleep.static_kv_bytes < peak <= asleep.arbiter_room_bytes
+    assert awake.memory_bytes % mm.PAGE == 0 and asleep.memory_bytes % mm.PAGE == 0
 
 
 def test_multi_model_compare_and_section() -> None:
-    from elasticserve.bench import multi_model as mm
-    from elasticserve.bench.serve_report import RequestRecord, RunResult
+    from elasticserve.bench import multi_model_report as mr
+    from elasticserve.bench.serve_report import RequestRecord, RunResult, records_json
 
-    def run(label: str, ttfts: list[float]) -> dict[str, object]:
+    def run(label: str, ttfts: list[float]) -> dict[str, Any]:
         recs = [RequestRecord("model-a", 8, 4, 0.0, 0.0, t, [0.01] * 3, t + 0.03, 4, 8, 4, 200)
                 for t in ttfts]
-        return summarize(RunResult(label, None, 10.0, recs), SLO(ttft_s=1.0))
+        result = RunResult(label, None, 10.0, recs)
+        return summarize(result, SLO(ttft_s=1.0)) | {"requests": records_json(result)}
 
     summaries = {"arbiter": run("arbiter", [0.2, 0.3, 0.5, 0.9]),
                  "static": run("static", [0.2, 0.4, 3.0, 5.0])}
-    cmp = mm.compare(summaries)  # type: ignore[arg-type]
+    cmp = mr.compare(summaries)
     assert (cmp["arbiter_within_slo"], cmp["static_within_slo"]) == (4, 2)
-    assert cmp["within_slo_ratio"] == 2.0
-    budget = mm.Budget(300 << 20, 100 << 20, 16384, 60 << 20, "measured", 50 << 20, 90 << 20)
-    text = mm.markdown_section(mm.Scenario(), budget, summaries, cmp)  # type: ignore[arg-type]
-    assert "2.00x" in text and "| arbiter | 4/4 | 4 (100%)" in text
+    assert cmp["within_slo_ratio"] == 2.0 and cmp["within_s"]["4"] == {"arbiter": 4, "static": 3}
+    budget = {"memory_bytes": 300 << 20, "weights_bytes": 100 << 20, "kv_bytes_per_token": 16384,
+              "burst_peak_bytes": 60 << 20, "peak_source": "given", "static_kv_bytes": 50 << 20,
+              "arbiter_room_bytes": 90 << 20}
+    scenario = {"burst_rate": 16.0, "burst_s": 0.5, "slot_s": 10.0, "rounds": 3,
+                "input_len": 384, "output_len": 48, "ttft_slo_s": 1.0}
+    text = mr.markdown_section(scenario, budget, {"awake": {
+        "budget": budget, "summaries": summaries, "compare": cmp}}, ["footer line"])
+    assert "2.00x" in text and "| arbiter | 4/4 | 4 (100%)" in text and "footer line" in text

@@ -67,8 +67,9 @@ def test_alternating_bursts_arbiter_beats_static() -> None:
     within = {p: sum(map(cfg.slo.meets_ttft,
                          simulate(qwen_models("a", "b"), reqs, cfg, p).records))
               for p in ("static", "arbiter")}
-    assert within["arbiter"] > within["static"] + 0.3 * len(reqs), within
-    assert within["arbiter"] > 0.85 * len(reqs)
+    # static queues each burst in waves behind its half; the arbiter takes it in at once
+    assert within["arbiter"] > 1.25 * within["static"], within
+    assert within["arbiter"] > 0.95 * len(reqs)
 
 
 def test_idle_model_is_slept_and_woken_with_the_load_cost() -> None:

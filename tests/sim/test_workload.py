@@ -127,3 +127,11 @@ def test_bad_profiles_are_rejected() -> None:
         RateProfile(((0, -1), (5, 1)))
     with pytest.raises(ValueError):
         poisson(1, 10).times(random.Random(0), scale=0)
+
+
+def test_on_off_stays_off_until_start() -> None:
+    from elasticserve.sim.workload import RateProfile
+
+    profile = RateProfile.on_off(rate=10.0, on_s=1.0, off_s=1.0, duration=6.0, start=2.0)
+    assert profile.rate(1.0) == 0.0 and profile.rate(1.99) == 0.0
+    assert profile.rate(2.5) == 10.0 and profile.rate(3.5) == 0.0
