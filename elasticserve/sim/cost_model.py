@@ -72,7 +72,7 @@ class CostModel:
             return 0.0
         dev = self.device
         t = dev.step_seconds(self.flops(tokens, attn_pairs), self.bytes_moved(kv_tokens_read),
-                             num_seqs, self.tp)
+                             num_seqs, self.tp, weights_bytes=self._weights)
         if self.tp > 1:
             t += self._ar_calls * dev.allreduce_seconds(self._ar_bytes_per_token * tokens, self.tp)
         return t

@@ -32,8 +32,10 @@ class GpuSpec:
     host_eff: float = 0.8  # achievable fraction of the PCIe per-direction peak; assumed
     allreduce_latency_s: float = 8e-6  # per all-reduce call; assumed
 
-    def step_seconds(self, flops: float, nbytes: float, num_seqs: int, tp: int = 1) -> float:
-        """Roofline time of one forward step over ``tp`` GPUs (communication excluded)."""
+    def step_seconds(self, flops: float, nbytes: float, num_seqs: int, tp: int = 1,
+                     weights_bytes: float = 0.0) -> float:
+        """Roofline time of one forward step over ``tp`` GPUs (communication excluded);
+        ``weights_bytes`` (the part of ``nbytes`` that is weights) does not matter here."""
         compute = flops / (tp * self.bf16_flops * self.flops_eff)
         memory = nbytes / (tp * self.hbm_bw * self.bw_eff)
         return max(compute, memory) + self.step_overhead_s
@@ -75,10 +77,16 @@ class CpuSpec:
     nvlink_bw: float = 1e10
     page_map_s: float = 5e-6  # mmap/munmap of one page; placeholder
     hbm_bw: float = 5e10
+    # bytes/s streaming the weights each step; None: mem_bw. Infinite when a calibration folds
+    # the weights into step_overhead_s (for one model the two are the same constant)
+    weights_bw: float | None = None
 
-    def step_seconds(self, flops: float, nbytes: float, num_seqs: int, tp: int = 1) -> float:
+    def step_seconds(self, flops: float, nbytes: float, num_seqs: int, tp: int = 1,
+                     weights_bytes: float = 0.0) -> float:
+        """``weights_bytes`` of ``nbytes`` move at ``weights_bw``, the rest at ``mem_bw``."""
+        wbw = self.mem_bw if self.weights_bw is None else self.weights_bw
         return (self.step_overhead_s + self.per_seq_s * num_seqs + flops / self.flops
-                + nbytes / self.mem_bw)
+                + (nbytes - weights_bytes) / self.mem_bw + weights_bytes / wbw)
 
     def transfer_seconds(self, nbytes: float, tp: int = 1) -> float:
         return nbytes / self.host_bw
