@@ -2,17 +2,22 @@
 
 A section is delimited by HTML comments, ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->``,
 so a rerun with ``--write-docs`` replaces its own section and leaves every other one alone.
-Also the machine description every section carries (cores, CPU, torch threads, load).
+Also what every section carries (machine, load, command, date) and small helpers the
+benchmarks share (the model they run, how two systems' greedy outputs agree).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import re
 import shlex
+import statistics
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 DOCS_PATH = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
@@ -88,3 +93,57 @@ def command_line(module: str, argv: list[str] | None) -> str:
 
 def today() -> str:
     return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def read_bandwidth(mib: int = 256) -> float:
+    """GB/s of one pass summing a tensor larger than the caches (median of 5): the memory
+    bandwidth a single streaming read gets here, for comparison with achieved bandwidths."""
+    import torch
+
+    data = torch.ones(mib << 18)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times) / 1e9
+
+
+def table(headers: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    """Markdown table lines; ``align`` has one of l/r per column (default: first l, rest r)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
+    return ["| " + " | ".join(headers) + " |", rule, *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
+    """How many of two systems' outputs (greedy, same requests) match exactly, and how far
+    they agree on average (the common prefix)."""
+    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    prefix = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+              / len(a) for a, b in zip(ours, theirs, strict=True)]
+    return (f"{same}/{len(ours)} outputs identical (mean common prefix "
+            f"{100 * statistics.mean(prefix):.0f}%)")
+
+
+def ensure_model(size: str, path: str | None) -> str:
+    """``path``, or models/<size>-llama made on first use (no model can be downloaded)."""
+    path = path or os.path.join("models", f"{size}-llama")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        from elasticserve.models.make_model import make_model
+
+        make_model("llama", size, path, seed=0)
+    return path
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads, restoring the previous count after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -19,6 +19,7 @@ import itertools
 import math
 import threading
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,6 @@ class AttentionMetadata:
     decode_only: bool  # every sequence has exactly one new token
     # Sequences with one new token are batched together even in mixed batches.
     decode_tokens: torch.Tensor  # [Bd] flat token index of each single-token sequence
-    decode_block_tables: torch.Tensor  # [Bd, nb] trimmed to the longest context
     decode_mask: torch.Tensor  # [Bd, 1, 1, nb * block_size] bool: position < seq_len
     decode_chunks: list[DecodeChunk]  # the decode sequences, longest contexts first
     prefills: list[PrefillSeq]
@@ -98,9 +98,8 @@ class AttentionMetadata:
         )
         slot_mapping = _slot_mapping(starts, nums, query_start_loc, block_tables, block_size)
         decode_idx = [i for i, n in enumerate(nums) if n == 1]
-        dec_tables, dec_valid = _decode_tables(decode_idx, seq_lens, block_tables, block_size)
-        chunks = _decode_chunks(decode_idx, seq_lens, query_start_loc, dec_tables, dec_valid,
-                                block_size)
+        dec_valid, chunks = _decode_chunks(decode_idx, seq_lens, query_start_loc, block_tables,
+                                           block_size)
         prefills = [
             _prefill_seq(query_start_loc[i], nums[i], seq_lens[i], block_tables[i], block_size)
             for i, n in enumerate(nums)
@@ -116,7 +115,6 @@ class AttentionMetadata:
             slot_offsets=slot_mapping % block_size,
             decode_only=len(decode_idx) == len(seqs),
             decode_tokens=torch.tensor([query_start_loc[i] for i in decode_idx], dtype=torch.int64),
-            decode_block_tables=dec_tables,
             decode_mask=dec_valid[:, None, None, :],
             decode_chunks=chunks,
             prefills=prefills,
@@ -125,21 +123,17 @@ class AttentionMetadata:
 
     def to(self, device: torch.device | str) -> AttentionMetadata:
         """Copy with every tensor on ``device``."""
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        prefills = [
-            replace(p, blocks=p.blocks.to(device), mask=None if p.mask is None else p.mask.to(device))
-            for p in self.prefills
-        ]
-        chunks = [
-            replace(c, tokens=c.tokens.to(device), blocks=c.blocks.to(device),
-                    mask=c.mask.to(device), invalid_rows=c.invalid_rows.to(device))
-            for c in self.decode_chunks
-        ]
-        return replace(self, prefills=prefills, decode_chunks=chunks, **moved)
+        return replace(_moved(self, device), prefills=[_moved(p, device) for p in self.prefills],
+                       decode_chunks=[_moved(c, device) for c in self.decode_chunks])
+
+
+_T = TypeVar("_T", PrefillSeq, DecodeChunk, AttentionMetadata)
+
+
+def _moved(obj: _T, device: torch.device | str) -> _T:
+    """``obj`` with each of its tensor fields on ``device`` (other fields shared)."""
+    return replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in fields(obj)
+                           if isinstance(getattr(obj, f.name), torch.Tensor)})
 
 
 def _validate(
@@ -181,43 +175,31 @@ def _slot_mapping(
     return block_ids * block_size + pos % block_size
 
 
-def _decode_tables(
-    decode_idx: list[int], seq_lens: list[int], block_tables: torch.Tensor, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if not decode_idx:
-        return torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, block_size, dtype=torch.bool)
-    lens = torch.tensor([seq_lens[i] for i in decode_idx], dtype=torch.int64)
-    # Trim padded tables to the longest context so short batches gather less.
-    num_blocks = -(-int(lens.max()) // block_size)
-    tables = block_tables[decode_idx, :num_blocks]
-    valid = torch.arange(num_blocks * block_size)[None, :] < lens[:, None]
-    return tables, valid
-
-
 def _decode_chunks(
     decode_idx: list[int], seq_lens: list[int], query_start_loc: list[int],
-    tables: torch.Tensor, valid: torch.Tensor, block_size: int,
-) -> list[DecodeChunk]:
-    """Split the decode sequences, longest first, into chunks of about _DECODE_CHUNK_TOKENS
-    gathered context tokens; each chunk is padded only to its own longest context."""
-    order = sorted(range(len(decode_idx)), key=lambda r: -seq_lens[decode_idx[r]])
+    block_tables: torch.Tensor, block_size: int,
+) -> tuple[torch.Tensor, list[DecodeChunk]]:
+    """The decode sequences' context masks [Bd, nb * block_size] (batch order), and the
+    sequences, longest first, in chunks of about _DECODE_CHUNK_TOKENS gathered context tokens,
+    each padded only to its own longest context."""
+    lens = [seq_lens[i] for i in decode_idx]
+    width = -(-max(lens, default=1) // block_size) * block_size
+    valid = torch.arange(width)[None, :] < torch.tensor(lens, dtype=torch.int64)[:, None]
+    order = sorted(range(len(lens)), key=lambda r: -lens[r])
     chunks: list[DecodeChunk] = []
-    start = 0
-    while start < len(order):
-        num_blocks = -(-seq_lens[decode_idx[order[start]]] // block_size)
+    while order:
+        num_blocks = -(-lens[order[0]] // block_size)
         count = max(1, _DECODE_CHUNK_TOKENS // (num_blocks * block_size))
-        rows = order[start : start + count]
-        start += len(rows)
-        idx = torch.tensor(rows, dtype=torch.int64)
-        chunk_valid = valid[idx, : num_blocks * block_size]
+        rows, order = order[:count], order[count:]
+        chunk_valid = valid[rows, : num_blocks * block_size]
         chunks.append(DecodeChunk(
             tokens=torch.tensor([query_start_loc[decode_idx[r]] for r in rows], dtype=torch.int64),
-            blocks=tables[idx, :num_blocks].flatten(),
+            blocks=block_tables[[decode_idx[r] for r in rows], :num_blocks].flatten(),
             num_blocks=num_blocks,
             mask=chunk_valid[:, None, None, :],
             invalid_rows=(~chunk_valid).flatten().nonzero().squeeze(1),
         ))
-    return chunks
+    return valid, chunks
 
 
 def _prefill_seq(
@@ -231,23 +213,15 @@ def _prefill_seq(
     return PrefillSeq(token_start, token_start + n, seq_len, table[:num_blocks].clone(), mask)
 
 
-def write_kv(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int, meta: AttentionMetadata
-) -> None:
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int,
+             meta: AttentionMetadata) -> None:
     """Scatter the new tokens' K/V ([T, Hkv, D]) into their cache slots."""
     kv_cache[meta.slot_blocks, layer_idx, 0, meta.slot_offsets] = k.to(kv_cache.dtype)
     kv_cache[meta.slot_blocks, layer_idx, 1, meta.slot_offsets] = v.to(kv_cache.dtype)
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_cache: torch.Tensor,
-    layer_idx: int,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    layer_idx: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write k/v to the cache, then attend each sequence's new queries over its context.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns [T, Hq, D] in q's dtype. Causality is by
@@ -255,8 +229,8 @@ def paged_attention(
     """
     write_kv(k, v, kv_cache, layer_idx, meta)
     out = torch.empty_like(q)
-    for chunk in meta.decode_chunks:
-        _decode_attention(q, kv_cache, layer_idx, chunk, scale, out)
+    if meta.decode_chunks:
+        _decode_attention(q, kv_cache, layer_idx, meta.decode_chunks, scale, out)
     for p in meta.prefills:
         if p.mask is None:
             # Whole context is new: use the fresh k/v and skip the cache round trip.
@@ -272,9 +246,8 @@ def _layer_rows(kv_cache: torch.Tensor, layer_idx: int, kv: int) -> torch.Tensor
     return kv_cache[:, layer_idx, kv].view(kv_cache.shape[0], -1)
 
 
-def _gather_seq(
-    kv_cache: torch.Tensor, layer_idx: int, p: PrefillSeq, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_seq(kv_cache: torch.Tensor, layer_idx: int, p: PrefillSeq,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     # Slicing to seq_len drops the unwritten tail of the last block.
     hkv, d = kv_cache.shape[-2:]
     ctx_k = _layer_rows(kv_cache, layer_idx, 0).index_select(0, p.blocks)
@@ -284,19 +257,12 @@ def _gather_seq(
     return ctx_k.to(dtype), ctx_v.to(dtype)
 
 
-def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
     # 4-D inputs: CPU SDPA takes its flash kernel only for [B, H, L, D] (3-D falls back to math)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None],
-        k.transpose(0, 1)[None],
-        v.transpose(0, 1)[None],
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out[0].transpose(0, 1)
 
 
@@ -341,27 +307,24 @@ def release_workspace() -> None:
     _WORKSPACE.clear()
 
 
-def _decode_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int, chunk: DecodeChunk, scale: float,
-    out: torch.Tensor,
-) -> None:
-    """One query per sequence of ``chunk``, all in one batched SDPA; writes rows of ``out``."""
-    num_seqs = chunk.tokens.numel()
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int,
+                      chunks: list[DecodeChunk], scale: float, out: torch.Tensor) -> None:
+    """One query per sequence; each chunk is one batched SDPA over its gathered context.
+    Writes the sequences' rows of ``out``."""
     _, _, _, bs, hkv, d = kv_cache.shape
     hq = q.shape[1]
-    ctx = []
-    for kv in (0, 1):
-        rows = _layer_rows(kv_cache, layer_idx, kv)
-        buf = _WORKSPACE.get(kv, (chunk.blocks.numel(), rows.shape[1]), kv_cache)
-        torch.index_select(rows, 0, chunk.blocks, out=buf)
-        buf.view(-1, hkv * d).index_fill_(0, chunk.invalid_rows, 0.0)
-        ctx.append(buf.view(num_seqs, chunk.num_blocks * bs, hkv, d).transpose(1, 2).to(q.dtype))
-    attn = F.scaled_dot_product_attention(
-        q.index_select(0, chunk.tokens).view(num_seqs, hq, 1, d),
-        ctx[0],
-        ctx[1],
-        attn_mask=chunk.mask,
-        scale=scale,
-        enable_gqa=hq != hkv,
-    )
-    out.index_copy_(0, chunk.tokens, attn.view(num_seqs, hq, d))
+    rows = [_layer_rows(kv_cache, layer_idx, kv) for kv in (0, 1)]
+    most = max(c.blocks.numel() for c in chunks)
+    bufs = [_WORKSPACE.get(kv, (most, rows[kv].shape[1]), kv_cache) for kv in (0, 1)]
+    for chunk in chunks:
+        num_seqs, width = chunk.tokens.numel(), chunk.num_blocks * bs
+        ctx = []
+        for kv in (0, 1):
+            buf = bufs[kv][: chunk.blocks.numel()]
+            torch.index_select(rows[kv], 0, chunk.blocks, out=buf)
+            buf.view(-1, hkv * d).index_fill_(0, chunk.invalid_rows, 0.0)
+            ctx.append(buf.view(num_seqs, width, hkv, d).transpose(1, 2).to(q.dtype))
+        attn = F.scaled_dot_product_attention(
+            q.index_select(0, chunk.tokens).view(num_seqs, hq, 1, d), ctx[0], ctx[1],
+            attn_mask=chunk.mask, scale=scale, enable_gqa=hq != hkv)
+        out.index_copy_(0, chunk.tokens, attn.view(num_seqs, hq, d))
