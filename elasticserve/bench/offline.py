@@ -1,19 +1,12 @@
 """Offline throughput: `LLM.generate` on every request at once vs transformers `generate`.
 
-Workload (seeded): random token-id prompts of uniform 32-512 tokens, outputs of uniform
-16-256 tokens; every system must produce exactly the requested lengths (``ignore_eos`` on ours,
-``min_new_tokens = max_new_tokens`` on transformers; checked). Greedy, fp32, one process:
-
-* ours: all requests in one ``LLM.generate`` call on a fresh engine (empty prefix cache; the
-  elastic cache grows from its minimum); runs interleave with the baselines (before (a),
-  between (a) and (b), after (b)) and the median counts;
-* (a) transformers, one request at a time, on a seeded subset (it is slow; tokens/s is a rate);
-* (b) transformers, static batches, left padded with an attention mask, at the best batch size
-  of a sweep on a subset; a batch runs until its longest output, only requested tokens count.
-
-Beside tokens/s: tokens per CPU-second of the process (a cross-check that load from other
-processes distorts less), and the memory bandwidth our engine achieved, gpt-fast style:
-weights read once per step plus each sequence's KV context read per generated token.
+Seeded workload: random token-id prompts of 32-512 tokens, outputs of 16-256 tokens, each
+produced at exactly its length (``ignore_eos``; ``min_new_tokens = max_new_tokens``; checked);
+greedy, fp32, one process. Ours: all requests in one call on a fresh engine, runs interleaved
+with the baselines (median counts). (a) transformers one request at a time, on a seeded subset;
+(b) transformers static batches, left padded, at the best size of a sweep on a subset, each batch
+run to its longest output (only requested tokens count). Also tokens per CPU-second (distorted
+less by other processes' load) and the bandwidth and FLOP rate our engine achieved.
 
     .venv/bin/python -m elasticserve.bench.offline [--model-size small] [--requests 128]
         [--seed 0] [--threads 2] [--write-docs]
@@ -23,17 +16,14 @@ from __future__ import annotations
 
 import os
 
-# OpenMP threads spinning while they wait steal the core another process (or our other
-# thread) needs: on a shared 2-core box that made runs 3-4x slower. Must be set before torch
-# loads; it applies to ours and the baselines alike.
+# Spinning OpenMP threads steal the core another process (or our other thread) needs: 3-4x
+# slower runs on a shared 2-core box. Before torch loads; applies to every system alike.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import random  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
@@ -41,66 +31,11 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from elasticserve.bench import report  # noqa: E402
+from elasticserve.bench.report import Run, Workload, make_workload, timed  # noqa: E402
 
 MODULE = "elasticserve.bench.offline"
 TARGET_SINGLE, TARGET_STATIC = 8.0, 2.0
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    prompts: list[list[int]]
-    output_lens: list[int]
-
-    def subset(self, idx: Sequence[int]) -> Workload:
-        return Workload([self.prompts[i] for i in idx], [self.output_lens[i] for i in idx])
-
-    def describe(self) -> str:
-        p, o = [len(x) for x in self.prompts], self.output_lens
-        return (f"{len(p)} requests, prompts {min(p)}-{max(p)} (mean {statistics.mean(p):.0f}), "
-                f"outputs {min(o)}-{max(o)} (mean {statistics.mean(o):.0f}) tokens")
-
-
-def make_workload(n: int, vocab: int, seed: int, prompt_lens: tuple[int, int] = (32, 512),
-                  output_lens: tuple[int, int] = (16, 256)) -> Workload:
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(*prompt_lens))] for _ in range(n)]
-    return Workload(prompts, [rng.randint(*output_lens) for _ in range(n)])
-
-
-@dataclass(slots=True)
-class Run:
-    name: str
-    workload: Workload = field(repr=False)
-    seconds: float
-    cpu_seconds: float  # of the whole process, every thread
-    outputs: list[list[int]] = field(repr=False)
-    steps: int = 0  # engine steps (ours only)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(self.workload.output_lens)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.output_tokens / self.seconds
-
-    @property
-    def tokens_per_cpu_s(self) -> float:
-        return self.output_tokens / self.cpu_seconds
-
-
-def timed(name: str, wl: Workload, vocab: int, fn: Callable[[], list[list[int]]]) -> Run:
-    """Run ``fn`` (it returns one token list per request) and check every output is exactly
-    its requested length of in-vocabulary tokens."""
-    cpu, start = time.process_time(), time.perf_counter()
-    outputs = fn()
-    run = Run(name, wl, time.perf_counter() - start, time.process_time() - cpu, outputs)
-    for i, (out, want) in enumerate(zip(outputs, wl.output_lens, strict=True)):
-        if len(out) != want or not all(0 <= t < vocab for t in out):
-            raise RuntimeError(f"{name}: request {i} produced {len(out)} tokens, wanted {want}")
-    return run
 
 
 # ---- our engine ----------------------------------------------------------------------------
@@ -118,6 +53,7 @@ def engine_run(model_dir: str, wl: Workload, name: str = "elasticserve", **llm_k
     after = llm.stats()
     run.steps = after["steps"] - before["steps"]
     run.extra = {"memory": llm.memory_stats(), "bytes": engine_bytes(llm, wl, run.steps),
+                 "flops": engine_flops(llm, wl),
                  "peak_mapped_bytes": peak[0],
                  "prefix_hits": after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]}
     return run
@@ -135,6 +71,17 @@ def _track_peak_mapped(llm: Any) -> list[int]:
 
     engine.step = tracked
     return peak
+
+
+def engine_flops(llm: Any, wl: Workload) -> int:
+    """FLOPs of the linear layers: 2 x weights per token run through the model (every prompt
+    token and every output token but the last) + the output projection per sampled token."""
+    model = llm.engine.model
+    head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    body = sum(p.numel() for n, p in model.model.named_parameters()
+               if p.dim() == 2 and not n.startswith("embed_tokens"))
+    tokens = sum(len(p) + o - 1 for p, o in zip(wl.prompts, wl.output_lens, strict=True))
+    return 2 * body * tokens + 2 * head.numel() * sum(wl.output_lens)
 
 
 def engine_bytes(llm: Any, wl: Workload, steps: int) -> int:
@@ -193,10 +140,9 @@ def hf_static(model: Any, wl: Workload, batch_size: int, name: str) -> Run:
 
 def hf_sweep(model: Any, wl: Workload, sizes: Sequence[int], requests: int, seed: int,
              log: Log = print) -> dict[int, Run]:
-    """Static batch sizes in increasing order on one seeded subset (``requests`` requests, or
-    one batch of a larger size). Throughput over batch size rises to one peak (padding and the
-    per-step KV copies of large batches end up costing more than they amortize), so from size
-    16 on the sweep stops at the first size slower than the one before it."""
+    """Batch sizes in increasing order on one seeded subset (``requests`` requests, or one batch
+    of a larger size). Throughput rises to one peak (padding and per-step KV copies of large
+    batches outgrow what they amortize): from size 16 on, stop at the first slower size."""
     order = random.Random(seed).sample(range(len(wl.prompts)), len(wl.prompts))
     runs: dict[int, Run] = {}
     for size in sorted(sizes):
@@ -232,6 +178,7 @@ class OfflineResult:
     sweep: dict[int, Run]
     static: Run
     load: list[str]  # load averages at the start, the middle and the end
+    probes: dict[str, float] = field(default_factory=dict)  # machine rates with these threads
 
     @property
     def ours_median(self) -> Run:
@@ -246,6 +193,7 @@ def run_offline(cfg: OfflineConfig, log: Log = print) -> OfflineResult:
 
 
 def _run_offline(cfg: OfflineConfig, log: Log) -> OfflineResult:
+    assert torch.get_num_threads() == cfg.threads, "torch did not take the thread count"
     model = load_hf(cfg.model_dir)
     wl = make_workload(cfg.requests, model.config.vocab_size, cfg.seed, cfg.prompt_lens,
                        cfg.output_lens)
@@ -261,7 +209,8 @@ def _run_offline(cfg: OfflineConfig, log: Log) -> OfflineResult:
     if cfg.engine_runs > 1:
         ours.append(_log(log, engine_run(cfg.model_dir, wl, f"ours #{cfg.engine_runs}")))
     load.append(report.load_average())
-    return OfflineResult(cfg, ours, single, single_idx, sweep, static, load)
+    probes = {"read_gb_s": report.read_bandwidth(), "matmul_gflop_s": report.gemm_gflops()}
+    return OfflineResult(cfg, ours, single, single_idx, sweep, static, load, probes)
 
 
 def hf_single(model: Any, wl: Workload) -> Run:
@@ -277,19 +226,6 @@ def _log(log: Log, run: Run) -> Run:
 
 def markdown(res: OfflineResult, argv: list[str] | None) -> str:
     cfg, ours = res.config, res.ours_median
-    rows: list[tuple[str, Run, float]] = [
-        (f"elasticserve `LLM.generate`, all at once (median of {len(res.ours)})", ours, 0.0),
-        ("(a) transformers `generate`, one request at a time", res.single, TARGET_SINGLE),
-        (f"(b) transformers `generate`, static batches of {res.static.extra['batch_size']}, "
-         "left padded", res.static, TARGET_STATIC)]
-    cells = []
-    for name, run, target in rows:
-        ratio, cpu_ratio = ours.tokens_per_s / run.tokens_per_s, ours.tokens_per_cpu_s / run.tokens_per_cpu_s
-        cells.append([name, str(len(run.outputs)), str(run.output_tokens), f"{run.seconds:.1f}",
-                      f"{run.tokens_per_s:.1f}", f"{run.tokens_per_cpu_s:.1f}",
-                      f"{ratio:.2f}x (>= {target:g}x: {'met' if ratio >= target else 'MISSED'})"
-                      if target else "", f"{cpu_ratio:.2f}x" if target else ""])
-    gb = ours.extra["bytes"] / 1e9
     sweep = ", ".join(f"{k}: {r.tokens_per_s:.1f}" for k, r in res.sweep.items())
     return "\n".join([
         f"### Offline throughput ({os.path.basename(cfg.model_dir.rstrip('/'))})", "",
@@ -299,18 +235,49 @@ def markdown(res: OfflineResult, argv: list[str] | None) -> str:
         f"- workload: {ours.workload.describe()}; (a) ran a seeded subset: "
         f"{res.single.workload.describe()}", "",
         *report.table(["system", "requests", "output tokens", "seconds", "output tokens/s",
-                       "tokens per CPU-s", "elasticserve speedup", "speedup per CPU-s"], cells),
-        "",
+                       "tokens per CPU-s", "elasticserve speedup", "speedup per CPU-s"],
+                      _cells(res)), "",
         f"- our runs, in order: {', '.join(f'{r.tokens_per_s:.1f}' for r in res.ours)} tokens/s; "
         f"{ours.steps} engine steps; prefix-cache hits {ours.extra['prefix_hits']} tokens",
-        f"- achieved memory bandwidth (median run): {gb / ours.seconds:.1f} GB/s ({gb:.1f} GB: "
-        "weights once per step + KV context per generated token); a one-pass read of 256 MiB "
-        f"here: {report.read_bandwidth():.1f} GB/s",
+        *_roofline(res),
         f"- static batch sweep, tokens/s by batch size (seeded subset of {cfg.sweep_requests} "
         f"requests, or one batch): {sweep}",
         "- greedy outputs, ours vs (a) on its subset: "
         f"{report.agreement([ours.outputs[i] for i in res.single_idx], res.single.outputs)}",
     ])
+
+
+def _cells(res: OfflineResult) -> list[list[str]]:
+    ours, batch = res.ours_median, res.static.extra["batch_size"]
+    rows: list[tuple[str, Run, float]] = [
+        (f"elasticserve `LLM.generate`, all at once (median of {len(res.ours)})", ours, 0.0),
+        ("(a) transformers `generate`, one request at a time", res.single, TARGET_SINGLE),
+        (f"(b) transformers `generate`, static batches of {batch}, left padded", res.static,
+         TARGET_STATIC)]
+    cells = []
+    for name, run, target in rows:
+        ratio, cpu_ratio = ours.tokens_per_s / run.tokens_per_s, ours.tokens_per_cpu_s / run.tokens_per_cpu_s
+        cells.append([name, str(len(run.outputs)), str(run.output_tokens), f"{run.seconds:.1f}",
+                      f"{run.tokens_per_s:.1f}", f"{run.tokens_per_cpu_s:.1f}",
+                      f"{ratio:.2f}x (>= {target:g}x: {'met' if ratio >= target else 'MISSED'})"
+                      if target else "", f"{cpu_ratio:.2f}x" if target else ""])
+    return cells
+
+
+def _roofline(res: OfflineResult) -> list[str]:
+    """What the median run achieved against what the machine can do with the same threads."""
+    ours, threads = res.ours_median, res.config.threads
+    gb, tflop = ours.extra["bytes"] / 1e9, ours.extra["flops"] / 1e12
+    bandwidth, gflops = res.probes["read_gb_s"], res.probes["matmul_gflop_s"]
+    return [
+        f"- achieved memory bandwidth (median run): {gb / ours.seconds:.1f} GB/s ({gb:.1f} GB: "
+        "weights once per step + KV context per generated token); a one-pass read of 256 MiB "
+        f"here: {bandwidth:.1f} GB/s, so these bytes alone take >= {gb / bandwidth:.1f} s "
+        f"({100 * gb / bandwidth / ours.seconds:.0f}% of the run)",
+        f"- achieved compute in the linear layers: {tflop * 1e3 / ours.seconds:.0f} GFLOP/s "
+        f"({tflop:.2f} TFLOP); a {threads}-thread 2048x512x2816 fp32 matmul here: "
+        f"{gflops:.0f} GFLOP/s, so these FLOPs alone take >= {tflop * 1e3 / gflops:.1f} s "
+        f"({100 * tflop * 1e3 / gflops / ours.seconds:.0f}% of the run)"]
 
 
 def main(argv: list[str] | None = None) -> int:

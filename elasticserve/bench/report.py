@@ -2,8 +2,8 @@
 
 A section is delimited by HTML comments, ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->``,
 so a rerun with ``--write-docs`` replaces its own section and leaves every other one alone.
-Also what every section carries (machine, load, command, date) and small helpers the
-benchmarks share (the model they run, how two systems' greedy outputs agree).
+Also what the benchmarks share: seeded workloads and timed, checked runs; what every section
+carries (machine, load, command, date); probes of the machine's read bandwidth and matmul rate.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import contextlib
 import datetime
 import os
 import platform
+import random
 import re
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DOCS_PATH = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
 HEADER = """# Benchmarks
@@ -30,6 +33,65 @@ every comparison runs both sides in one process, interleaved, and reports median
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
+# ---- workloads and timed runs ---------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    def subset(self, idx: Sequence[int]) -> Workload:
+        return Workload([self.prompts[i] for i in idx], [self.output_lens[i] for i in idx])
+
+    def describe(self) -> str:
+        p, o = [len(x) for x in self.prompts], self.output_lens
+        return (f"{len(p)} requests, prompts {min(p)}-{max(p)} (mean {statistics.mean(p):.0f}), "
+                f"outputs {min(o)}-{max(o)} (mean {statistics.mean(o):.0f}) tokens")
+
+
+def make_workload(n: int, vocab: int, seed: int, prompt_lens: tuple[int, int] = (32, 512),
+                  output_lens: tuple[int, int] = (16, 256)) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(*prompt_lens))] for _ in range(n)]
+    return Workload(prompts, [rng.randint(*output_lens) for _ in range(n)])
+
+
+@dataclass(slots=True)
+class Run:
+    name: str
+    workload: Workload = field(repr=False)
+    seconds: float
+    cpu_seconds: float  # of the whole process, every thread
+    outputs: list[list[int]] = field(repr=False)
+    steps: int = 0  # engine steps (ours only)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.workload.output_lens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.output_tokens / self.cpu_seconds
+
+
+def timed(name: str, wl: Workload, vocab: int, fn: Callable[[], list[list[int]]]) -> Run:
+    """Run ``fn`` (it returns one token list per request) and check every output is exactly
+    its requested length of in-vocabulary tokens."""
+    cpu, start = time.process_time(), time.perf_counter()
+    outputs = fn()
+    run = Run(name, wl, time.perf_counter() - start, time.process_time() - cpu, outputs)
+    for i, (out, want) in enumerate(zip(outputs, wl.output_lens, strict=True)):
+        if len(out) != want or not all(0 <= t < vocab for t in out):
+            raise RuntimeError(f"{name}: request {i} produced {len(out)} tokens, wanted {want}")
+    return run
+
+
+
+# ---- docs/BENCHMARKS.md ----------------------------------------------------------------------
 def markers(name: str) -> tuple[str, str]:
     """The opening and closing comment of section ``name``."""
     if not _NAME.match(name):
@@ -107,6 +169,20 @@ def read_bandwidth(mib: int = 256) -> float:
         data.sum()
         times.append(time.perf_counter() - start)
     return data.numel() * 4 / statistics.median(times) / 1e9
+
+
+def gemm_gflops(rows: int = 2048, inner: int = 512, cols: int = 2816) -> float:
+    """GFLOP/s of an fp32 matmul the size of a prefill chunk's MLP (median of 5): the compute
+    rate the current torch threads get here, for comparison with achieved rates."""
+    import torch
+
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * rows * inner * cols / statistics.median(times[1:]) / 1e9
 
 
 def table(headers: list[str], rows: list[list[str]], align: str = "") -> list[str]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,10 @@ class PrefillSeq:
 # Context tokens gathered per decode SDPA call: a chunk's K and V (2 x 2048 tokens x 1 KiB per
 # layer for the small model) stay in L2/L3 between the gather and the attention that reads it.
 _DECODE_CHUNK_TOKENS = 2048
+# Decode batches gathering fewer blocks per layer stay on one thread (a hand-off costs ~0.1 ms).
+_SPLIT_MIN_BLOCKS = 256
+_HELPER: ThreadPoolExecutor | None = None
+_HELPER_LOCK = threading.Lock()
 
 
 @dataclass(slots=True)
@@ -309,8 +314,37 @@ def release_workspace() -> None:
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int,
                       chunks: list[DecodeChunk], scale: float, out: torch.Tensor) -> None:
-    """One query per sequence; each chunk is one batched SDPA over its gathered context.
-    Writes the sequences' rows of ``out``."""
+    """One query per sequence; writes the sequences' rows of ``out``. With two or more torch
+    threads and enough context, every other chunk runs on a helper thread: a chunk's gather
+    and SDPA barely use a second OpenMP thread, two chunks side by side do (-30% per layer)."""
+    blocks = sum(c.blocks.numel() for c in chunks)
+    if len(chunks) < 2 or blocks < _SPLIT_MIN_BLOCKS or torch.get_num_threads() < 2:
+        _attend_chunks(q, kv_cache, layer_idx, chunks, scale, out)
+        return
+    # chunks are sorted by context length with similar token counts: alternating splits evenly
+    job = _helper().submit(_in_modes, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
+                           q, kv_cache, layer_idx, chunks[1::2], scale, out)
+    _attend_chunks(q, kv_cache, layer_idx, chunks[0::2], scale, out)
+    job.result()
+
+
+def _in_modes(inference: bool, grad: bool, *args: Any) -> None:
+    """_attend_chunks on a helper thread, in the caller's (thread-local) autograd modes."""
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        _attend_chunks(*args)
+
+
+def _helper() -> ThreadPoolExecutor:
+    global _HELPER
+    with _HELPER_LOCK:
+        if _HELPER is None:
+            _HELPER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode-attention")
+        return _HELPER
+
+
+def _attend_chunks(q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int,
+                   chunks: list[DecodeChunk], scale: float, out: torch.Tensor) -> None:
+    """Each chunk: gather its context into this thread's workspace, one batched SDPA."""
     _, _, _, bs, hkv, d = kv_cache.shape
     hq = q.shape[1]
     rows = [_layer_rows(kv_cache, layer_idx, kv) for kv in (0, 1)]
