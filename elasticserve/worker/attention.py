@@ -84,12 +84,8 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
 
     @classmethod
-    def build(
-        cls,
-        seqs: list[tuple[int, int, list[int]]],
-        block_size: int,
-        device: torch.device | str | None = None,
-    ) -> AttentionMetadata:
+    def build(cls, seqs: list[tuple[int, int, list[int]]], block_size: int,
+              device: torch.device | str | None = None) -> AttentionMetadata:
         """seqs: (start_pos, num_new_tokens, block_table) per sequence, in batch order.
 
         Index tensors are built on the CPU and moved to ``device`` (the KV cache's) if given.
@@ -98,18 +94,13 @@ class AttentionMetadata:
         query_start_loc = list(itertools.accumulate(nums, initial=0))
         max_blocks = max(len(table) for _, _, table in seqs)
         block_tables = torch.tensor(
-            [list(table) + [0] * (max_blocks - len(table)) for _, _, table in seqs],
-            dtype=torch.int64,
-        )
+            [list(table) + [0] * (max_blocks - len(table)) for _, _, table in seqs], dtype=torch.int64)
         slot_mapping = _slot_mapping(starts, nums, query_start_loc, block_tables, block_size)
         decode_idx = [i for i, n in enumerate(nums) if n == 1]
         dec_valid, chunks = _decode_chunks(decode_idx, seq_lens, query_start_loc, block_tables,
                                            block_size)
-        prefills = [
-            _prefill_seq(query_start_loc[i], nums[i], seq_lens[i], block_tables[i], block_size)
-            for i, n in enumerate(nums)
-            if n > 1
-        ]
+        prefills = [_prefill_seq(query_start_loc[i], nums[i], seq_lens[i], block_tables[i], block_size)
+                    for i, n in enumerate(nums) if n > 1]
         meta = cls(
             slot_mapping=slot_mapping,
             query_start_loc=query_start_loc,
@@ -141,9 +132,8 @@ def _moved(obj: _T, device: torch.device | str) -> _T:
                            if isinstance(getattr(obj, f.name), torch.Tensor)})
 
 
-def _validate(
-    seqs: list[tuple[int, int, list[int]]], block_size: int
-) -> tuple[list[int], list[int], list[int]]:
+def _validate(seqs: list[tuple[int, int, list[int]]],
+              block_size: int) -> tuple[list[int], list[int], list[int]]:
     if not seqs:
         raise ValueError("AttentionMetadata.build: empty batch")
     if block_size <= 0:
@@ -153,28 +143,19 @@ def _validate(
         if start < 0 or n < 1:
             raise ValueError(f"seq {i}: need start_pos >= 0 and num_new_tokens >= 1, got {start}, {n}")
         if len(table) * block_size < start + n:
-            raise ValueError(
-                f"seq {i}: block table of {len(table)} blocks x {block_size} cannot hold "
-                f"{start + n} tokens"
-            )
+            raise ValueError(f"seq {i}: block table of {len(table)} blocks x {block_size} "
+                             f"cannot hold {start + n} tokens")
         starts.append(start)
         nums.append(n)
         seq_lens.append(start + n)
     return starts, nums, seq_lens
 
 
-def _slot_mapping(
-    starts: list[int],
-    nums: list[int],
-    query_start_loc: list[int],
-    block_tables: torch.Tensor,
-    block_size: int,
-) -> torch.Tensor:
+def _slot_mapping(starts: list[int], nums: list[int], query_start_loc: list[int],
+                  block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
     counts = torch.tensor(nums, dtype=torch.int64)
     seq_of_token = torch.repeat_interleave(torch.arange(len(nums)), counts)
-    offset_in_seq = torch.arange(query_start_loc[-1]) - torch.tensor(query_start_loc[:-1])[
-        seq_of_token
-    ]
+    offset_in_seq = torch.arange(query_start_loc[-1]) - torch.tensor(query_start_loc[:-1])[seq_of_token]
     pos = torch.tensor(starts, dtype=torch.int64)[seq_of_token] + offset_in_seq
     block_ids = block_tables[seq_of_token, torch.div(pos, block_size, rounding_mode="floor")]
     return block_ids * block_size + pos % block_size
@@ -207,9 +188,8 @@ def _decode_chunks(
     return valid, chunks
 
 
-def _prefill_seq(
-    token_start: int, n: int, seq_len: int, table: torch.Tensor, block_size: int
-) -> PrefillSeq:
+def _prefill_seq(token_start: int, n: int, seq_len: int, table: torch.Tensor,
+                 block_size: int) -> PrefillSeq:
     num_blocks = -(-seq_len // block_size)
     mask = None
     if seq_len > n:
