@@ -65,12 +65,20 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    # With chunked prefill, one sequence's prefill chunk in a step is at most this many tokens
+    # (0 = no cap), so a very long prompt cannot take the whole token budget of every step and
+    # starve the requests queued behind it (vLLM's long_prefill_token_threshold).
+    long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        cap = self.long_prefill_token_threshold
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+            raise ValueError(
+                f"long_prefill_token_threshold must be a non-negative integer, got {cap!r}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 "max_num_batched_tokens must be >= max_model_len when chunked prefill is off "

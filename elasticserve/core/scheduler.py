@@ -249,6 +249,10 @@ class Scheduler:
             return None
         if len(seqs) == 1 and self.config.enable_chunked_prefill:
             num_new = min(seqs[0].num_uncomputed, budget.tokens)
+            cap = self.config.long_prefill_token_threshold
+            if cap > 0:
+                # the rest of the budget goes to the sequences behind a long prompt
+                num_new = min(num_new, cap)
             return [(seqs[0], num_new)] if num_new > 0 else None
         # several sequences (n > 1, beams) advance together so beam steps stay aligned
         plan = [(s, s.num_uncomputed) for s in seqs]

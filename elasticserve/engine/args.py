@@ -18,6 +18,7 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0  # cap on one sequence's prefill chunk per step; 0: none
     swap_space: int = 256 * MiB
     preemption_mode: PreemptionMode = "auto"
     kv_cache_mode: KVCacheMode = "elastic"
@@ -30,6 +31,8 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
     dtype: str | None = None
+    # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch"
+    attention_backend: str = "auto"
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
@@ -49,7 +52,8 @@ class EngineArgs:
             batched = max(batched, max_len)
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                max_model_len=max_len,
-                               enable_chunked_prefill=self.enable_chunked_prefill)
+                               enable_chunked_prefill=self.enable_chunked_prefill,
+                               long_prefill_token_threshold=self.long_prefill_token_threshold)
 
     def kv_limit_bytes(self, block_bytes: int) -> int:
         """The most KV memory this engine may ever hold (static size or elastic ceiling)."""

@@ -19,6 +19,7 @@ from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
 from elasticserve.request import Sequence, SequenceGroup
 from elasticserve.sampling_params import SamplingParams
+from elasticserve.worker import native
 from elasticserve.worker.model_runner import ModelRunner
 
 PromptInput = str | dict[str, Any]
@@ -54,8 +55,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, self.kv_manager,
                                    grow=self.kv.grow if self.kv.elastic else None)
         self.kv.bind_scheduler(self.scheduler)
-        self.runner = ModelRunner(self.model, self.kv.tensor, self.kv.swap_tensor,
-                                  args.block_size, self.tokenizer.eos_token_ids)
+        self.runner = ModelRunner(
+            self.model, self.kv.tensor, self.kv.swap_tensor, args.block_size,
+            self.tokenizer.eos_token_ids,
+            native_decode=native.use_native(args.attention_backend, self.kv.tensor,
+                                            self.model.model.embed_tokens.weight.dtype))
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler_config.max_model_len)
         self.groups: dict[str, SequenceGroup] = {}
         self._next_id = 0

@@ -49,7 +49,8 @@ def parse_model_specs(specs: list[str]) -> dict[str, str]:
 
 def engine_args(args: argparse.Namespace) -> EngineArgs:
     """Engine settings shared by every served model (memory comes from the pool)."""
-    return EngineArgs(model="", max_num_seqs=args.max_num_seqs, num_threads=args.threads)
+    return EngineArgs(model="", max_num_seqs=args.max_num_seqs, num_threads=args.threads,
+                      attention_backend=args.attention_backend)
 
 
 def parse_priorities(specs: list[str]) -> dict[str, int]:
@@ -98,6 +99,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                         "without one they are off")
     p.add_argument("--threads", type=int, default=None, help="torch threads (process-wide)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch per engine step")
+    p.add_argument("--attention-backend", choices=["auto", "native", "torch"], default="auto",
+                   help="decode attention: the C kernel where it builds (auto), always, or never")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests queued beyond the batch before new ones get 503")
     p.add_argument("--log-level", default="info",

@@ -49,6 +49,7 @@ class SimConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 32768
+    long_prefill_token_threshold: int = 0  # per-sequence prefill chunk cap; 0: none
     swap_bytes: int = 16 << 30  # host swap space per model
     reserve_pages: int = 1
     shrink_after_s: float = 0.5
@@ -144,7 +145,8 @@ class Simulator:
                             kv_cache_mode="static" if static else "elastic")
         sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
                                 max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                max_model_len=cfg.max_model_len)
+                                max_model_len=cfg.max_model_len,
+                                long_prefill_token_threshold=cfg.long_prefill_token_threshold)
         runtime = ModelRuntime(spec, storage, cost, sched, cache, cfg.swap_bytes // block_bytes,
                                drain_costs=self._drain_costs)
         # with sleep, more models than fit at once are fine: the rest start asleep

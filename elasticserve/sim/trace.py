@@ -17,6 +17,7 @@ import csv
 import json
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,30 @@ def scale_rate(requests: Sequence[RequestSpec], factor: float) -> list[RequestSp
     if factor <= 0:
         raise ValueError(f"factor must be > 0, got {factor}")
     return [RequestSpec(r.arrival / factor, r.model, r.input_len, r.output_len) for r in requests]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceReplay:
+    """A loaded trace as a scenario's request source: ``scale`` divides every arrival time."""
+
+    requests: tuple[RequestSpec, ...]
+
+    def generate(self, seed: int, scale: float = 1.0) -> list[RequestSpec]:
+        # the seed is ignored: a trace is one recorded sample, replayed as it is
+        return scale_rate(self.requests, scale)
+
+    @property
+    def models(self) -> list[str]:
+        """Distinct model names, in order of first appearance."""
+        return list(dict.fromkeys(r.model for r in self.requests))
+
+    @property
+    def mean_rate(self) -> float:
+        """Arrivals per second between the first and the last row (the request count when
+        every row has the same timestamp)."""
+        n = len(self.requests)
+        span = self.requests[-1].arrival if n else 0.0
+        return (n - 1) / span if span > 0 else float(n)
 
 
 def _rebase(requests: list[RequestSpec]) -> list[RequestSpec]:

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from elasticserve.worker import native
+
 
 @dataclass(slots=True)
 class PrefillSeq:
@@ -82,13 +84,17 @@ class AttentionMetadata:
     decode_mask: torch.Tensor  # [Bd, 1, 1, nb * block_size] bool: position < seq_len
     decode_chunks: list[DecodeChunk]  # the decode sequences, longest contexts first
     prefills: list[PrefillSeq]
+    # Set instead of decode_chunks when the native kernel attends the decode sequences.
+    native_decode: native.NativeDecode | None = None
 
     @classmethod
     def build(cls, seqs: list[tuple[int, int, list[int]]], block_size: int,
-              device: torch.device | str | None = None) -> AttentionMetadata:
+              device: torch.device | str | None = None,
+              native_decode: bool = False) -> AttentionMetadata:
         """seqs: (start_pos, num_new_tokens, block_table) per sequence, in batch order.
 
         Index tensors are built on the CPU and moved to ``device`` (the KV cache's) if given.
+        ``native_decode``: the decode sequences go to the C kernel (see ``worker/native.py``).
         """
         starts, nums, seq_lens = _validate(seqs, block_size)
         query_start_loc = list(itertools.accumulate(nums, initial=0))
@@ -97,8 +103,13 @@ class AttentionMetadata:
             [list(table) + [0] * (max_blocks - len(table)) for _, _, table in seqs], dtype=torch.int64)
         slot_mapping = _slot_mapping(starts, nums, query_start_loc, block_tables, block_size)
         decode_idx = [i for i, n in enumerate(nums) if n == 1]
-        dec_valid, chunks = _decode_chunks(decode_idx, seq_lens, query_start_loc, block_tables,
-                                           block_size)
+        dec_valid, chunks = _decode_chunks(
+            [] if native_decode else decode_idx, seq_lens, query_start_loc, block_tables, block_size)
+        native_work = None
+        if native_decode and decode_idx:
+            native_work = native.NativeDecode.build(
+                [query_start_loc[i] for i in decode_idx], [seq_lens[i] for i in decode_idx],
+                block_tables[decode_idx])
         prefills = [_prefill_seq(query_start_loc[i], nums[i], seq_lens[i], block_tables[i], block_size)
                     for i, n in enumerate(nums) if n > 1]
         meta = cls(
@@ -114,11 +125,14 @@ class AttentionMetadata:
             decode_mask=dec_valid[:, None, None, :],
             decode_chunks=chunks,
             prefills=prefills,
+            native_decode=native_work,
         )
         return meta if device is None else meta.to(device)
 
     def to(self, device: torch.device | str) -> AttentionMetadata:
         """Copy with every tensor on ``device``."""
+        if self.native_decode is not None:
+            raise ValueError("native decode attention runs on the CPU only")
         return replace(_moved(self, device), prefills=[_moved(p, device) for p in self.prefills],
                        decode_chunks=[_moved(c, device) for c in self.decode_chunks])
 
@@ -214,7 +228,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """
     write_kv(k, v, kv_cache, layer_idx, meta)
     out = torch.empty_like(q)
-    if meta.decode_chunks:
+    if meta.native_decode is not None:
+        native.decode(q, kv_cache, layer_idx, meta.native_decode, scale, out)
+    elif meta.decode_chunks:
         _decode_attention(q, kv_cache, layer_idx, meta.decode_chunks, scale, out)
     for p in meta.prefills:
         if p.mask is None:

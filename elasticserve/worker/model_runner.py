@@ -22,12 +22,13 @@ class ModelRunner:
     """
 
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
-                 block_size: int, eos_token_ids: Collection[int]) -> None:
+                 block_size: int, eos_token_ids: Collection[int], native_decode: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.swap_cache = swap_cache
         self.block_size = block_size
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.native_decode = native_decode  # decode attention by the C kernel (worker/native.py)
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
 
@@ -67,7 +68,8 @@ class ModelRunner:
             tokens.extend(item.token_ids)
             positions.extend(range(item.start_pos, item.start_pos + len(item.token_ids)))
         meta = AttentionMetadata.build(
-            [(s.start_pos, len(s.token_ids), s.block_table) for s in scheduled], self.block_size)
+            [(s.start_pos, len(s.token_ids), s.block_table) for s in scheduled], self.block_size,
+            native_decode=self.native_decode)
         return (torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                 meta)
 

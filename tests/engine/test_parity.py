@@ -31,6 +31,8 @@ MODES: dict[str, dict[str, Any]] = {
                           "kv_cache_mode": "static"},
     "preempt_swap": {"num_kv_blocks": 20, "block_size": 4, "preemption_mode": "swap",
                      "kv_cache_mode": "static"},
+    # the default ("auto") decodes with the C kernel where it builds: keep the torch path honest
+    "torch_attention": {"attention_backend": "torch"},
 }
 
 
@@ -43,6 +45,13 @@ def test_greedy_matches_transformers(arch: str, mode: str, model_dirs: dict[str,
     expected = hf_greedy(model_dir, prompts, MAX_NEW)
     got = _engine_tokens(model_dir, prompts, **MODES[mode])
     assert got == expected
+
+
+def test_default_backend_is_native_where_it_builds(tiny_llama: str) -> None:
+    from elasticserve.worker import native
+
+    assert LLM(tiny_llama).engine.runner.native_decode is native.available()
+    assert LLM(tiny_llama, attention_backend="torch").engine.runner.native_decode is False
 
 
 def test_preemption_really_happens(tiny_llama: str) -> None:

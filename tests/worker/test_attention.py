@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from elasticserve.worker import native
 from elasticserve.worker.attention import AttentionMetadata, paged_attention
 
 
@@ -23,8 +24,10 @@ def single_thread() -> Iterator[None]:
 class Sim:
     """Tracks full K/V history per sequence and issues steps through the paged kernel."""
 
-    def __init__(self, hq: int, hkv: int, d: int, bs: int, layers: int = 2, blocks: int = 64):
+    def __init__(self, hq: int, hkv: int, d: int, bs: int, layers: int = 2, blocks: int = 64,
+                 native: bool = False):
         self.hq, self.hkv, self.d, self.bs, self.layers = hq, hkv, d, bs, layers
+        self.native = native  # decode sequences through the C kernel (worker/native.py)
         # NaN-filled cache: any read of an unwritten/padded slot would poison the output.
         self.cache = torch.full((blocks, layers, 2, bs, hkv, d), float("nan"))
         self.free = list(range(blocks))  # block 0 is a real block too
@@ -51,7 +54,7 @@ class Sim:
             while len(self.tables[s]) < need:
                 self.tables[s].append(self.free.pop())
             specs.append((self.length(s), n, self.tables[s] + [0] * pad))
-        meta = AttentionMetadata.build(specs, self.bs)
+        meta = AttentionMetadata.build(specs, self.bs, native_decode=self.native)
         total = sum(n for _, n in news)
         q = torch.randn(total, self.hq, self.d)
         k = torch.randn(total, self.hkv, self.d)
@@ -78,10 +81,16 @@ def dense_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), vv)
 
 
+BACKENDS = [pytest.param(False, id="torch"),
+            pytest.param(True, id="native", marks=pytest.mark.skipif(
+                not native.available(), reason="no C compiler for the native kernel"))]
+
+
+@pytest.mark.parametrize("use_native", BACKENDS)
 @pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (8, 2), (6, 1)])
-def test_mixed_batches_match_dense(hq: int, hkv: int) -> None:
+def test_mixed_batches_match_dense(hq: int, hkv: int, use_native: bool) -> None:
     torch.manual_seed(0)
-    sim = Sim(hq, hkv, d=16, bs=4, layers=1)
+    sim = Sim(hq, hkv, d=16, bs=4, layers=1, native=use_native)
     a, b, c, d = (sim.add_seq() for _ in range(4))
     sim.step([(a, 7), (b, 1)])  # fresh prefill + single-token prompt
     sim.step([(b, 1), (a, 5), (c, 3)])  # decode, prefill over a cached prefix, chunk 1 of c
@@ -91,9 +100,10 @@ def test_mixed_batches_match_dense(hq: int, hkv: int) -> None:
         sim.step([(a, 1), (b, 1), (c, 1), (d, 1)], pad=2)
 
 
-def test_decode_only_batch_is_vectorized_and_matches() -> None:
+@pytest.mark.parametrize("use_native", BACKENDS)
+def test_decode_only_batch_is_vectorized_and_matches(use_native: bool) -> None:
     torch.manual_seed(1)
-    sim = Sim(8, 2, d=8, bs=4, layers=1, blocks=200)
+    sim = Sim(8, 2, d=8, bs=4, layers=1, blocks=200, native=use_native)
     seqs = [sim.add_seq() for _ in range(12)]
     assert not sim.step([(s, 1 + 3 * i) for i, s in enumerate(seqs)]).decode_only
     for _ in range(6):
