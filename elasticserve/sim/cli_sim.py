@@ -2,7 +2,8 @@
 
 Compares the static, elastic and arbiter policies on one scenario: the max rate each sustains at
 the TTFT-SLO attainment target (bisection over a rate scale) and latencies at a common load.
-Prints a Markdown table; ``--json`` and ``--plots`` write the details.
+Prints a Markdown table; ``--json`` and ``--plots`` write the details. ``trace --trace FILE``
+replays a recorded trace; ``--ceiling`` adds the unbounded-memory bound on every policy.
 """
 
 from __future__ import annotations
@@ -14,16 +15,26 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from elasticserve.sim.experiment import compare
+from elasticserve.sim.experiment import CEILING_MEMORY_FACTOR, compare
+from elasticserve.sim.gpu_specs import GPU_SPECS, get_gpu
+from elasticserve.sim.model_shapes import BUILTIN_SHAPES
 from elasticserve.sim.report import markdown, to_json, write_plots
-from elasticserve.sim.scenarios import SCENARIOS, get_scenario
+from elasticserve.sim.scenarios import (
+    DEFAULT_TRACE_SHAPE,
+    SCENARIOS,
+    Scenario,
+    get_scenario,
+    trace_scenario,
+)
 from elasticserve.sim.simulator import POLICIES
+
+TRACE = "trace"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elasticserve simulate",
                                 description="Simulate KV-memory policies on a scenario.")
-    p.add_argument("scenario", choices=sorted(SCENARIOS))
+    p.add_argument("scenario", choices=sorted([*SCENARIOS, TRACE]))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", default=",".join(POLICIES),
                    help="comma-separated subset of " + ", ".join(POLICIES))
@@ -35,7 +46,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a device spec field, e.g. --gpu flops_eff=0.8 (repeatable)")
     p.add_argument("--json", metavar="PATH", help="write the full comparison as JSON")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots (needs matplotlib)")
+    p.add_argument("--ceiling", action="store_true",
+                   help=f"also find the arbiter's max rate with {CEILING_MEMORY_FACTOR}x the "
+                        "device memory (KV never runs out): a bound on every memory policy")
+    t = p.add_argument_group("trace replay and device")
+    t.add_argument("--trace", metavar="FILE",
+                   help="the trace scenario's file: JSONL (timestamp, model, input_len, "
+                        "output_len) or Azure LLM inference CSV")
+    t.add_argument("--model-shape", action="append", default=[], metavar="NAME=SHAPE",
+                   help="trace: model NAME runs built-in SHAPE; a bare SHAPE sets the default "
+                        f"({DEFAULT_TRACE_SHAPE}); repeatable; shapes: "
+                        + ", ".join(BUILTIN_SHAPES))
+    t.add_argument("--device", help="GPU spec (" + ", ".join(GPU_SPECS)
+                   + "); default: the scenario's (H100-80GB for a trace)")
+    t.add_argument("--num-gpus", type=int,
+                   help="GPUs: memory budget and tensor parallelism; default: the scenario's")
     return p
+
+
+def _shape_args(p: argparse.ArgumentParser, items: list[str]) -> tuple[str, dict[str, str]]:
+    """``--model-shape`` values: (default shape, per-model shapes)."""
+    default, per_model = DEFAULT_TRACE_SHAPE, {}
+    for item in items:
+        name, sep, shape = item.rpartition("=")
+        if not sep:
+            default = shape.strip()
+        elif not name.strip() or not shape.strip():
+            p.error(f"--model-shape wants NAME=SHAPE or SHAPE, got {item!r}")
+        else:
+            per_model[name.strip()] = shape.strip()
+    return default, per_model
+
+
+def _load_scenario(p: argparse.ArgumentParser, args: argparse.Namespace) -> Scenario:
+    if args.num_gpus is not None and args.num_gpus <= 0:
+        p.error(f"--num-gpus must be > 0, got {args.num_gpus}")
+    if args.scenario == TRACE:
+        if not args.trace:
+            p.error("the trace scenario needs --trace FILE")
+        default, per_model = _shape_args(p, args.model_shape)
+        try:
+            return trace_scenario(args.trace, per_model, default, args.device or "H100-80GB",
+                                  args.num_gpus or 1)
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+    if args.trace or args.model_shape:
+        p.error(f"--trace and --model-shape apply to the trace scenario only, not "
+                f"{args.scenario}")
+    scn = get_scenario(args.scenario)
+    changes: dict[str, object] = {}
+    if args.device:
+        try:
+            changes["device"] = get_gpu(args.device)
+        except KeyError as e:
+            p.error(str(e.args[0]))
+    if args.num_gpus:
+        changes["num_gpus"] = args.num_gpus
+    if changes:
+        scn.config = dataclasses.replace(scn.config, **changes)  # type: ignore[arg-type]
+    return scn
 
 
 def _gpu_overrides(items: list[str]) -> dict[str, Any]:
@@ -49,8 +118,9 @@ def _gpu_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    scn = get_scenario(args.scenario)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    scn = _load_scenario(parser, args)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in POLICIES]
     if bad:
@@ -67,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--gpu: {e}") from None
     if changes:
         scn.config = dataclasses.replace(scn.config, **changes)  # type: ignore[arg-type]
-    comp = compare(scn, seed=args.seed, policies=policies, target=args.target)  # type: ignore[arg-type]
+    comp = compare(scn, seed=args.seed, policies=policies, target=args.target,  # type: ignore[arg-type]
+                   ceiling=args.ceiling)
     sys.stdout.write(markdown(comp))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -5,6 +5,10 @@ then narrowed by geometric bisection. Probes that are certain to fail are cut sh
 simulator stops once more than ``(1 - target) x requests`` have missed the TTFT target).
 The comparison then re-runs every policy at one common *reference* scale - the highest scale
 ``static`` sustains - so latency percentiles are compared under identical load.
+
+Optionally a *ceiling* is searched too: the arbiter with ``CEILING_MEMORY_FACTOR`` times the
+device memory, so KV never runs out and only compute and bandwidth limit the rate. No memory
+policy can serve more than that on the same cost model.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class PolicyOutcome:
     by_model: dict[str, Summary] = field(default_factory=dict)
 
 
+CEILING_MEMORY_FACTOR = 100
+
+
 @dataclass(slots=True)
 class Comparison:
     scenario: Scenario
@@ -51,6 +58,7 @@ class Comparison:
     ref_scale: float
     outcomes: dict[str, PolicyOutcome]
     wall_s: float
+    ceiling: PolicyOutcome | None = None  # the arbiter with unbounded memory, when asked for
 
     def ratio(self, num: str = "arbiter", den: str = "static") -> float:
         """Max-rate ratio of two policies (inf when ``den`` sustains no load at all)."""
@@ -111,9 +119,24 @@ def max_scale(scn: Scenario, policy: Policy, seed: int, target: float = 0.99,
     return lo, probes, passed
 
 
+def unbounded_memory(scn: Scenario, factor: int = CEILING_MEMORY_FACTOR) -> Scenario:
+    """The same scenario on a device with ``factor`` times the memory."""
+    dev = scn.config.device
+    big = dataclasses.replace(dev, memory_bytes=dev.memory_bytes * factor)
+    return dataclasses.replace(scn, config=dataclasses.replace(scn.config, device=big))
+
+
+def memory_ceiling(scn: Scenario, seed: int = 0, target: float = 0.99) -> PolicyOutcome:
+    """The arbiter's max rate when KV memory never runs out: a bound on every memory policy."""
+    best, probes, passed = max_scale(unbounded_memory(scn), "arbiter", seed, target)
+    return PolicyOutcome(f"arbiter, {CEILING_MEMORY_FACTOR}x memory", best, scn.rate_at(best),
+                         probes, at_max=passed.get(best))
+
+
 def compare(scn: Scenario, seed: int = 0, policies: Sequence[Policy] = POLICIES,
-            target: float = 0.99) -> Comparison:
-    """Max rate per policy at the attainment target, plus every policy at the reference scale."""
+            target: float = 0.99, ceiling: bool = False) -> Comparison:
+    """Max rate per policy at the attainment target, plus every policy at the reference scale;
+    with ``ceiling``, also :func:`memory_ceiling`."""
     t0 = time.perf_counter()
     outcomes: dict[str, PolicyOutcome] = {}
     cache: dict[tuple[str, float], SimResult] = {}
@@ -134,4 +157,5 @@ def compare(scn: Scenario, seed: int = 0, policies: Sequence[Policy] = POLICIES,
         out.reference = res
         out.summary = summarize(res.records, slo)
         out.by_model = summarize_by_model(res.records, slo)
-    return Comparison(scn, seed, target, ref, outcomes, time.perf_counter() - t0)
+    top = memory_ceiling(scn, seed, target) if ceiling else None
+    return Comparison(scn, seed, target, ref, outcomes, time.perf_counter() - t0, top)

@@ -5,6 +5,7 @@ matplotlib is optional and imported only inside :func:`write_plots`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -48,8 +49,24 @@ def markdown(comp: Comparison) -> str:
                      f"{pre} | {sleeps} |")
     if "arbiter" in comp.outcomes and static:
         lines += ["", f"**arbiter / static max-rate ratio: {_f(comp.ratio())}x**"]
+    lines += _ceiling_lines(comp)
     lines += ["", *_per_model(comp)]
     return "\n".join(lines) + "\n"
+
+
+def _ceiling_lines(comp: Comparison) -> list[str]:
+    """The unbounded-memory ceiling, as a rate and as a multiple of static's max rate."""
+    top = comp.ceiling
+    if top is None:
+        return []
+    static = comp.outcomes.get("static")
+    label = comp.scenario.rate_label
+    ratio = top.max_rate / static.max_rate if static and static.max_rate > 0 else math.nan
+    stats = top.at_max.model_stats.values() if top.at_max else []
+    pre = sum(int(v["preemptions"]) for v in stats)
+    return ["", f"**memory ceiling ({top.policy}, KV never runs out): max {_f(top.max_rate, 1)} "
+                f"{label} = {_f(ratio)}x static** ({pre} preemptions at that rate); no memory "
+                "policy can serve more on this cost model"]
 
 
 def _stats(out: PolicyOutcome) -> dict[str, dict[str, float]]:
@@ -93,6 +110,11 @@ def to_json(comp: Comparison) -> dict[str, Any]:
     }
     if "arbiter" in comp.outcomes and "static" in comp.outcomes:
         doc["arbiter_over_static"] = comp.ratio()
+    if comp.ceiling is not None:
+        top = comp.ceiling
+        doc["ceiling"] = {"policy": top.policy, "max_scale": top.max_scale,
+                          "max_rate": top.max_rate,
+                          "probes": [dataclasses.asdict(p) for p in top.probes]}
     for name, out in comp.outcomes.items():
         ref = out.reference
         doc["policies"][name] = {

@@ -13,8 +13,9 @@
 * ``trace``: a recorded trace (JSONL or Azure CSV, see ``sim/trace.py``) replayed on a chosen
   device; every distinct model name runs a built-in shape. Built by :func:`trace_scenario`.
 
-The rate scale multiplies every rate profile (divides a trace's arrival times); ``rate_at(scale)`` turns it into the req/s
-figure the report prints (peak rate for ramp3, mean total rate otherwise).
+The rate scale multiplies every rate profile (divides a trace's arrival times);
+``rate_at(scale)`` turns it into the req/s figure the report prints (peak rate for ramp3, mean
+total rate otherwise).
 """
 
 from __future__ import annotations
@@ -170,11 +171,14 @@ def trace_scenario(path: str | Path, shapes: Mapping[str, str] | None = None,
                     max_model_len=max(32768, longest), long_prefill_token_threshold=2048,
                     ttft_slo_s=1.0, tpot_slo_s=0.1, ttft_slo_per_token_s=1e-4)
     rate = replay.mean_rate
-    desc = (f"trace {Path(path).name}: {len(replay.requests)} requests, {len(models)} model(s) "
+    desc = (f"{Path(path).name}: {len(replay.requests)} requests, {len(models)} model(s) "
             f"on {num_gpus}x {gpu.name}")
     notes = ["models: " + ", ".join(f"{s.name}={s.shape.name}" for s in specs),
              "the rate scale divides the trace's arrival times; the seed does not change a trace",
              "TTFT SLO = 1 s + 0.1 ms per prompt token; prefill chunks capped at 2048 tokens"]
+    if num_gpus > 1:
+        notes.append(f"the {num_gpus} GPUs are modelled as one tensor-parallel device "
+                     f"(tp={num_gpus} for every model)")
     return Scenario("trace", desc, specs, cfg, replay, rate_label="mean req/s",
                     rate_at=lambda s: rate * s, notes=notes)
 
@@ -184,6 +188,9 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {"ramp3": ramp3, "zipf16": zipf16
 
 
 def get_scenario(name: str) -> Scenario:
+    if name == "trace":
+        raise KeyError("the trace scenario is built from a file: trace_scenario(path), or "
+                       "cli_sim trace --trace FILE")
     try:
         return SCENARIOS[name]()
     except KeyError:

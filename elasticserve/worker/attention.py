@@ -7,25 +7,31 @@ contiguous commit unit for elastic memory):
 
 Index 0 along the ``2`` axis is K, index 1 is V. ``kv_cache[:, layer, kv]`` is a
 strided view whose blocks are gathered with ``index_select`` on its block axis.
-Single-token (decode) sequences are sorted by context length and attended in chunks of
-similar length, one batched SDPA per chunk: padding stays small and each chunk's gathered
-K/V stays in cache between the gather and the SDPA that reads it. Multi-token sequences
-loop in Python.
+Single-token (decode) sequences go to the C kernel (``native.py``: reads K/V straight from
+the blocks) or to the torch path (``decode_torch.py``: gather, then batched SDPA); which one
+is fixed per engine by ``attention_backend`` and recorded in the metadata. Multi-token
+sequences (prefill chunks) loop in Python, one SDPA each.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from elasticserve.worker import native
+from elasticserve.worker.decode_torch import (
+    DecodeChunk,
+    decode_attention,
+    decode_chunks,
+    layer_rows,
+    release_workspace,
+)
+
+__all__ = ["AttentionMetadata", "PrefillSeq", "paged_attention", "release_workspace", "write_kv"]
 
 
 @dataclass(slots=True)
@@ -39,28 +45,6 @@ class PrefillSeq:
     # [n_new, seq_len] bool (True = attend); None when the whole context is new,
     # which lets SDPA use its built-in causal path.
     mask: torch.Tensor | None
-
-
-# Context tokens gathered per decode SDPA call: a chunk's K and V (2 x 2048 tokens x 1 KiB per
-# layer for the small model) stay in L2/L3 between the gather and the attention that reads it.
-_DECODE_CHUNK_TOKENS = 2048
-# Decode batches gathering fewer blocks per layer stay on one thread (a hand-off costs ~0.1 ms).
-_SPLIT_MIN_BLOCKS = 256
-_HELPER: ThreadPoolExecutor | None = None
-_HELPER_LOCK = threading.Lock()
-
-
-@dataclass(slots=True)
-class DecodeChunk:
-    """Single-token sequences of similar context length, attended in one SDPA call."""
-
-    tokens: torch.Tensor  # [n] flat token index of each sequence's query (and output row)
-    blocks: torch.Tensor  # [n * num_blocks] block ids, sequence-major, padded with block 0
-    num_blocks: int  # blocks per sequence: the longest context in the chunk
-    mask: torch.Tensor  # [n, 1, 1, num_blocks * block_size] bool: position < seq_len
-    # Flat [n * num_blocks * block_size] positions past each context end; zeroed after the
-    # gather because padding slots may hold NaN/inf that a mask alone cannot hide.
-    invalid_rows: torch.Tensor
 
 
 @dataclass(slots=True)
@@ -103,7 +87,7 @@ class AttentionMetadata:
             [list(table) + [0] * (max_blocks - len(table)) for _, _, table in seqs], dtype=torch.int64)
         slot_mapping = _slot_mapping(starts, nums, query_start_loc, block_tables, block_size)
         decode_idx = [i for i, n in enumerate(nums) if n == 1]
-        dec_valid, chunks = _decode_chunks(
+        dec_valid, chunks = decode_chunks(
             [] if native_decode else decode_idx, seq_lens, query_start_loc, block_tables, block_size)
         native_work = None
         if native_decode and decode_idx:
@@ -175,33 +159,6 @@ def _slot_mapping(starts: list[int], nums: list[int], query_start_loc: list[int]
     return block_ids * block_size + pos % block_size
 
 
-def _decode_chunks(
-    decode_idx: list[int], seq_lens: list[int], query_start_loc: list[int],
-    block_tables: torch.Tensor, block_size: int,
-) -> tuple[torch.Tensor, list[DecodeChunk]]:
-    """The decode sequences' context masks [Bd, nb * block_size] (batch order), and the
-    sequences, longest first, in chunks of about _DECODE_CHUNK_TOKENS gathered context tokens,
-    each padded only to its own longest context."""
-    lens = [seq_lens[i] for i in decode_idx]
-    width = -(-max(lens, default=1) // block_size) * block_size
-    valid = torch.arange(width)[None, :] < torch.tensor(lens, dtype=torch.int64)[:, None]
-    order = sorted(range(len(lens)), key=lambda r: -lens[r])
-    chunks: list[DecodeChunk] = []
-    while order:
-        num_blocks = -(-lens[order[0]] // block_size)
-        count = max(1, _DECODE_CHUNK_TOKENS // (num_blocks * block_size))
-        rows, order = order[:count], order[count:]
-        chunk_valid = valid[rows, : num_blocks * block_size]
-        chunks.append(DecodeChunk(
-            tokens=torch.tensor([query_start_loc[decode_idx[r]] for r in rows], dtype=torch.int64),
-            blocks=block_tables[[decode_idx[r] for r in rows], :num_blocks].flatten(),
-            num_blocks=num_blocks,
-            mask=chunk_valid[:, None, None, :],
-            invalid_rows=(~chunk_valid).flatten().nonzero().squeeze(1),
-        ))
-    return valid, chunks
-
-
 def _prefill_seq(token_start: int, n: int, seq_len: int, table: torch.Tensor,
                  block_size: int) -> PrefillSeq:
     num_blocks = -(-seq_len // block_size)
@@ -231,7 +188,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if meta.native_decode is not None:
         native.decode(q, kv_cache, layer_idx, meta.native_decode, scale, out)
     elif meta.decode_chunks:
-        _decode_attention(q, kv_cache, layer_idx, meta.decode_chunks, scale, out)
+        decode_attention(q, kv_cache, layer_idx, meta.decode_chunks, scale, out)
     for p in meta.prefills:
         if p.mask is None:
             # Whole context is new: use the fresh k/v and skip the cache round trip.
@@ -242,17 +199,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return out
 
 
-def _layer_rows(kv_cache: torch.Tensor, layer_idx: int, kv: int) -> torch.Tensor:
-    """[num_blocks, block_size * Hkv * D] view of one layer's K or V (no copy)."""
-    return kv_cache[:, layer_idx, kv].view(kv_cache.shape[0], -1)
-
-
 def _gather_seq(kv_cache: torch.Tensor, layer_idx: int, p: PrefillSeq,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     # Slicing to seq_len drops the unwritten tail of the last block.
     hkv, d = kv_cache.shape[-2:]
-    ctx_k = _layer_rows(kv_cache, layer_idx, 0).index_select(0, p.blocks)
-    ctx_v = _layer_rows(kv_cache, layer_idx, 1).index_select(0, p.blocks)
+    ctx_k = layer_rows(kv_cache, layer_idx, 0).index_select(0, p.blocks)
+    ctx_v = layer_rows(kv_cache, layer_idx, 1).index_select(0, p.blocks)
     ctx_k = ctx_k.view(-1, hkv, d)[: p.seq_len]
     ctx_v = ctx_v.view(-1, hkv, d)[: p.seq_len]
     return ctx_k.to(dtype), ctx_v.to(dtype)
@@ -267,94 +219,3 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return out[0].transpose(0, 1)
 
 
-class _Workspace:
-    """Reusable gather buffers, grown on demand and kept across calls.
-
-    A fresh multi-MB tensor per layer costs more in page faults than the copy
-    itself, so decode gathers write into these instead. Per thread: several engines
-    (one per model, each stepping in its own thread) may run forwards at once.
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def get(self, slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        bufs = self._bufs()
-        numel = math.prod(shape)
-        key = (slot, like.dtype, like.device)
-        buf = bufs.get(key)
-        if buf is None or buf.numel() < numel:
-            # a normal (not inference-mode) tensor, so callers in either mode may write it
-            with torch.inference_mode(False):
-                buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-            bufs[key] = buf
-        return buf[:numel].view(shape)
-
-    def _bufs(self) -> dict[tuple[int, torch.dtype, torch.device], torch.Tensor]:
-        bufs = getattr(self._local, "bufs", None)
-        if bufs is None:
-            bufs = self._local.bufs = {}
-        return bufs
-
-    def clear(self) -> None:
-        self._bufs().clear()
-
-
-_WORKSPACE = _Workspace()
-
-
-def release_workspace() -> None:
-    """Free the cached decode gather buffers (e.g. after a large batch)."""
-    _WORKSPACE.clear()
-
-
-def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int,
-                      chunks: list[DecodeChunk], scale: float, out: torch.Tensor) -> None:
-    """One query per sequence; writes the sequences' rows of ``out``. With two or more torch
-    threads and enough context, every other chunk runs on a helper thread: a chunk's gather
-    and SDPA barely use a second OpenMP thread, two chunks side by side do (-30% per layer)."""
-    blocks = sum(c.blocks.numel() for c in chunks)
-    if len(chunks) < 2 or blocks < _SPLIT_MIN_BLOCKS or torch.get_num_threads() < 2:
-        _attend_chunks(q, kv_cache, layer_idx, chunks, scale, out)
-        return
-    # chunks are sorted by context length with similar token counts: alternating splits evenly
-    job = _helper().submit(_in_modes, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
-                           q, kv_cache, layer_idx, chunks[1::2], scale, out)
-    _attend_chunks(q, kv_cache, layer_idx, chunks[0::2], scale, out)
-    job.result()
-
-
-def _in_modes(inference: bool, grad: bool, *args: Any) -> None:
-    """_attend_chunks on a helper thread, in the caller's (thread-local) autograd modes."""
-    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-        _attend_chunks(*args)
-
-
-def _helper() -> ThreadPoolExecutor:
-    global _HELPER
-    with _HELPER_LOCK:
-        if _HELPER is None:
-            _HELPER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode-attention")
-        return _HELPER
-
-
-def _attend_chunks(q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int,
-                   chunks: list[DecodeChunk], scale: float, out: torch.Tensor) -> None:
-    """Each chunk: gather its context into this thread's workspace, one batched SDPA."""
-    _, _, _, bs, hkv, d = kv_cache.shape
-    hq = q.shape[1]
-    rows = [_layer_rows(kv_cache, layer_idx, kv) for kv in (0, 1)]
-    most = max(c.blocks.numel() for c in chunks)
-    bufs = [_WORKSPACE.get(kv, (most, rows[kv].shape[1]), kv_cache) for kv in (0, 1)]
-    for chunk in chunks:
-        num_seqs, width = chunk.tokens.numel(), chunk.num_blocks * bs
-        ctx = []
-        for kv in (0, 1):
-            buf = bufs[kv][: chunk.blocks.numel()]
-            torch.index_select(rows[kv], 0, chunk.blocks, out=buf)
-            buf.view(-1, hkv * d).index_fill_(0, chunk.invalid_rows, 0.0)
-            ctx.append(buf.view(num_seqs, width, hkv, d).transpose(1, 2).to(q.dtype))
-        attn = F.scaled_dot_product_attention(
-            q.index_select(0, chunk.tokens).view(num_seqs, hq, 1, d), ctx[0], ctx[1],
-            attn_mask=chunk.mask, scale=scale, enable_gqa=hq != hkv)
-        out.index_copy_(0, chunk.tokens, attn.view(num_seqs, hq, d))

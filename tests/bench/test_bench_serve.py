@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
-
 from elasticserve.bench import serve  # noqa: E402
 from elasticserve.bench.serve_client import ClientConfig, parse_memory, run_benchmark  # noqa: E402
 from elasticserve.bench.serve_report import SLO, goodput_rates, markdown_run, summarize  # noqa: E402
@@ -28,6 +23,7 @@ from elasticserve.engine.async_engine import AsyncEngine  # noqa: E402
 from elasticserve.engine.multi_model import ModelPool, ModelSpec  # noqa: E402
 from elasticserve.server.api_server import build_app  # noqa: E402
 from elasticserve.sim.workload import RequestSpec  # noqa: E402
+from tests.uvicorn_server import serve_in_thread  # noqa: E402
 
 TOKEN = "bench-token"
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
@@ -42,19 +38,8 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                      EngineArgs(model=""))
     engines = {name: AsyncEngine(e, name=name) for name, e in pool.engines.items()}
     app = build_app(engines, pool=pool, admin_token=TOKEN)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serve_in_thread(app) as url:
+        yield url
     for engine in engines.values():
         engine.shutdown()
     pool.close()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,7 +19,6 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
 from elasticserve.engine.args import EngineArgs  # noqa: E402
@@ -30,6 +27,7 @@ from elasticserve.engine.llm_engine import LLMEngine  # noqa: E402
 from elasticserve.outputs import RequestOutput  # noqa: E402
 from elasticserve.sampling_params import SamplingParams  # noqa: E402
 from elasticserve.server.api_server import build_app  # noqa: E402
+from tests.uvicorn_server import serve_in_thread  # noqa: E402
 
 # "small": a static cache of 8 blocks x 16 tokens and max_model_len 256, one sequence per step
 # and one queued request at most: for 413 and 503
@@ -76,21 +74,8 @@ def finished_count(app: FastAPI) -> Callable[[str], float]:
 
 @pytest.fixture(scope="session")
 def base_url(app: FastAPI) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serve_in_thread(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
