@@ -26,8 +26,8 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from elasticserve.core.arbiter_reclaim import TIERS, ModelEntry, best_yield, fair_share, victims
 from elasticserve.core.arbiter_types import (
     ArbiterError,
     ArbiterPolicy,
@@ -37,27 +37,6 @@ from elasticserve.core.arbiter_types import (
 )
 
 __all__ = ["Arbiter", "ArbiterError", "ArbiterPolicy", "ArbiterSnapshot", "ModelState", "Reclaimer"]
-
-_TIERS = ("free", "cached", "preempt", "sleep")
-
-
-@dataclass(slots=True)
-class _Model:
-    name: str
-    reclaimer: Reclaimer
-    weights_bytes: int
-    weights_pages: int
-    min_bytes: int
-    max_bytes: int | None
-    min_pages: int
-    max_pages: int
-    priority: int
-    awake: bool
-    kv_pages: int = 0
-    last_used: float = 0.0
-    rate: float = 0.0  # EWMA of the request rate, as of rate_t
-    rate_t: float = 0.0
-
 
 class Arbiter:
     """Grants KV pages out of one budget; reclaims from other models when it runs short."""
@@ -72,10 +51,10 @@ class Arbiter:
         self.policy = policy or ArbiterPolicy()
         self._clock = clock
         self._lock = threading.RLock()
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, ModelEntry] = {}
         self._used = 0
         # pages taken per reclaim tier, plus event counts
-        self.stats: dict[str, int] = {t: 0 for t in _TIERS} | {"sleeps": 0, "wakes": 0,
+        self.stats: dict[str, int] = {t: 0 for t in TIERS} | {"sleeps": 0, "wakes": 0,
                                                                 "denied": 0}
 
     # ---- registration and limits ---------------------------------------------------------
@@ -90,7 +69,7 @@ class Arbiter:
         with self._lock:
             if name in self._models:
                 raise ArbiterError(f"model {name!r} is already registered")
-            m = _Model(name, reclaimer, weights_bytes, self._pages_up(weights_bytes), 0, None,
+            m = ModelEntry(name, reclaimer, weights_bytes, self._pages_up(weights_bytes), 0, None,
                        0, 0, priority, awake=False, last_used=self._clock())
             m.rate_t = m.last_used
             self._apply_limits(m, min_bytes, max_bytes)
@@ -132,7 +111,7 @@ class Arbiter:
                 raise ArbiterError(f"model {name!r} cannot give back {excess} more pages "
                                    f"to meet max_bytes={new_max}")
 
-    def _apply_limits(self, m: _Model, min_bytes: int, max_bytes: int | None) -> None:
+    def _apply_limits(self, m: ModelEntry, min_bytes: int, max_bytes: int | None) -> None:
         if min_bytes < 0 or (max_bytes is not None and max_bytes < min_bytes):
             raise ValueError(f"need 0 <= min_bytes <= max_bytes, got {min_bytes}, {max_bytes}")
         m.min_bytes, m.max_bytes = min_bytes, max_bytes
@@ -211,26 +190,19 @@ class Arbiter:
         with self._lock:
             return self._decayed_rate(self._get(name), self._clock())
 
-    def _decayed_rate(self, m: _Model, now: float) -> float:
+    def _decayed_rate(self, m: ModelEntry, now: float) -> float:
         return m.rate * math.exp(-max(0.0, now - m.rate_t) / self.policy.popularity_tau_s)
 
     # ---- reclaim --------------------------------------------------------------------------
-    def _reclaim(self, req: _Model, short: int, req_after: int) -> None:
+    def _reclaim(self, req: ModelEntry, short: int, req_after: int) -> None:
         """Take ``short`` pages from models other than ``req`` (which will then hold
         ``req_after`` KV pages), cheapest tier first."""
         plans = {tier: self._victims(req, tier, req_after) for tier in self._tiers()}
-        # Tiers overlap (preempting also unmaps free pages), so a model yields at most its
-        # best cumulative tier, not the sum over tiers.
-        best: dict[str, int] = {}
-        for tier, victims in plans.items():
-            for m, cap in victims:
-                prior = best.get(m.name, 0)
-                best[m.name] = prior + cap if tier == "cached" else max(prior, cap)
-        if sum(best.values()) < short:
+        if best_yield(plans) < short:
             return  # cannot succeed: do not disturb anyone
         got = 0
-        for tier, victims in plans.items():
-            for victim, cap in victims:
+        for tier, candidates in plans.items():
+            for victim, cap in candidates:
                 if got >= short:
                     return
                 got += self._take(victim, tier, min(cap, short - got))
@@ -238,51 +210,17 @@ class Arbiter:
     def _tiers(self) -> list[str]:
         p = self.policy
         flags = (p.reclaim_free, p.reclaim_cached, p.preempt, p.sleep_idle)
-        return [t for t, on in zip(_TIERS, flags, strict=True) if on]
+        return [t for t, on in zip(TIERS, flags, strict=True) if on]
 
-    def _victims(self, req: _Model, tier: str, req_after: int) -> list[tuple[_Model, int]]:
-        """Candidates of one tier, in reclaim order, with an upper bound on what each yields."""
+    def _victims(self, req: ModelEntry, tier: str, req_after: int) -> list[tuple[ModelEntry, int]]:
+        """Candidates of one tier: lowest priority, least popular, least recently used first."""
         now = self._clock()
         others = sorted((m for m in self._models.values() if m is not req and m.awake),
                         key=lambda m: (m.priority, self._decayed_rate(m, now), m.last_used))
-        fair = self._fair_share()
-        out: list[tuple[_Model, int]] = []
-        for m in others:
-            if tier == "sleep":
-                cap = m.kv_pages + m.weights_pages \
-                    if m.priority <= req.priority and m.reclaimer.is_idle() else 0
-            else:
-                floor = self._floor(req, m, tier, req_after, fair)
-                cap = m.kv_pages - floor
-                if tier != "preempt":
-                    free, cached = m.reclaimer.reclaimable()
-                    cap = min(cap, free if tier == "free" else cached)
-            if cap > 0:
-                out.append((m, cap))
-        return out
+        return victims(others, req, tier, req_after, fair_share(self._models.values(),
+                       self.budget_pages), self.policy.fair_share)
 
-    def _floor(self, req: _Model, m: _Model, tier: str, req_after: int, fair: int) -> int:
-        """KV pages of victim ``m`` that this request may not take in ``tier``."""
-        if m.priority < req.priority or m.reclaimer.is_idle():
-            return m.min_pages
-        within = self.policy.fair_share and req_after <= fair
-        if tier == "preempt":
-            # a busy peer is preempted only for a requester within its fair share, and only
-            # down to that share; a higher-priority model never is
-            return max(m.min_pages, fair) if within and m.priority == req.priority else m.kv_pages
-        if self.policy.fair_share and not within and _starved(m.reclaimer):
-            # The requester is above its share and the peer has a queue: the peer keeps its
-            # share, free pages too - they are about to serve that queue, and taking them makes
-            # the two models preempt each other in turn.
-            return max(m.min_pages, fair)
-        return m.min_pages
-
-    def _fair_share(self) -> int:
-        awake = [m for m in self._models.values() if m.awake]
-        kv_room = self.budget_pages - sum(m.weights_pages for m in awake)
-        return kv_room // max(1, len(awake))
-
-    def _take(self, m: _Model, tier: str, n: int) -> int:
+    def _take(self, m: ModelEntry, tier: str, n: int) -> int:
         """Run one reclaim call on ``m`` and book what it returned."""
         if tier == "sleep":
             return self._sleep(m)
@@ -297,7 +235,7 @@ class Arbiter:
         self.stats[tier] += freed
         return freed
 
-    def _sleep(self, m: _Model) -> int:
+    def _sleep(self, m: ModelEntry) -> int:
         if not m.awake:
             return 0
         freed = m.reclaimer.sleep()
@@ -366,19 +304,14 @@ class Arbiter:
     def _pages_up(self, nbytes: int) -> int:
         return -(-nbytes // self.page_size)
 
-    def _get(self, name: str) -> _Model:
+    def _get(self, name: str) -> ModelEntry:
         m = self._models.get(name)
         if m is None:
             raise ArbiterError(f"unknown model {name!r}")
         return m
 
-    def _awake_model(self, name: str) -> _Model:
+    def _awake_model(self, name: str) -> ModelEntry:
         m = self._get(name)
         if not m.awake:
             raise ArbiterError(f"model {name!r} is asleep; wake it before requesting pages")
         return m
-
-
-def _starved(reclaimer: Reclaimer) -> bool:
-    starved = getattr(reclaimer, "is_starved", None)
-    return bool(starved()) if starved is not None else False
