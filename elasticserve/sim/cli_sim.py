@@ -26,7 +26,7 @@ from elasticserve.sim.scenarios import (
     get_scenario,
     trace_scenario,
 )
-from elasticserve.sim.simulator import POLICIES
+from elasticserve.sim.simulator import POLICIES, SimSetupError
 
 TRACE = "trace"
 
@@ -137,8 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--gpu: {e}") from None
     if changes:
         scn.config = dataclasses.replace(scn.config, **changes)  # type: ignore[arg-type]
-    comp = compare(scn, seed=args.seed, policies=policies, target=args.target,  # type: ignore[arg-type]
-                   ceiling=args.ceiling)
+    try:
+        comp = compare(scn, seed=args.seed, policies=policies,  # type: ignore[arg-type]
+                       target=args.target, ceiling=args.ceiling)
+    except SimSetupError as e:
+        parser.error(str(e))
     sys.stdout.write(markdown(comp))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

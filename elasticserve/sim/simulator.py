@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from elasticserve.config import CacheConfig, MiB, SchedulerConfig
-from elasticserve.core.arbiter import Arbiter, ArbiterPolicy
+from elasticserve.core.arbiter import Arbiter, ArbiterError, ArbiterPolicy
 from elasticserve.sim.cost_model import CostModel
 from elasticserve.sim.gpu_specs import DeviceSpec
 from elasticserve.sim.kv_sim import SimKVStorage
@@ -96,20 +96,33 @@ def _arbiter_policy(policy: Policy) -> ArbiterPolicy:
     raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
 
 
+class SimSetupError(ValueError):
+    """The models, device and requests of a run do not fit together (a user error, not a bug)."""
+
+
 class Simulator:
     """Builds the models of one run and drives them over simulated time."""
 
     def __init__(self, models: list[ModelSpec], config: SimConfig, policy: Policy) -> None:
         if len({m.name for m in models}) != len(models):
-            raise ValueError("model names must be unique")
+            raise SimSetupError("model names must be unique")
         self.config = config
         self.policy = policy
         self.now = 0.0
         self.arbiter = Arbiter(config.budget_bytes, config.page_size, _arbiter_policy(policy),
                                clock=lambda: self.now)
+        for spec in models:
+            if spec.shape.weights_bytes > self.arbiter.budget_pages * config.page_size:
+                # it could never wake: the run would stall instead of failing
+                raise SimSetupError(f"{spec.name}: weights ({spec.shape.weights_bytes / 2**30:.1f} "
+                                    f"GiB) do not fit in the device budget "
+                                    f"({config.budget_bytes / 2**30:.1f} GiB)")
         static_pages = self._static_share(models) if policy == "static" else 0
         self._rr = 0
-        self.models = [self._build(spec, static_pages) for spec in models]
+        try:
+            self.models = [self._build(spec, static_pages) for spec in models]
+        except ArbiterError as e:  # e.g. no room for a model's weights on this device
+            raise SimSetupError(f"{policy} policy: {e}") from e
         self.by_name = {m.name: m for m in self.models}
         self._drain_costs()  # mapping at start-up happens before serving, not during it
 
@@ -117,7 +130,7 @@ class Simulator:
         weights = sum(-(-m.shape.weights_bytes // self.config.page_size) for m in models)
         share = (self.arbiter.budget_pages - weights) // len(models)
         if share <= 0:
-            raise ValueError(f"static policy: the weights of all models ({weights} pages) leave "
+            raise SimSetupError(f"static policy: the weights of all models ({weights} pages) leave "
                              f"no KV room in {self.arbiter.budget_pages} pages")
         return share
 
@@ -164,7 +177,7 @@ class Simulator:
         cfg = self.config
         unknown = {r.model for r in requests} - set(self.by_name)
         if unknown:
-            raise ValueError(f"requests for unknown model(s): {', '.join(sorted(unknown))}")
+            raise SimSetupError(f"requests for unknown model(s): {', '.join(sorted(unknown))}")
         records = [RequestRecord(i, r.model, r.arrival, r.input_len, r.output_len)
                    for i, r in enumerate(requests)]
         result = SimResult(self.policy, records, 0.0, page_size=cfg.page_size,

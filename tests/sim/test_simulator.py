@@ -6,11 +6,10 @@ import dataclasses
 
 import pytest
 
-from elasticserve.core.arbiter import ArbiterError
 from elasticserve.sim.metrics import Slo, summarize
 from elasticserve.sim.model_shapes import QWEN3_0_6B
 from elasticserve.sim.runtime import ModelSpec
-from elasticserve.sim.simulator import POLICIES, Simulator, simulate
+from elasticserve.sim.simulator import POLICIES, SimSetupError, Simulator, simulate
 from elasticserve.sim.workload import (
     ArrivalProcess,
     ModelStream,
@@ -137,7 +136,7 @@ def test_arbiter_serves_more_models_than_fit_at_once() -> None:
                                     Uniform(50, 100), Uniform(20, 60))
                         for i, n in enumerate(names)))
     reqs = wl.generate(seed=0)
-    with pytest.raises(ArbiterError):  # four sets of weights do not fit in 4 GiB
+    with pytest.raises(SimSetupError, match="no room for the weights"):  # 4 sets > 4 GiB
         Simulator(qwen_models(*names), config(4), "elastic")
     sim = Simulator(qwen_models(*names), config(4), "arbiter")
     assert sum(sim.arbiter.is_awake(n) for n in names) < 4

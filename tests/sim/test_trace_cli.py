@@ -73,6 +73,11 @@ def test_a_bad_trace_row_is_a_clean_error_naming_the_line(
     (["trace", "--trace", "TRACE", "--device", "TPU"], "unknown GPU 'TPU'"),
     (["trace", "--trace", "TRACE", "--num-gpus", "0"], "--num-gpus must be > 0"),
     (["trace", "--trace", "missing.jsonl"], "No such file"),
+    # a setup error, not a traceback or a stalled run: a 70B model's weights exceed one H100
+    (["trace", "--trace", "TRACE", "--model-shape", "code=Llama-3.1-70B", "--policies", "arbiter"],
+     "code: weights (131.4 GiB) do not fit in the device budget"),
+    (["trace", "--trace", "TRACE", "--model-shape", "Llama-3.1-70B", "--policies", "static"],
+     "do not fit in the device budget"),
 ])
 def test_argument_errors_exit_2(argv: list[str], problem: str, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
