@@ -60,6 +60,8 @@ class LLMEngine:
             self.tokenizer.eos_token_ids,
             native_decode=native.use_native(args.attention_backend, self.kv.tensor,
                                             self.model.model.embed_tokens.weight.dtype))
+        # the fused element-wise ops come with the native backend (same library, same checks)
+        self.model.use_native_ops(self.runner.native_decode)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler_config.max_model_len)
         self.groups: dict[str, SequenceGroup] = {}
         self._next_id = 0
@@ -276,6 +278,7 @@ class LLMEngine:
                 return False
             start = time.monotonic()
             self.model = load_model(self.args.model, dtype=_dtype(self.args.dtype))
+            self.model.use_native_ops(self.runner.native_decode)
             self.runner.model = self.model
             self.kv.remap_initial()
             self.asleep = False

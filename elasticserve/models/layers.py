@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from elasticserve.models.hf_config import RopeScaling
+from elasticserve.worker import native_ops
 
 
 class Linear(nn.Module):
@@ -42,8 +43,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.native = False  # fused C op (worker/native_ops.py) for fp32 CPU tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and native_ops.fits(x, self.weight):
+            return native_ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -97,8 +101,13 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [T, H, D]."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               native: bool = False) -> torch.Tensor:
+    """Rotate-half RoPE on x [T, H, D]. ``native``: in place by the fused C op where the
+    layout allows (fp32 CPU, heads dense), so x must not be needed un-rotated afterwards."""
+    if native and native_ops.fits(x, cos, sin) and x.stride(1) == x.shape[2] \
+            and cos.is_contiguous() and sin.is_contiguous():
+        return native_ops.rope_(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -112,7 +121,14 @@ class GatedMLP(nn.Module):
         self.intermediate = intermediate
         self.gate_up_proj = Linear(hidden, 2 * intermediate, bias)
         self.down_proj = Linear(intermediate, hidden, bias)
+        self.native = False  # fused C SiLU-and-mul for fp32 CPU tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            gate_up = self.gate_up_proj(x)
+            if native_ops.fits(gate_up):
+                return self.down_proj(native_ops.silu_mul(gate_up))
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -43,6 +43,7 @@ class Attention(nn.Module):
         qkv_out = (self.hq + 2 * self.hkv) * self.d
         self.qkv_proj = Linear(cfg.hidden_size, qkv_out, cfg.attention_bias)
         self.o_proj = Linear(self.hq * self.d, cfg.hidden_size, cfg.o_proj_bias)
+        self.native = False  # fused C RoPE (worker/native_ops.py)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -60,7 +61,8 @@ class Attention(nn.Module):
         q, k, v = q.view(t, self.hq, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # q and k are views of this layer's fresh qkv output: rotating them in place is safe
+        q, k = apply_rope(q, *rope, native=self.native), apply_rope(k, *rope, native=self.native)
         out = paged_attention(q, k, v, kv_cache, self.layer_idx, meta, self.scale)
         return self.o_proj(out.reshape(t, self.hq * self.d))
 
@@ -126,6 +128,13 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             h = layer(h, rope, kv_cache, meta)
         return self.model.norm(h)
+
+    def use_native_ops(self, enabled: bool) -> None:
+        """Route RMSNorm, RoPE and SiLU-and-mul to the fused C ops (fp32 CPU tensors only;
+        anything else keeps the torch path)."""
+        for module in self.modules():
+            if hasattr(module, "native"):
+                setattr(module, "native", enabled)  # noqa: B010 (mypy: Module's __setattr__)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] (fp32 regardless of model dtype)."""

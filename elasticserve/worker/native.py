@@ -1,4 +1,4 @@
-"""Native (C) paged decode attention: built from ``csrc/paged_decode.c`` on first use.
+"""Native (C) paged decode attention, built with ``csrc/*.c`` into one library on first use.
 
 The torch decode path gathers every sequence's context into a buffer, then SDPA reads it again:
 three passes over the KV bytes. The C kernel reads K and V once, straight from their blocks.
@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
+_SOURCES = (Path(__file__).with_name("csrc") / "paged_decode.c",
+            Path(__file__).with_name("csrc") / "fused_ops.c")
 # Compiled and linked in two steps: linking a shared object with -ffast-math would pull in
 # crtfastmath.o, which turns on flush-to-zero for the whole process (torch included).
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c11"]
@@ -40,6 +42,14 @@ _i64, _f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
 _i64p = ctypes.POINTER(ctypes.c_int64)
 _ARGTYPES: list[Any] = [_f32p, _i64, _f32p, _i64, _i64, _i64, _i64, _i64, _i64, _i64p, _i64p, _i64p, _i64,
              _i64, _i64, _i64, ctypes.c_float, _f32p, _i64]
+
+_f32c = ctypes.c_float
+# fused_ops.c; wrapped by worker/native_ops.py
+_OTHER_FUNCTIONS: dict[str, list[Any]] = {
+    "es_rms_norm_f32": [_f32p, _i64, _f32p, _f32p, _i64, _i64, _i64, _f32c, _i64, _i64],
+    "es_rope_f32": [_f32p, _i64, _i64, _i64, _f32p, _f32p, _i64, _i64, _i64],
+    "es_silu_mul_f32": [_f32p, _f32p, _i64, _i64, _i64, _i64],
+}
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -68,16 +78,18 @@ def _cpu_key() -> str:
 
 def _build(compiler: str) -> Path:
     digest = hashlib.sha256(b"\0".join(
-        [_SOURCE.read_bytes(), " ".join(_COMPILE_FLAGS).encode(), compiler.encode(),
-         _cpu_key().encode(), platform.machine().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"paged_decode-{digest}.so"
+        [*(src.read_bytes() for src in _SOURCES), " ".join(_COMPILE_FLAGS).encode(),
+         compiler.encode(), _cpu_key().encode(), platform.machine().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"elasticserve-native-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "paged_decode.o", Path(tmp) / "paged_decode.so"
-        for cmd in ([compiler, *_COMPILE_FLAGS, "-c", str(_SOURCE), "-o", str(obj)],
-                    [compiler, "-shared", str(obj), "-o", str(lib), "-lm"]):
+        objs = [str(Path(tmp) / f"{src.stem}.o") for src in _SOURCES]
+        lib = Path(tmp) / "native.so"
+        cmds = [[compiler, *_COMPILE_FLAGS, "-c", str(src), "-o", obj]
+                for src, obj in zip(_SOURCES, objs, strict=True)]
+        for cmd in [*cmds, [compiler, "-shared", *objs, "-o", str(lib), "-lm"]]:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 raise NativeUnavailableError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
@@ -104,6 +116,9 @@ def load_library() -> ctypes.CDLL:
         fn = lib.es_paged_decode_f32
         fn.argtypes = _ARGTYPES
         fn.restype = ctypes.c_int
+        for name, argtypes in _OTHER_FUNCTIONS.items():
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = None
         _library = lib
         return lib
 
@@ -158,16 +173,22 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int, work: Native
             ctypes.cast(work.tables.data_ptr(), _i64p), work.tables.stride(0), n)
     tail = (ctypes.c_float(scale), ctypes.cast(out.data_ptr(), _f32p), out.stride(0))
     parts = min(torch.get_num_threads(), n) if work.total_tokens >= _SPLIT_MIN_TOKENS else 1
-    jobs = [_pool().submit(_call, fn, *args, i, parts, *tail) for i in range(1, parts)]
-    _call(fn, *args, 0, parts, *tail)
+
+    def part(first: int, step: int) -> None:
+        rc = fn(*args, first, step, *tail)
+        if rc != 0:
+            raise MemoryError(f"native paged attention failed (code {rc})")
+
+    run_split(part, parts)
+
+
+def run_split(part: Callable[[int, int], None], parts: int) -> None:
+    """``part(first, step)`` for first = 0 .. parts - 1: the first on this thread, the others on
+    the helper pool (ctypes drops the GIL, so they run in parallel)."""
+    jobs = [_pool().submit(part, i, parts) for i in range(1, parts)]
+    part(0, parts)
     for job in jobs:
         job.result()
-
-
-def _call(fn: ctypes._CFuncPtr, *args: object) -> None:  # type: ignore[name-defined]
-    rc = fn(*args)
-    if rc != 0:
-        raise MemoryError(f"native paged attention failed (code {rc})")
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -175,7 +196,7 @@ def _pool() -> ThreadPoolExecutor:
     with _lock:
         if _helpers is None:
             _helpers = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
-                                          thread_name_prefix="native-decode")
+                                          thread_name_prefix="native")
         return _helpers
 
 

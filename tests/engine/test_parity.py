@@ -50,8 +50,21 @@ def test_greedy_matches_transformers(arch: str, mode: str, model_dirs: dict[str,
 def test_default_backend_is_native_where_it_builds(tiny_llama: str) -> None:
     from elasticserve.worker import native
 
-    assert LLM(tiny_llama).engine.runner.native_decode is native.available()
-    assert LLM(tiny_llama, attention_backend="torch").engine.runner.native_decode is False
+    engine = LLM(tiny_llama).engine
+    assert engine.runner.native_decode is native.available()
+    assert _native_ops_on(engine.model) is native.available()
+    engine.sleep()
+    assert engine.asleep and engine.wake()  # wake reloads the model: the ops come back too
+    assert _native_ops_on(engine.model) is native.available()
+    torch_engine = LLM(tiny_llama, attention_backend="torch").engine
+    assert torch_engine.runner.native_decode is False
+    assert _native_ops_on(torch_engine.model) is False
+
+
+def _native_ops_on(model: Any) -> bool:
+    flags = {m.native for m in model.modules() if hasattr(m, "native")}
+    assert len(flags) == 1, "every fused-op module follows the engine's choice"
+    return flags.pop()
 
 
 def test_preemption_really_happens(tiny_llama: str) -> None:
