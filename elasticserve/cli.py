@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_top_parser(sub)
     sim = sub.add_parser("simulate", add_help=False,
-                         help="simulator scenarios (ramp3 | zipf16 | longctx | calibrate)")
+                         help="simulator scenarios (ramp3 | zipf16 | longctx | trace | calibrate)")
     sim.set_defaults(func=lambda _: _forward("elasticserve.sim.cli_sim", []))
     bench = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHES)}")
     bench.add_argument("which", choices=sorted(BENCHES))
