@@ -21,12 +21,6 @@ typedef struct {
     int64_t block_size, hkv, group;
 } layout_t;
 
-/* Blocks are scattered (a layer's next block may be anywhere in the cache): ask for the next
- * one while this one is processed, so the loads do not wait on DRAM at each block boundary. */
-static inline void prefetch(const float *p, int64_t floats) {
-    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 3);
-}
-
 static inline const float *block_at(const layout_t *L, const int64_t *table, int64_t t0,
                                     int64_t kv) {
     return L->cache + table[t0 / L->block_size] * L->block_stride + L->layer_offset
@@ -41,7 +35,6 @@ static void qk_scores(const layout_t *L, const int64_t D, const float *q, const 
     for (int64_t t0 = 0; t0 < len; t0 += L->block_size) {
         const float *kb = block_at(L, table, t0, 0);
         const int64_t nt = len - t0 < L->block_size ? len - t0 : L->block_size;
-        if (t0 + L->block_size < len) prefetch(block_at(L, table, t0 + L->block_size, 0), nt * row);
         for (int64_t o = 0; o < nt; ++o)
             for (int64_t kh = 0; kh < L->hkv; ++kh) {
                 const float *k = kb + o * row + kh * D;
@@ -80,7 +73,6 @@ static void pv_accumulate(const layout_t *L, const int64_t D, const int64_t *tab
     for (int64_t t0 = 0; t0 < len; t0 += L->block_size) {
         const float *vb = block_at(L, table, t0, 1);
         const int64_t nt = len - t0 < L->block_size ? len - t0 : L->block_size;
-        if (t0 + L->block_size < len) prefetch(block_at(L, table, t0 + L->block_size, 1), nt * row);
         for (int64_t o = 0; o < nt; ++o)
             for (int64_t kh = 0; kh < L->hkv; ++kh) {
                 const float *v = vb + o * row + kh * D;
@@ -100,7 +92,8 @@ static void pv_accumulate(const layout_t *L, const int64_t D, const int64_t *tab
 /* head_dim a multiple of 16, at most 256: each K/V row sits in registers while every head of
  * its GQA group uses it. For the portable loops GCC emits a scalar tail and a slow reduction
  * per dot product (~10% slower on the offline benchmark's decode batches). The kernel is bound
- * by memory bandwidth either way: ~9 GB/s per core here, which is what one core streams. */
+ * by memory bandwidth either way: ~9 GB/s per core here, which is what one core streams
+ * (`perf` puts the time on the row loads; prefetching the next block in software gained nothing). */
 static void qk_scores_avx512(const layout_t *L, int64_t D, const float *q, const int64_t *table,
                              int64_t len, float scale, float *scores, int64_t stride) {
     const int64_t G = L->group, row = L->hkv * D, nv = D / 16;
