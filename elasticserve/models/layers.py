@@ -105,8 +105,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                native: bool = False) -> torch.Tensor:
     """Rotate-half RoPE on x [T, H, D]. ``native``: in place by the fused C op where the
     layout allows (fp32 CPU, heads dense), so x must not be needed un-rotated afterwards."""
-    if native and native_ops.fits(x, cos, sin) and x.stride(1) == x.shape[2] \
-            and cos.is_contiguous() and sin.is_contiguous():
+    if native and native_ops.rope_fits(x, cos, sin):
         return native_ops.rope_(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -124,11 +123,8 @@ class GatedMLP(nn.Module):
         self.native = False  # fused C SiLU-and-mul for fp32 CPU tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native:
-            gate_up = self.gate_up_proj(x)
-            if native_ops.fits(gate_up):
-                return self.down_proj(native_ops.silu_mul(gate_up))
-            gate, up = gate_up.split(self.intermediate, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.native and native_ops.fits(gate_up):
+            return self.down_proj(native_ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -130,8 +130,8 @@ class Simulator:
         weights = sum(-(-m.shape.weights_bytes // self.config.page_size) for m in models)
         share = (self.arbiter.budget_pages - weights) // len(models)
         if share <= 0:
-            raise SimSetupError(f"static policy: the weights of all models ({weights} pages) leave "
-                             f"no KV room in {self.arbiter.budget_pages} pages")
+            raise SimSetupError(f"static policy: the weights of all models ({weights} pages) "
+                                f"leave no KV room in {self.arbiter.budget_pages} pages")
         return share
 
     def _build(self, spec: ModelSpec, static_pages: int) -> ModelRuntime:

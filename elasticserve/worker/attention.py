@@ -65,10 +65,10 @@ class AttentionMetadata:
     decode_only: bool  # every sequence has exactly one new token
     # Sequences with one new token are batched together even in mixed batches.
     decode_tokens: torch.Tensor  # [Bd] flat token index of each single-token sequence
-    decode_mask: torch.Tensor  # [Bd, 1, 1, nb * block_size] bool: position < seq_len
-    decode_chunks: list[DecodeChunk]  # the decode sequences, longest contexts first
+    # The decode sequences for one backend: the torch path's chunks (longest contexts first),
+    # or, when the native kernel attends them, native_decode (and no chunks).
+    decode_chunks: list[DecodeChunk]
     prefills: list[PrefillSeq]
-    # Set instead of decode_chunks when the native kernel attends the decode sequences.
     native_decode: native.NativeDecode | None = None
 
     @classmethod
@@ -87,13 +87,14 @@ class AttentionMetadata:
             [list(table) + [0] * (max_blocks - len(table)) for _, _, table in seqs], dtype=torch.int64)
         slot_mapping = _slot_mapping(starts, nums, query_start_loc, block_tables, block_size)
         decode_idx = [i for i, n in enumerate(nums) if n == 1]
-        dec_valid, chunks = decode_chunks(
-            [] if native_decode else decode_idx, seq_lens, query_start_loc, block_tables, block_size)
+        chunks: list[DecodeChunk] = []
         native_work = None
         if native_decode and decode_idx:
             native_work = native.NativeDecode.build(
                 [query_start_loc[i] for i in decode_idx], [seq_lens[i] for i in decode_idx],
                 block_tables[decode_idx])
+        elif not native_decode:
+            chunks = decode_chunks(decode_idx, seq_lens, query_start_loc, block_tables, block_size)
         prefills = [_prefill_seq(query_start_loc[i], nums[i], seq_lens[i], block_tables[i], block_size)
                     for i, n in enumerate(nums) if n > 1]
         meta = cls(
@@ -106,7 +107,6 @@ class AttentionMetadata:
             slot_offsets=slot_mapping % block_size,
             decode_only=len(decode_idx) == len(seqs),
             decode_tokens=torch.tensor([query_start_loc[i] for i in decode_idx], dtype=torch.int64),
-            decode_mask=dec_valid[:, None, None, :],
             decode_chunks=chunks,
             prefills=prefills,
             native_decode=native_work,

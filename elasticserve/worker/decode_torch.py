@@ -48,10 +48,9 @@ class DecodeChunk:
 def decode_chunks(
     decode_idx: list[int], seq_lens: list[int], query_start_loc: list[int],
     block_tables: torch.Tensor, block_size: int,
-) -> tuple[torch.Tensor, list[DecodeChunk]]:
-    """The decode sequences' context masks [Bd, nb * block_size] (batch order), and the
-    sequences, longest first, in chunks of about _DECODE_CHUNK_TOKENS gathered context tokens,
-    each padded only to its own longest context."""
+) -> list[DecodeChunk]:
+    """The decode sequences, longest first, in chunks of about _DECODE_CHUNK_TOKENS gathered
+    context tokens, each padded only to its own longest context."""
     lens = [seq_lens[i] for i in decode_idx]
     width = -(-max(lens, default=1) // block_size) * block_size
     valid = torch.arange(width)[None, :] < torch.tensor(lens, dtype=torch.int64)[:, None]
@@ -69,7 +68,7 @@ def decode_chunks(
             mask=chunk_valid[:, None, None, :],
             invalid_rows=(~chunk_valid).flatten().nonzero().squeeze(1),
         ))
-    return valid, chunks
+    return chunks
 
 
 class _Workspace:

@@ -38,17 +38,16 @@ _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC
 # about 0.1 ms, the kernel reads ~2 GB/s per thread on small batches.
 _SPLIT_MIN_TOKENS = 4096
 
-_i64, _f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
-_i64p = ctypes.POINTER(ctypes.c_int64)
-_ARGTYPES: list[Any] = [_f32p, _i64, _f32p, _i64, _i64, _i64, _i64, _i64, _i64, _i64p, _i64p, _i64p, _i64,
-             _i64, _i64, _i64, ctypes.c_float, _f32p, _i64]
-
-_f32c = ctypes.c_float
-# fused_ops.c; wrapped by worker/native_ops.py
-_OTHER_FUNCTIONS: dict[str, list[Any]] = {
-    "es_rms_norm_f32": [_f32p, _i64, _f32p, _f32p, _i64, _i64, _i64, _f32c, _i64, _i64],
-    "es_rope_f32": [_f32p, _i64, _i64, _i64, _f32p, _f32p, _i64, _i64, _i64],
-    "es_silu_mul_f32": [_f32p, _f32p, _i64, _i64, _i64, _i64],
+_i64, _f32c = ctypes.c_int64, ctypes.c_float
+_f32p, _i64p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+# name -> (argument types, return type) of every exported C function
+_FUNCTIONS: dict[str, tuple[list[Any], Any]] = {
+    "es_paged_decode_f32": ([_f32p, _i64, _f32p, _i64, _i64, _i64, _i64, _i64, _i64, _i64p, _i64p,
+                             _i64p, _i64, _i64, _i64, _i64, _f32c, _f32p, _i64], ctypes.c_int),
+    # fused_ops.c, wrapped by worker/native_ops.py
+    "es_rms_norm_f32": ([_f32p, _i64, _f32p, _f32p, _i64, _i64, _i64, _f32c, _i64, _i64], None),
+    "es_rope_f32": ([_f32p, _i64, _i64, _i64, _f32p, _f32p, _i64, _i64, _i64], None),
+    "es_silu_mul_f32": ([_f32p, _f32p, _i64, _i64, _i64, _i64], None),
 }
 
 _lock = threading.Lock()
@@ -113,12 +112,9 @@ def load_library() -> ctypes.CDLL:
         except (OSError, subprocess.SubprocessError, NativeUnavailableError) as err:
             _load_error = f"native paged attention unavailable: {err}"
             raise NativeUnavailableError(_load_error) from err
-        fn = lib.es_paged_decode_f32
-        fn.argtypes = _ARGTYPES
-        fn.restype = ctypes.c_int
-        for name, argtypes in _OTHER_FUNCTIONS.items():
+        for name, (argtypes, restype) in _FUNCTIONS.items():
             getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = None
+            getattr(lib, name).restype = restype
         _library = lib
         return lib
 
@@ -165,13 +161,13 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int, work: Native
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     assert out.stride(2) == 1 and out.stride(1) == out.shape[2], "out rows must be dense"
-    num_blocks, num_layers, _, block_size, hkv, d = kv_cache.shape
+    _, num_layers, _, block_size, hkv, d = kv_cache.shape
     n = work.tokens.numel()
     args = (ctypes.cast(q.data_ptr(), _f32p), q.stride(0), ctypes.cast(kv_cache.data_ptr(), _f32p),
             num_layers, layer_idx, block_size, hkv, q.shape[1], d,
             ctypes.cast(work.tokens.data_ptr(), _i64p), ctypes.cast(work.seq_lens.data_ptr(), _i64p),
             ctypes.cast(work.tables.data_ptr(), _i64p), work.tables.stride(0), n)
-    tail = (ctypes.c_float(scale), ctypes.cast(out.data_ptr(), _f32p), out.stride(0))
+    tail = (_f32c(scale), ctypes.cast(out.data_ptr(), _f32p), out.stride(0))
     parts = min(torch.get_num_threads(), n) if work.total_tokens >= _SPLIT_MIN_TOKENS else 1
 
     def part(first: int, step: int) -> None:

@@ -32,6 +32,12 @@ def fits(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
+def rope_fits(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """x [T, H, D] with dense heads (token rows any stride), cos/sin contiguous: rope_'s layout."""
+    return fits(x, cos, sin) and x.stride(1) == x.shape[2] and cos.is_contiguous() \
+        and sin.is_contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * x / sqrt(mean(x^2, -1) + eps)`` over the last dimension of a contiguous x."""
     fn = native.load_library().es_rms_norm_f32
@@ -50,7 +56,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     [T, 1, D] contiguous. Returns x."""
     fn = native.load_library().es_rope_f32
     t, heads, d = x.shape
-    assert x.stride(1) == d and cos.is_contiguous() and sin.is_contiguous(), "rope_ layout"
+    assert rope_fits(x, cos, sin), "rope_ needs fp32 CPU x with dense heads, contiguous cos/sin"
     native.run_split(lambda first, step: fn(_ptr(x), x.stride(0), heads, d, _ptr(cos), _ptr(sin),
                                             t, first, step),
                      _parts(x.numel(), t))

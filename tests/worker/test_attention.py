@@ -168,6 +168,7 @@ def test_build_rejects_bad_input(seqs: list, match: str) -> None:
 def test_metadata_to_device_copies_every_tensor() -> None:
     meta = AttentionMetadata.build([(0, 3, [1]), (4, 1, [2, 3])], 4, device="cpu")
     moved = meta.to("meta")
-    assert moved.slot_mapping.is_meta and moved.decode_mask.is_meta
+    assert moved.slot_mapping.is_meta and moved.decode_tokens.is_meta
+    assert moved.decode_chunks[0].mask.is_meta
     assert moved.prefills[0].blocks.is_meta and not meta.slot_mapping.is_meta
     assert moved.query_start_loc == meta.query_start_loc
