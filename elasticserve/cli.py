@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_top_parser(sub)
     sim = sub.add_parser("simulate", add_help=False,
-                         help="simulator scenarios (ramp3 | zipf16 | longctx | trace | calibrate)")
+                         help="simulator: ramp3 | zipf16 | longctx | trace | calibrate | fit-lengths")
     sim.set_defaults(func=lambda _: _forward("elasticserve.sim.cli_sim", []))
     bench = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHES)}")
     bench.add_argument("which", choices=sorted(BENCHES))
@@ -121,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (argparse's REMAINDER would not take flags that start with "-")
     if argv[:2] == ["simulate", "calibrate"]:
         return _forward("elasticserve.sim.calibrate_engine", argv[2:])
+    if argv[:2] == ["simulate", "fit-lengths"]:
+        return _forward("elasticserve.sim.fit_lengths", argv[2:])
     if argv[:1] == ["simulate"]:
         return _forward("elasticserve.sim.cli_sim", argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHES:
