@@ -27,6 +27,7 @@ from elasticserve.sim.scenarios import (
     trace_scenario,
 )
 from elasticserve.sim.simulator import POLICIES, SimSetupError
+from elasticserve.sim.trace import TraceSource
 
 TRACE = "trace"
 
@@ -50,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"also find the arbiter's max rate with {CEILING_MEMORY_FACTOR}x the "
                         "device memory (KV never runs out): a bound on every memory policy")
     t = p.add_argument_group("trace replay and device")
-    t.add_argument("--trace", metavar="FILE",
+    t.add_argument("--trace", action="append", default=[], metavar="[NAME=]FILE",
                    help="the trace scenario's file: JSONL (timestamp, model, input_len, "
-                        "output_len) or Azure LLM inference CSV")
+                        "output_len) or Azure LLM inference CSV, whose rows go to model NAME "
+                        "(default model0, model1, ...); repeat to merge traces")
     t.add_argument("--model-shape", action="append", default=[], metavar="NAME=SHAPE",
                    help="trace: model NAME runs built-in SHAPE; a bare SHAPE sets the default "
                         f"({DEFAULT_TRACE_SHAPE}); repeatable; shapes: "
@@ -86,8 +88,8 @@ def _load_scenario(p: argparse.ArgumentParser, args: argparse.Namespace) -> Scen
             p.error("the trace scenario needs --trace FILE")
         default, per_model = _shape_args(p, args.model_shape)
         try:
-            return trace_scenario(args.trace, per_model, default, args.device or "H100-80GB",
-                                  args.num_gpus or 1)
+            return trace_scenario([_trace_source(t) for t in args.trace], per_model, default,
+                                  args.device or "H100-80GB", args.num_gpus or 1)
         except (OSError, ValueError) as e:
             p.error(str(e))
     if args.trace or args.model_shape:
@@ -105,6 +107,11 @@ def _load_scenario(p: argparse.ArgumentParser, args: argparse.Namespace) -> Scen
     if changes:
         scn.config = dataclasses.replace(scn.config, **changes)  # type: ignore[arg-type]
     return scn
+
+
+def _trace_source(item: str) -> TraceSource:
+    name, sep, path = item.partition("=")
+    return (name.strip(), path) if sep and name.strip() else (None, path if sep else item)
 
 
 def _gpu_overrides(items: list[str]) -> dict[str, Any]:

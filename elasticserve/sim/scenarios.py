@@ -20,7 +20,7 @@ total rate otherwise).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -35,7 +35,7 @@ from elasticserve.sim.model_shapes import (
 )
 from elasticserve.sim.runtime import ModelSpec
 from elasticserve.sim.simulator import SimConfig
-from elasticserve.sim.trace import TraceReplay, load_trace
+from elasticserve.sim.trace import TraceReplay, TraceSource, load_traces
 from elasticserve.sim.workload import (
     CHAT_INPUT,
     CHAT_OUTPUT,
@@ -144,15 +144,18 @@ def longctx(short_rate: float = 2.0, long_rate: float = 0.05, duration: float = 
 DEFAULT_TRACE_SHAPE = LLAMA_3_1_8B.name
 
 
-def trace_scenario(path: str | Path, shapes: Mapping[str, str] | None = None,
+def trace_scenario(traces: str | Path | Sequence[TraceSource],
+                   shapes: Mapping[str, str] | None = None,
                    default_shape: str = DEFAULT_TRACE_SHAPE, device: str = "H100-80GB",
                    num_gpus: int = 1) -> Scenario:
-    """Replay the trace at ``path``; ``shapes`` maps a trace model name to a built-in shape
-    name, other models run ``default_shape``. Raises ValueError on any bad input (a bad row
-    names its line)."""
-    replay = TraceReplay(tuple(load_trace(path)))
+    """Replay one trace file, or several merged (``(csv_model_name | None, path)`` pairs);
+    ``shapes`` maps a trace model name to a built-in shape name, other models run
+    ``default_shape``. Raises ValueError on any bad input (a bad row names its line)."""
+    sources = [(None, traces)] if isinstance(traces, (str, Path)) else list(traces)
+    replay = TraceReplay(tuple(load_traces(sources)))
+    label = " + ".join(Path(path).name for _, path in sources)
     if not replay.requests:
-        raise ValueError(f"{path}: the trace has no requests")
+        raise ValueError(f"{label}: the trace has no requests")
     models = replay.models
     shapes = dict(shapes or {})
     unknown = sorted(set(shapes) - set(models))
@@ -171,7 +174,7 @@ def trace_scenario(path: str | Path, shapes: Mapping[str, str] | None = None,
                     max_model_len=max(32768, longest), long_prefill_token_threshold=2048,
                     ttft_slo_s=1.0, tpot_slo_s=0.1, ttft_slo_per_token_s=1e-4)
     rate = replay.mean_rate
-    desc = (f"{Path(path).name}: {len(replay.requests)} requests, {len(models)} model(s) "
+    desc = (f"{label}: {len(replay.requests)} requests, {len(models)} model(s) "
             f"on {num_gpus}x {gpu.name}")
     notes = ["models: " + ", ".join(f"{s.name}={s.shape.name}" for s in specs),
              "the rate scale divides the trace's arrival times; the seed does not change a trace",

@@ -163,6 +163,25 @@ def load_trace(path: str | Path, model: str = "model0") -> list[RequestSpec]:
     raise ValueError(f"{path}: unknown trace format {suffix!r} (want .jsonl or .csv)")
 
 
+TraceSource = tuple[str | None, "str | Path"]  # (model name for CSV rows or None, file)
+
+
+def load_traces(sources: Sequence[TraceSource]) -> list[RequestSpec]:
+    """Several traces merged into one replay, each starting at time 0.
+
+    A CSV trace has no model column: its rows go to the given name, else ``model{i}`` for the
+    i-th trace. A JSONL trace names its models itself, so it takes no name.
+    """
+    merged: list[RequestSpec] = []
+    for i, (name, path) in enumerate(sources):
+        if Path(path).suffix.lower() == ".jsonl" and name is not None:
+            raise ValueError(f"{path}: a JSONL trace names its models in its rows; "
+                             f"drop the {name!r}= prefix")
+        merged.extend(load_trace(path, name or f"model{i}"))
+    merged.sort(key=lambda r: r.arrival)  # stable: ties keep file order
+    return merged
+
+
 def scale_rate(requests: Sequence[RequestSpec], factor: float) -> list[RequestSpec]:
     """The same requests ``factor`` times faster (arrival times divided by ``factor``)."""
     if factor <= 0:

@@ -10,6 +10,7 @@ from elasticserve.sim.trace import (
     load_azure_csv,
     load_jsonl,
     load_trace,
+    load_traces,
     parse_azure_csv,
     parse_jsonl,
     scale_rate,
@@ -96,3 +97,21 @@ def test_scale_rate_and_unknown_format(tmp_path: Path) -> None:
         scale_rate(reqs, 0)
     with pytest.raises(ValueError, match="unknown trace format"):
         load_trace(tmp_path / "t.parquet")
+
+
+def test_merged_traces_name_csv_models_and_interleave(tmp_path: Path) -> None:
+    conv, code = tmp_path / "conv.csv", tmp_path / "code.csv"
+    conv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n50,10,1\n52,11,2\n", encoding="utf-8")
+    code.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n7,20,3\n8,21,4\n9.5,22,5\n",
+                    encoding="utf-8")
+    merged = load_traces([("chat", conv), ("coder", code)])
+    # each trace starts at 0; arrivals interleave, ties keep file order
+    assert merged == [RequestSpec(0.0, "chat", 10, 1), RequestSpec(0.0, "coder", 20, 3),
+                      RequestSpec(1.0, "coder", 21, 4), RequestSpec(2.0, "chat", 11, 2),
+                      RequestSpec(2.5, "coder", 22, 5)]
+    assert {r.model for r in load_traces([(None, conv), (None, code)])} == {"model0", "model1"}
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text(GOOD[0] + "\n", encoding="utf-8")
+    assert load_traces([(None, jsonl), ("x", conv)])[0].model == "a"
+    with pytest.raises(ValueError, match="names its models in its rows"):
+        load_traces([("x", jsonl)])

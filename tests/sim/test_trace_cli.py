@@ -105,6 +105,21 @@ def test_trace_scenario_maps_shapes_device_and_rate(tmp_path: Path) -> None:
         get_scenario("trace")
 
 
+def test_two_csv_traces_share_one_device_through_the_cli(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = random.Random(3)
+    for name, n in (("conv", 30), ("code", 12)):
+        rows = [f"{i * 0.25:.2f},{rng.randint(50, 900)},{rng.randint(5, 90)}" for i in range(n)]
+        (tmp_path / f"{name}.csv").write_text(
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    assert cli_sim.main(["trace", "--trace", f"chat={tmp_path / 'conv.csv'}",
+                         "--trace", f"coder={tmp_path / 'code.csv'}", "--model-shape",
+                         "Qwen3-0.6B", "--policies", "static", "--bisect-iters", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "## trace: conv.csv + code.csv: 42 requests, 2 model(s)" in text
+    assert "| chat | 30 |" in text and "| coder | 12 |" in text
+
+
 def test_replay_rate_of_a_single_instant() -> None:
     replay = TraceReplay((RequestSpec(0.0, "a", 1, 1), RequestSpec(0.0, "b", 1, 1)))
     assert replay.mean_rate == 2.0 and replay.models == ["a", "b"]
