@@ -87,12 +87,14 @@ def fit_lognormal(lengths: Iterable[int], lo: int = 1, hi: int = 1 << 20) -> Log
     return LogNormal(math.exp(mu), sigma, lo, hi)
 
 
-# Chat-like lengths. These are NOT fitted to a trace: no fitted parameters were at hand, so they
-# approximate public summary statistics of ShareGPT conversations as used in the vLLM paper
-# (Kwon et al., SOSP 2023: prompts average roughly 160 tokens, outputs roughly 340) with a
-# log-normal shape. Fit real ones with ``fit_lognormal`` on a trace (``trace.load_azure_csv``).
-CHAT_INPUT = LogNormal(median=100, sigma=1.0, lo=4, hi=4096)
-CHAT_OUTPUT = LogNormal(median=220, sigma=0.9, lo=4, hi=2048)
+# Chat lengths fitted (maximum likelihood, `elasticserve simulate fit-lengths`) to the public
+# Azure LLM inference trace 2023, conversation service (AzureLLMInferenceTrace_conv.csv in
+# github.com/Azure/AzurePublicDataset, CC-BY; 19,366 requests, one hour of 2023-11-16; the
+# data of Patel et al., "Splitwise", ISCA 2024), clipped to the observed range. The trace is
+# multi-modal (prompt medians ~200 and ~1,000 tokens): the fit keeps its centre and spread, not
+# its modes, and has a longer tail (P99 prompt 7.5K vs 4.1K). docs/BENCHMARKS.md has the table.
+CHAT_INPUT = LogNormal(median=760.0, sigma=0.985, lo=2, hi=14050)
+CHAT_OUTPUT = LogNormal(median=151.3, sigma=0.859, lo=7, hi=1000)
 
 
 # ---- rates ------------------------------------------------------------------------------
