@@ -45,6 +45,9 @@ class PagePolicy:
     max_pages: int
     reserve_pages: int = 1  # pre-mapped beyond need, so allocation rarely waits
     shrink_after_s: float = 0.5  # hysteresis before unused pages are given back
+    # A busy cache keeps its peak of the last few seconds mapped: shrinking to exactly what
+    # is live unmaps pages the next arrivals map again, and both cost driver time per page.
+    keep_peak_s: float = 5.0
 
 
 class ElasticPages:
@@ -65,6 +68,7 @@ class ElasticPages:
         self.manager: KVCacheManager | None = None
         self.preempt_to_fit: Callable[[int], Pairs] | None = None
         self._over_since: float | None = None
+        self._peak, self._peak_at = 0, 0.0  # live pages held for keep_peak_s
 
     # ---- sizing ---------------------------------------------------------------------------
     def rows_for(self, pages: int) -> int:
@@ -155,19 +159,26 @@ class ElasticPages:
             self.maybe_shrink()
 
     def maybe_shrink(self) -> None:
-        """Give back pages above live blocks + the reserve once that held for
-        `shrink_after_s` (a burst's pages are not thrashed step to step)."""
-        target = max(self.floor_pages,
-                     min(self.limit_pages, self._live_pages() + self.policy.reserve_pages))
+        """Give back pages above the target once that held for `shrink_after_s` (a burst's
+        pages are not thrashed step to step). The target is the reserve plus, while any block
+        is live, the peak of live pages in the last `keep_peak_s`; an idle cache keeps none."""
+        now = self.clock()
+        live = self._live_pages()
+        held = self._recent_peak(live, now) if live else 0
+        target = max(self.floor_pages, min(self.limit_pages, held + self.policy.reserve_pages))
         if target >= self.mapped_pages:
             self._over_since = None
             return
-        now = self.clock()
         if self._over_since is None:
             self._over_since = now
         if now - self._over_since >= self.policy.shrink_after_s:
             self.set_pages(target)
             self._over_since = None
+
+    def _recent_peak(self, live: int, now: float) -> int:
+        if live >= self._peak or now - self._peak_at >= self.policy.keep_peak_s:
+            self._peak, self._peak_at = live, now
+        return self._peak
 
     def set_limit(self, pages: int) -> None:
         """A user-set ceiling: preempts (swap or recompute) what does not fit, then shrinks."""

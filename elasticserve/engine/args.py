@@ -26,6 +26,7 @@ class EngineArgs:
     kv_cache_max_bytes: int | None = None
     kv_reserve_pages: int = 1  # pre-mapped pages kept beyond need, so allocation rarely waits
     kv_shrink_after_s: float = 0.5  # hysteresis before unused pages are given back
+    kv_keep_peak_s: float = 5.0  # a busy cache keeps its recent peak of live pages this long
     memory_backend: str = "host"
     page_size: int | None = None
     seed: int = 0

@@ -48,7 +48,8 @@ class ElasticKVStorage(KVStorage):
             page_size=self.page_size, block_bytes=self.block_bytes,
             min_pages=-(-args.kv_cache_min_bytes // self.page_size),
             max_pages=max(1, self.max_blocks * self.block_bytes // self.page_size),
-            reserve_pages=args.kv_reserve_pages, shrink_after_s=args.kv_shrink_after_s)
+            reserve_pages=args.kv_reserve_pages, shrink_after_s=args.kv_shrink_after_s,
+            keep_peak_s=args.kv_keep_peak_s)
         self.pages = ElasticPages(policy, self, self._broker)
         self.num_blocks = self.pages.start()
         return self.vt.tensor

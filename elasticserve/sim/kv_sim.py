@@ -4,8 +4,10 @@ The page logic (grow, hysteresis shrink, compaction before unmapping, reclaim ti
 `core.kv_pages.ElasticPages`, the object the engine's `ElasticKVStorage` drives too. Here its
 "physical" actions accrue simulated time instead of touching memory: mapping pages, copying
 blocks and swapping are charged to the device when the current step ends
-(`take_pending_cost`). Pages are granted by the shared `Arbiter`; the class also implements the
-arbiter's `Reclaimer` protocol by delegating to `ElasticPages`.
+(`take_pending_cost`); the idle reclaimer's shrinks run beside the steps and delay only a step
+of the same model that starts before they finish (`reclaim_in_background`). Pages are granted
+by the shared `Arbiter`; the class also implements the arbiter's `Reclaimer` protocol by
+delegating to `ElasticPages`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class SimKVStorage:
 
     def __init__(self, name: str, arbiter: Arbiter, cost: CostModel, block_bytes: int, *,
                  elastic: bool, min_pages: int, max_pages: int, reserve_pages: int = 1,
-                 shrink_after_s: float = 0.5, idle_after_s: float = 2.0,
+                 shrink_after_s: float = 0.5, keep_peak_s: float = 5.0,
+                 idle_after_s: float = 2.0,
                  clock: Callable[[], float] = lambda: 0.0) -> None:
         self.name = name
         self.arbiter = arbiter
@@ -46,12 +49,13 @@ class SimKVStorage:
         self.idle_after_s = idle_after_s
         self.clock = clock
         self.pending_cost_s = 0.0
+        self.reclaimer_until = 0.0  # the reclaimer thread's page work runs until then
         self.last_active = 0.0
         # a static cache maps everything at start and never moves: its floor is its size
         policy = PagePolicy(self.page_size, block_bytes,
                             min_pages=min_pages if elastic else max_pages, max_pages=max_pages,
                             reserve_pages=reserve_pages if elastic else 0,
-                            shrink_after_s=shrink_after_s)
+                            shrink_after_s=shrink_after_s, keep_peak_s=keep_peak_s)
         self.pages = ElasticPages(policy, self, _ArbiterBroker(arbiter, name), clock=clock)
         self._scheduler: Scheduler | None = None
 
@@ -119,6 +123,20 @@ class SimKVStorage:
     def maybe_shrink(self) -> None:
         if self.elastic and self.pages.mapped_pages:
             self.pages.maybe_shrink()
+
+    def reclaim_in_background(self, now: float) -> None:
+        """The engine's reclaimer thread shrinks an idle cache under the cache lock: its page
+        work takes time from ``now`` on, and delays this model's next step only while it is
+        still running (``wait_for_reclaimer``), not by its whole cost."""
+        before = self.pending_cost_s
+        self.maybe_shrink()
+        spent, self.pending_cost_s = self.pending_cost_s - before, before
+        if spent > 0:
+            self.reclaimer_until = max(self.reclaimer_until, now) + spent
+
+    def wait_for_reclaimer(self, now: float) -> float:
+        """How long a step starting at ``now`` waits for the cache lock."""
+        return max(0.0, self.reclaimer_until - now)
 
     def on_wake(self) -> None:
         """The arbiter charged our weights again: map the floor as at start."""

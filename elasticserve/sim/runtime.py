@@ -137,7 +137,7 @@ class ModelRuntime:
             dt += cost.swap_time(swaps, self.block_bytes)
         if out.blocks_to_copy:
             dt += cost.copy_time(len(out.blocks_to_copy), self.block_bytes)
-        dt += self._drain_costs()
+        dt += self._drain_costs() + self.storage.wait_for_reclaimer(now)
         end = now + dt
         finished = self._sample(out.scheduled, end)
         self.steps += 1

@@ -53,6 +53,7 @@ class SimConfig:
     swap_bytes: int = 16 << 30  # host swap space per model
     reserve_pages: int = 1
     shrink_after_s: float = 0.5
+    keep_peak_s: float = 5.0
     idle_after_s: float = 2.0
     sweep_s: float = 0.1  # the engine's reclaimer-thread interval
     sample_every_s: float = 0.5  # KV-pages timeline resolution
@@ -151,7 +152,7 @@ class Simulator:
         storage = SimKVStorage(
             spec.name, arb, cost, block_bytes, elastic=not static, min_pages=min_pages,
             max_pages=max_pages, reserve_pages=cfg.reserve_pages,
-            shrink_after_s=cfg.shrink_after_s, idle_after_s=cfg.idle_after_s,
+            shrink_after_s=cfg.shrink_after_s, keep_peak_s=cfg.keep_peak_s, idle_after_s=cfg.idle_after_s,
             clock=lambda: self.now)
         cache = CacheConfig(block_size=cfg.block_size,
                             enable_prefix_caching=cfg.enable_prefix_caching,
@@ -257,7 +258,7 @@ class Simulator:
         """The engine's reclaimer thread: idle shrink with hysteresis; blocked models retry."""
         for m in self.models:
             if self.arbiter.is_awake(m.name):
-                m.storage.maybe_shrink()
+                m.storage.reclaim_in_background(self.now)
             m.blocked = False
 
     def _sample(self, result: SimResult) -> None:

@@ -46,12 +46,12 @@ class Broker:
 
 
 def make(max_pages: int = 8, reserve: int = 0, shrink_after: float = 0.0,
-         broker: Broker | None = None, min_pages: int = 0):
+         broker: Broker | None = None, min_pages: int = 0, keep_peak: float = 0.0):
     now = [0.0]
     actions = Actions()
     pages = ElasticPages(PagePolicy(page_size=4096, block_bytes=1024, min_pages=min_pages,
                                     max_pages=max_pages, reserve_pages=reserve,
-                                    shrink_after_s=shrink_after),
+                                    shrink_after_s=shrink_after, keep_peak_s=keep_peak),
                          actions, broker, clock=lambda: now[0])
     pool = BlockPool(pages.start(), enable_caching=False)
     kv = KVCacheManager(pool, BS, 16, enable_prefix_caching=False)
@@ -89,6 +89,26 @@ def test_shrink_waits_for_hysteresis_then_compacts() -> None:
     assert all(b < 8 for b in kv.block_table(2))
     pages.check_integrity()
     kv.check_integrity()
+
+
+def test_a_busy_cache_keeps_its_recent_peak_and_an_idle_one_keeps_nothing() -> None:
+    pages, _, kv, actions, now = make(keep_peak=5.0)
+    add(pages, kv, 1, 4 * BS * 3)  # 3 pages
+    add(pages, kv, 2, 4 * BS)  # 1 page
+    pages.after_step(memory_pressure=False)  # peak: 4 live pages
+    kv.free(1)
+    for t in (1.0, 2.0, 4.9):  # churn: new arrivals would map these again, so keep them
+        now[0] = t
+        pages.after_step(memory_pressure=False)
+        assert pages.mapped_pages == actions.mapped == 4
+    now[0] = 5.0  # the peak is 5 s old: drop to what is live now
+    pages.after_step(memory_pressure=False)
+    assert pages.mapped_pages == 1 and pages.shrink_events == 1
+    kv.free(2)
+    now[0] = 5.1  # idle: nothing live, nothing kept, however recent the peak
+    pages.after_step(memory_pressure=False)
+    assert pages.mapped_pages == actions.mapped == 0
+    pages.check_integrity()
 
 
 def test_broker_grants_limit_growth_and_shrink_releases() -> None:

@@ -25,7 +25,8 @@ def rss_shmem() -> int:
 
 # tiny blocks are 16 KiB (2 layers x K/V x 16 tokens x 2 heads x 32 dims x fp32): 4 per page,
 # so every step's growth maps pages and every shrink unmaps them
-CHURN = {"page_size": 64 * 1024, "kv_reserve_pages": 0, "kv_shrink_after_s": 0.0}
+CHURN = {"page_size": 64 * 1024, "kv_reserve_pages": 0, "kv_shrink_after_s": 0.0,
+         "kv_keep_peak_s": 0.0}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
