@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
 from collections.abc import Sequence
 
-DEFAULT_MODEL_DIR = os.path.join("models", "tiny-llama")
-
-
-def ensure_model(path: str, arch: str = "llama", size: str = "tiny") -> str:
-    """Make the default seeded model on first use (no model can be downloaded here)."""
-    if not os.path.exists(os.path.join(path, "config.json")):
-        from elasticserve.models.make_model import make_model
-
-        print(f"making a {size} {arch} model in {path} ...", file=sys.stderr)
-        make_model(arch, size, path)
-    return path
+from elasticserve.models.make_model import DEFAULT_MODEL_DIR, ensure_model
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
@@ -120,9 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the simulator and the benchmarks own their flags: hand them the rest of the line
     # (argparse's REMAINDER would not take flags that start with "-")
     if argv[:2] == ["simulate", "calibrate"]:
-        return _forward("elasticserve.sim.calibrate_engine", argv[2:])
+        return _forward("elasticserve.bench.calibrate_engine", argv[2:])
     if argv[:2] == ["simulate", "fit-lengths"]:
-        return _forward("elasticserve.sim.fit_lengths", argv[2:])
+        return _forward("elasticserve.workload.fit_lengths", argv[2:])
     if argv[:1] == ["simulate"]:
         return _forward("elasticserve.sim.cli_sim", argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHES:

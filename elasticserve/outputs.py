@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from elasticserve.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from elasticserve.worker.sampler import SampleResult
+
+@dataclass(slots=True)
+class SampleResult:
+    """What the sampler chose for one row of the logits batch."""
+
+    token_id: int  # -1 for beam-search rows (the engine picks from top_logprobs)
+    logprob: float  # raw-model logprob of token_id; NaN when not needed (see worker/sampler.py)
+    top_logprobs: list[tuple[int, float]]  # params.logprobs many, or the beam candidates
 
 
 @dataclass(slots=True)

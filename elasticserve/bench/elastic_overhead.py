@@ -22,9 +22,10 @@ import statistics  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
-from elasticserve.bench import report  # noqa: E402
+from elasticserve.bench import report  # noqa
 from elasticserve.bench.offline import engine_run  # noqa: E402
 from elasticserve.bench.report import Run, Workload, make_workload  # noqa: E402
+from elasticserve.models.make_model import ensure_model  # noqa: E402
 
 MODULE = "elasticserve.bench.elastic_overhead"
 TARGET_OVERHEAD_PCT = 3.0
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache-gib", type=float, default=2.0, help="elastic ceiling = static size")
     ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     args = ap.parse_args(argv)
-    cfg = OverheadConfig(report.ensure_model(args.model_size, args.model), args.requests, args.seed,
+    cfg = OverheadConfig(ensure_model(args.model, size=args.model_size), args.requests, args.seed,
                          args.threads, args.runs, int(args.kv_cache_gib * GIB))
     text = markdown(run_overhead(cfg), argv)
     print(text)

@@ -37,7 +37,7 @@ from elasticserve.bench.serve import alternating_profile, fit_lengths, warmup
 from elasticserve.bench.serve_client import ClientConfig, run_benchmark
 from elasticserve.bench.serve_process import serve_process
 from elasticserve.bench.serve_report import MIB, SLO, RunResult, records_json, summarize
-from elasticserve.sim.workload import ArrivalProcess, Fixed, ModelStream, RequestSpec, Workload
+from elasticserve.workload.generators import ArrivalProcess, Fixed, ModelStream, RequestSpec, Workload
 
 MODELS = ("model-a", "model-b")
 PAGE = 2 << 20  # the arbiter's default page (DEFAULT_PAGE_SIZE)
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     """Calibrate, run both policies per budget case, print the section (write it on request)."""
     args = build_parser().parse_args(argv)
     load_before = "/".join(f"{x:.2f}" for x in os.getloadavg())
-    from elasticserve.cli import ensure_model
+    from elasticserve.models.make_model import ensure_model
 
     model_dir = ensure_model(args.model_dir, size="small")
     sc = Scenario(**{f: getattr(args, f) for f in Scenario.__dataclass_fields__})

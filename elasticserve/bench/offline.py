@@ -30,8 +30,9 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from elasticserve.bench import report  # noqa: E402
+from elasticserve.bench import report  # noqa
 from elasticserve.bench.report import Run, Workload, make_workload, timed  # noqa: E402
+from elasticserve.models.make_model import ensure_model  # noqa: E402
 
 MODULE = "elasticserve.bench.offline"
 TARGET_SINGLE, TARGET_STATIC = 8.0, 2.0
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", default="4,8,16,32,64", help="static batch sizes to try")
     ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     args = ap.parse_args(argv)
-    cfg = OfflineConfig(report.ensure_model(args.model_size, args.model), args.requests, args.seed,
+    cfg = OfflineConfig(ensure_model(args.model, size=args.model_size), args.requests, args.seed,
                         args.threads, single_requests=args.single_requests,
                         sweep_sizes=tuple(int(x) for x in args.sweep.split(",")),
                         sweep_requests=args.sweep_requests, engine_runs=args.engine_runs)

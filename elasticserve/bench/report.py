@@ -202,16 +202,6 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
             f"{100 * statistics.mean(prefix):.0f}%)")
 
 
-def ensure_model(size: str, path: str | None) -> str:
-    """``path``, or models/<size>-llama made on first use (no model can be downloaded)."""
-    path = path or os.path.join("models", f"{size}-llama")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        from elasticserve.models.make_model import make_model
-
-        make_model("llama", size, path, seed=0)
-    return path
-
-
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run the block with ``n`` torch threads, restoring the previous count after."""

@@ -4,8 +4,8 @@ Run: ``python -m elasticserve.bench.serve --base-url http://127.0.0.1:8000 --pre
 --request-rate 2 --duration 30 --ttft-slo 500 --tpot-slo 200 [--sweep-rates 1,2,4]
 [--admin-token T] [--out-json r.json] [--plots DIR]``
 
-Workloads come from :mod:`elasticserve.sim.workload` (named presets below; rates are the mean
-requests per second of all models together) or a trace file (:mod:`elasticserve.sim.trace`,
+Workloads come from :mod:`elasticserve.workload.generators` (named presets below; rates are the mean
+requests per second of all models together) or a trace file (:mod:`elasticserve.workload.trace`,
 ``--trace``; replayed at its own pace unless a rate is given). Prompts are random token ids and
 every request generates exactly its output length (``ignore_eos``). Prints Markdown; writes JSON
 and PNG plots on request.
@@ -31,8 +31,7 @@ from elasticserve.bench.serve_report import (
     records_json,
     summarize,
 )
-from elasticserve.sim.trace import load_trace, scale_rate
-from elasticserve.sim.workload import (
+from elasticserve.workload.generators import (
     ArrivalProcess,
     Fixed,
     LengthDist,
@@ -44,6 +43,7 @@ from elasticserve.sim.workload import (
     Workload,
     zipf_mix,
 )
+from elasticserve.workload.trace import load_trace, scale_rate
 
 PresetFn = Callable[[Sequence[str], float, LengthDist, LengthDist], Workload]
 

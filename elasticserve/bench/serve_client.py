@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from elasticserve.bench.serve_report import MemorySample, RequestRecord, RunResult
-from elasticserve.sim.workload import RequestSpec
+from elasticserve.workload.generators import RequestSpec
 
 TOKEN_IDS = (4, 500)  # prompt token ids are drawn from here: inside every model's vocabulary
 

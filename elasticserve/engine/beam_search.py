@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from elasticserve.outputs import SampleResult
 from elasticserve.request import Sequence, SequenceGroup, SequenceStatus
-from elasticserve.worker.sampler import SampleResult
 
 ForkFn = Callable[[SequenceGroup, Sequence, int], Sequence]
 FinishFn = Callable[[Sequence, SequenceStatus], None]

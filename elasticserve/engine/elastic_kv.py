@@ -21,7 +21,7 @@ from elasticserve.core.kv_pages import ElasticPages, PageBroker, PagePolicy, Pai
 from elasticserve.core.scheduler import Scheduler
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.kv_storage import KVStorage
-from elasticserve.memory.backend import get_backend
+from elasticserve.memory.factory import get_backend
 from elasticserve.memory.vtensor import VirtualTensor
 
 
@@ -152,6 +152,17 @@ class ElasticKVStorage(KVStorage):
             "grow_events": self.pages.grow_events, "shrink_events": self.pages.shrink_events,
             "compactions": self.pages.compactions,
         }
+
+
+def build_kv_storage(args: EngineArgs, config: Any, broker: Any = None) -> KVStorage:
+    """Static or elastic storage; `broker` (a PageBroker) makes an elastic one ask a shared
+    budget for every page."""
+    dtype = torch.float32 if args.dtype in (None, "auto") else getattr(torch, args.dtype)
+    if args.kv_cache_mode == "static":
+        if broker is not None:
+            raise ValueError("a shared page budget needs kv_cache_mode='elastic'")
+        return KVStorage(args, config, dtype)
+    return ElasticKVStorage(args, config, dtype, broker)
 
 
 def _index(pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,16 +100,3 @@ class KVStorage:
             "kv_cached_bytes": self.pool.num_cached_free * self.block_bytes,
             "pages_mapped": 1, "grow_events": 0, "shrink_events": 0, "compactions": 0,
         }
-
-
-def build_kv_storage(args: EngineArgs, config: Any, broker: Any = None) -> KVStorage:
-    """Static or elastic storage; `broker` (a PageBroker) makes an elastic one ask a shared
-    budget for every page."""
-    dtype = torch.float32 if args.dtype in (None, "auto") else getattr(torch, args.dtype)
-    if args.kv_cache_mode == "static":
-        if broker is not None:
-            raise ValueError("a shared page budget needs kv_cache_mode='elastic'")
-        return KVStorage(args, config, dtype)
-    from elasticserve.engine.elastic_kv import ElasticKVStorage
-
-    return ElasticKVStorage(args, config, dtype, broker)

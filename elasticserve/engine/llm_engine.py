@@ -12,14 +12,15 @@ from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.scheduler import Scheduler
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.beam_search import beam_step
-from elasticserve.engine.kv_storage import KVStorage, build_kv_storage
+from elasticserve.engine.elastic_kv import build_kv_storage
+from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
+from elasticserve.kernels import native
 from elasticserve.models.loader import load_model
 from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
 from elasticserve.request import Sequence, SequenceGroup
 from elasticserve.sampling_params import SamplingParams
-from elasticserve.worker import native
 from elasticserve.worker.model_runner import ModelRunner
 
 PromptInput = str | dict[str, Any]

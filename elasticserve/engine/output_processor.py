@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from elasticserve.models.tokenizer import Tokenizer
-from elasticserve.outputs import CompletionOutput, RequestOutput
+from elasticserve.outputs import CompletionOutput, RequestOutput, SampleResult
 from elasticserve.request import Sequence, SequenceGroup, SequenceStatus
-from elasticserve.worker.sampler import SampleResult
 
 
 class OutputProcessor:

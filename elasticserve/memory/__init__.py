@@ -15,13 +15,12 @@ from elasticserve.memory.backend import (
     PagePlacement,
     PhysicalPage,
     VirtualRange,
-    get_backend,
     recv_page_handle,
-    register_backend,
     send_page_handle,
 )
 from elasticserve.memory.cuda import CudaBackend
 from elasticserve.memory.cuda import is_available as cuda_available
+from elasticserve.memory.factory import get_backend, register_backend
 from elasticserve.memory.host import HostBackend
 from elasticserve.memory.vtensor import VirtualTensor
 

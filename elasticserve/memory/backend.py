@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -282,40 +281,3 @@ def recv_page_handle(sock: socket.socket) -> PageHandle:
         raise ConnectionError("expected one page handle message with exactly one fd")
     kind, offset, size = data.decode().split()
     return PageHandle(kind, fds[0], int(offset), int(size), os.getpid())
-
-
-def _make_host(page_size: int | None) -> MemoryBackend:
-    from elasticserve.memory.host import HostBackend  # lazy: avoids an import cycle
-
-    return HostBackend(page_size=page_size or DEFAULT_PAGE_SIZE)
-
-
-def _make_cuda(page_size: int | None) -> MemoryBackend:
-    from elasticserve.memory.cuda import CudaBackend, is_available
-
-    if not is_available():
-        raise BackendUnavailableError("CUDA VMM backend needs a GPU, libcuda and cuda-bindings")
-    return CudaBackend(page_size=page_size)
-
-
-_REGISTRY: dict[str, Callable[[int | None], MemoryBackend]] = {
-    "host": _make_host,
-    "cuda": _make_cuda,
-}
-
-
-def register_backend(name: str, factory: Callable[[int | None], MemoryBackend]) -> None:
-    """Make ``get_backend(name)`` build backends with ``factory(page_size)``."""
-    _REGISTRY[name] = factory
-
-
-def get_backend(name: str = "auto", page_size: int | None = None) -> MemoryBackend:
-    """A new backend by name: "host", "cuda", or "auto" (cuda if usable, else host)."""
-    if name == "auto":
-        from elasticserve.memory.cuda import is_available
-
-        name = "cuda" if is_available() else "host"
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise ValueError(f"unknown memory backend {name!r}; known: {sorted(_REGISTRY)}")
-    return factory(page_size)

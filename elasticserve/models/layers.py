@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elasticserve.kernels import native_ops
 from elasticserve.models.hf_config import RopeScaling
-from elasticserve.worker import native_ops
 
 
 class Linear(nn.Module):
@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.native = False  # fused C op (worker/native_ops.py) for fp32 CPU tensors
+        self.native = False  # fused C op (kernels/native_ops.py) for fp32 CPU tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and native_ops.fits(x, self.weight):

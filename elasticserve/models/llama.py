@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elasticserve.kernels.attention import AttentionMetadata, paged_attention
 from elasticserve.models.hf_config import ModelConfig
 from elasticserve.models.layers import (
     Embedding,
@@ -22,7 +23,6 @@ from elasticserve.models.layers import (
     RotaryEmbedding,
     apply_rope,
 )
-from elasticserve.worker.attention import AttentionMetadata, paged_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,7 @@ class Attention(nn.Module):
         qkv_out = (self.hq + 2 * self.hkv) * self.d
         self.qkv_proj = Linear(cfg.hidden_size, qkv_out, cfg.attention_bias)
         self.o_proj = Linear(self.hq * self.d, cfg.hidden_size, cfg.o_proj_bias)
-        self.native = False  # fused C RoPE (worker/native_ops.py)
+        self.native = False  # fused C RoPE (kernels/native_ops.py)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 

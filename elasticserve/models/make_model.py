@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 
@@ -258,3 +259,17 @@ def _write_json(out_dir: str, name: str, data: dict) -> None:
     with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+
+
+DEFAULT_MODEL_DIR = os.path.join("models", "tiny-llama")
+
+
+def ensure_model(path: str | None = None, arch: str = "llama", size: str = "tiny",
+                 seed: int = 0) -> str:
+    """``path`` (default models/<size>-<arch>), made with `make_model` on first use: no model
+    can be downloaded here, so the CLI, the server and the benchmarks make their own."""
+    path = path or os.path.join("models", f"{size}-{arch}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"making a {size} {arch} model in {path} ...", file=sys.stderr)
+        make_model(arch, size, path, seed=seed)
+    return path

@@ -65,8 +65,8 @@ def parse_priorities(specs: list[str]) -> dict[str, int]:
 
 
 def model_specs(args: argparse.Namespace) -> list[Any]:
-    from elasticserve.cli import DEFAULT_MODEL_DIR, ensure_model
     from elasticserve.engine.multi_model import ModelSpec
+    from elasticserve.models.make_model import DEFAULT_MODEL_DIR, ensure_model
 
     models = parse_model_specs(args.model)
     if not models:

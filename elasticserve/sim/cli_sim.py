@@ -27,7 +27,7 @@ from elasticserve.sim.scenarios import (
     trace_scenario,
 )
 from elasticserve.sim.simulator import POLICIES, SimSetupError
-from elasticserve.sim.trace import TraceSource
+from elasticserve.workload.trace import TraceSource
 
 TRACE = "trace"
 

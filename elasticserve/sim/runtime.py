@@ -20,7 +20,7 @@ from elasticserve.sampling_params import SamplingParams
 from elasticserve.sim.cost_model import CostModel
 from elasticserve.sim.kv_sim import SimKVStorage
 from elasticserve.sim.model_shapes import ModelShape
-from elasticserve.sim.workload import RequestSpec
+from elasticserve.workload.generators import RequestSpec
 
 _FILLER = [7] * 4096  # prompt body; the first token is unique so no two prompts share a block
 

@@ -10,7 +10,7 @@
 * ``longctx``: one Llama-3.1-8B on one H100: 128K-token prompts mixed with short chat requests;
   prefill chunks are capped at 2048 tokens per sequence so short requests are not starved.
 
-* ``trace``: a recorded trace (JSONL or Azure CSV, see ``sim/trace.py``) replayed on a chosen
+* ``trace``: a recorded trace (JSONL or Azure CSV, see ``workload/trace.py``) replayed on a chosen
   device; every distinct model name runs a built-in shape. Built by :func:`trace_scenario`.
 
 The rate scale multiplies every rate profile (divides a trace's arrival times);
@@ -35,8 +35,7 @@ from elasticserve.sim.model_shapes import (
 )
 from elasticserve.sim.runtime import ModelSpec
 from elasticserve.sim.simulator import SimConfig
-from elasticserve.sim.trace import TraceReplay, TraceSource, load_traces
-from elasticserve.sim.workload import (
+from elasticserve.workload.generators import (
     CHAT_INPUT,
     CHAT_OUTPUT,
     ArrivalProcess,
@@ -49,6 +48,7 @@ from elasticserve.sim.workload import (
     poisson,
     zipf_mix,
 )
+from elasticserve.workload.trace import TraceReplay, TraceSource, load_traces
 
 
 class RequestSource(Protocol):

@@ -31,7 +31,7 @@ from elasticserve.sim.gpu_specs import DeviceSpec
 from elasticserve.sim.kv_sim import SimKVStorage
 from elasticserve.sim.metrics import Slo
 from elasticserve.sim.runtime import ModelRuntime, ModelSpec, RequestRecord
-from elasticserve.sim.workload import RequestSpec
+from elasticserve.workload.generators import RequestSpec
 
 Policy = Literal["static", "elastic", "arbiter"]
 POLICIES: tuple[Policy, ...] = ("static", "elastic", "arbiter")

@@ -6,10 +6,10 @@ from collections.abc import Collection
 
 import torch
 
+from elasticserve.kernels.attention import AttentionMetadata
 from elasticserve.models.llama import CausalLM
 from elasticserve.outputs import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from elasticserve.sampling_params import SamplingParams
-from elasticserve.worker.attention import AttentionMetadata
 from elasticserve.worker.sampler import Sampler, SamplingRow, prompt_logprobs
 
 
@@ -28,7 +28,7 @@ class ModelRunner:
         self.swap_cache = swap_cache
         self.block_size = block_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.native_decode = native_decode  # decode attention by the C kernel (worker/native.py)
+        self.native_decode = native_decode  # decode attention by the C kernel (kernels/native.py)
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from elasticserve.outputs import SampleResult
 from elasticserve.sampling_params import SamplingParams
 
 _NUM_BUCKETS = 4096
@@ -46,15 +47,6 @@ class SamplingRow:
     generator: torch.Generator | None  # seeded by the caller when params.seed is set
     banned_token_ids: frozenset[int]  # e.g. EOS/stop ids while below min_tokens
     num_candidates: int = 0  # beam search: return this many candidates instead of sampling
-
-
-@dataclass(slots=True)
-class SampleResult:
-    """Outcome for one row."""
-
-    token_id: int  # -1 for beam-search rows (the engine picks from top_logprobs)
-    logprob: float  # raw-model logprob of token_id; NaN when not needed (see module doc)
-    top_logprobs: list[tuple[int, float]]  # params.logprobs many, or the beam candidates
 
 
 def _needs_penalties(row: SamplingRow) -> bool:

@@ -22,7 +22,7 @@ from elasticserve.engine.args import EngineArgs  # noqa: E402
 from elasticserve.engine.async_engine import AsyncEngine  # noqa: E402
 from elasticserve.engine.multi_model import ModelPool, ModelSpec  # noqa: E402
 from elasticserve.server.api_server import build_app  # noqa: E402
-from elasticserve.sim.workload import RequestSpec  # noqa: E402
+from elasticserve.workload.generators import RequestSpec  # noqa: E402
 from tests.uvicorn_server import serve_in_thread  # noqa: E402
 
 TOKEN = "bench-token"

@@ -48,7 +48,7 @@ def test_greedy_matches_transformers(arch: str, mode: str, model_dirs: dict[str,
 
 
 def test_default_backend_is_native_where_it_builds(tiny_llama: str) -> None:
-    from elasticserve.worker import native
+    from elasticserve.kernels import native
 
     engine = LLM(tiny_llama).engine
     assert engine.runner.native_decode is native.available()

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from elasticserve.kernels.attention import AttentionMetadata
 from elasticserve.models.llama import CausalLM, kv_cache_shape
 from elasticserve.models.make_model import make_model
-from elasticserve.worker.attention import AttentionMetadata
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from elasticserve.kernels.attention import AttentionMetadata
 from elasticserve.models.llama import kv_cache_shape
 from elasticserve.models.loader import load_model
 from elasticserve.models.make_model import make_model
-from elasticserve.worker.attention import AttentionMetadata
 
 
 def logits(model_dir: str, **kwargs: object) -> torch.Tensor:

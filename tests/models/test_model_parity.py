@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from elasticserve.kernels.attention import AttentionMetadata
 from elasticserve.models.hf_config import load_config
 from elasticserve.models.llama import kv_cache_shape
 from elasticserve.models.loader import load_model
 from elasticserve.models.make_model import make_model
 from elasticserve.models.tokenizer import Tokenizer
-from elasticserve.worker.attention import AttentionMetadata
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 PROMPTS = (

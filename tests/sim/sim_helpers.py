@@ -7,7 +7,7 @@ from elasticserve.sim.gpu_specs import H100_80GB, GpuSpec
 from elasticserve.sim.model_shapes import QWEN3_0_6B
 from elasticserve.sim.runtime import ModelSpec
 from elasticserve.sim.simulator import SimConfig, SimResult, Simulator
-from elasticserve.sim.workload import ArrivalProcess, ModelStream, RateProfile, Uniform, Workload
+from elasticserve.workload.generators import ArrivalProcess, ModelStream, RateProfile, Uniform, Workload
 
 
 def small_gpu(mem_gib: float, **changes: float) -> GpuSpec:

@@ -10,7 +10,7 @@ from elasticserve.sim.model_shapes import LLAMA_3_1_8B
 from elasticserve.sim.runtime import ModelSpec
 from elasticserve.sim.scenarios import get_scenario
 from elasticserve.sim.simulator import SimConfig, Simulator
-from elasticserve.sim.workload import RequestSpec
+from elasticserve.workload.generators import RequestSpec
 from tests.sim.sim_helpers import assert_clean
 
 LONG = 48 * 1024

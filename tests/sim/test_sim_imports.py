@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-MODULES = ["elasticserve.core.arbiter", "elasticserve.sim", "elasticserve.sim.workload",
-           "elasticserve.sim.trace", "elasticserve.sim.cost_model", "elasticserve.sim.gpu_specs",
+MODULES = ["elasticserve.core.arbiter", "elasticserve.sim", "elasticserve.workload.generators",
+           "elasticserve.workload.trace", "elasticserve.sim.cost_model", "elasticserve.sim.gpu_specs",
            "elasticserve.sim.model_shapes", "elasticserve.sim.kv_sim", "elasticserve.sim.runtime",
            "elasticserve.sim.simulator", "elasticserve.sim.metrics", "elasticserve.sim.scenarios",
            "elasticserve.sim.experiment", "elasticserve.sim.report", "elasticserve.sim.calibrate",

@@ -10,7 +10,7 @@ from elasticserve.sim.metrics import Slo, summarize
 from elasticserve.sim.model_shapes import QWEN3_0_6B
 from elasticserve.sim.runtime import ModelSpec
 from elasticserve.sim.simulator import POLICIES, SimSetupError, Simulator, simulate
-from elasticserve.sim.workload import (
+from elasticserve.workload.generators import (
     ArrivalProcess,
     ModelStream,
     RateProfile,

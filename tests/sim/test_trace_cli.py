@@ -12,8 +12,8 @@ from elasticserve.sim import cli_sim
 from elasticserve.sim.experiment import CEILING_MEMORY_FACTOR, compare, unbounded_memory
 from elasticserve.sim.report import markdown, to_json
 from elasticserve.sim.scenarios import get_scenario, trace_scenario
-from elasticserve.sim.trace import TraceReplay
-from elasticserve.sim.workload import RequestSpec
+from elasticserve.workload.generators import RequestSpec
+from elasticserve.workload.trace import TraceReplay
 from tests.sim.test_experiment_cli import tiny
 
 

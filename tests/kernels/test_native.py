@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from elasticserve.worker import native
-from elasticserve.worker.attention import AttentionMetadata, paged_attention
+from elasticserve.kernels import native
+from elasticserve.kernels.attention import AttentionMetadata, paged_attention
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler for the kernel")
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from elasticserve.kernels import native, native_ops
 from elasticserve.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
-from elasticserve.worker import native, native_ops
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler for the kernels")
 

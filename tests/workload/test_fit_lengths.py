@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from elasticserve.cli import main as cli_main
-from elasticserve.sim.fit_lengths import (
+from elasticserve.workload.fit_lengths import (
     QUANTILES,
     empirical_quantile,
     fit_trace,
     lognormal_quantile,
 )
-from elasticserve.sim.workload import LogNormal
+from elasticserve.workload.generators import LogNormal
 
 
 def _azure_csv(path: Path, rows: list[tuple[int, int]]) -> Path:

@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from elasticserve.worker import native
+from elasticserve.kernels import native
 
 _f32p = ctypes.POINTER(ctypes.c_float)
 # Below this many elements a call stays on one thread: a hand-off costs ~0.1 ms.

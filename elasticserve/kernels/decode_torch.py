@@ -1,6 +1,6 @@
 """Torch decode attention: gather each chunk's context into a workspace, one SDPA per chunk.
 
-The fallback when the C kernel (``worker/native.py``) is off or cannot build, and the path for
+The fallback when the C kernel (``kernels/native.py``) is off or cannot build, and the path for
 non-fp32 caches. Single-token (decode) sequences are sorted by context length and attended in
 chunks of similar length: padding stays small and each chunk's gathered K/V stays in cache
 between the gather and the SDPA that reads it.

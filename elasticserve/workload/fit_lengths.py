@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from elasticserve.sim.trace import load_trace
-from elasticserve.sim.workload import LogNormal, fit_lognormal
+from elasticserve.workload.generators import LogNormal, fit_lognormal
+from elasticserve.workload.trace import load_trace
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from elasticserve.bench import calibrate_engine as ce
 from elasticserve.config import MiB
 from elasticserve.models.make_model import make_model
-from elasticserve.sim import calibrate_engine as ce
 
 BATCHES = (ce.Batch(1, (8, 40), (2, 6)), ce.Batch(3, (8, 40), (2, 6)),
            ce.Batch(3, (8, 40), (2, 6), every=1))

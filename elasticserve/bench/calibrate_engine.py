@@ -32,10 +32,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from elasticserve.config import MiB
-from elasticserve.sim.calibrate import StepSample, fit_cpu_spec
-from elasticserve.sim.cost_model import CostModel, StepWork
-from elasticserve.sim.engine_runs import (
+from elasticserve.bench.engine_runs import (
     TRAIN_BATCHES,
     Batch,
     EngineRun,
@@ -45,12 +42,15 @@ from elasticserve.sim.engine_runs import (
     run_batches,
     run_online,
 )
+from elasticserve.config import MiB
+from elasticserve.sim.calibrate import StepSample, fit_cpu_spec
+from elasticserve.sim.cost_model import CostModel, StepWork
 from elasticserve.sim.gpu_specs import CpuSpec
 from elasticserve.sim.metrics import percentile
 from elasticserve.sim.model_shapes import ModelShape, shape_from_hf_config
 from elasticserve.sim.runtime import ModelSpec
 from elasticserve.sim.simulator import SimConfig, simulate
-from elasticserve.sim.workload import ModelStream, RequestSpec, Uniform, Workload, poisson
+from elasticserve.workload.generators import ModelStream, RequestSpec, Uniform, Workload, poisson
 
 TARGET = 0.20
 DOCS_SECTION = "sim-calibration"
@@ -246,7 +246,7 @@ def markdown(cal: Calibration) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 when every gated metric is within the target, else 1."""
-    p = argparse.ArgumentParser(prog="python -m elasticserve.sim.calibrate_engine",
+    p = argparse.ArgumentParser(prog="python -m elasticserve.bench.calibrate_engine",
                                 description=(__doc__ or "").split("\n", 1)[0])
     p.add_argument("--model-size", default="small", choices=("tiny", "small"))
     p.add_argument("--arch", default="llama")
@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir = args.model_dir or make_model(args.arch, args.model_size, tmp, args.seed)
         cal = calibrate(model_dir, args.seed, TRAIN_BATCHES, HeldOut(n=args.requests),
                         EngineSettings())
-    cmd = report.command_line("elasticserve.sim.calibrate_engine",
+    cmd = report.command_line("elasticserve.bench.calibrate_engine",
                               list(argv) if argv is not None else sys.argv[1:])
     text = "\n".join([
         "## Simulator calibration: the CPU cost model vs the real engine", "",

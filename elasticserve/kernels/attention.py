@@ -22,8 +22,8 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-from elasticserve.worker import native
-from elasticserve.worker.decode_torch import (
+from elasticserve.kernels import native
+from elasticserve.kernels.decode_torch import (
     DecodeChunk,
     decode_attention,
     decode_chunks,
@@ -78,7 +78,7 @@ class AttentionMetadata:
         """seqs: (start_pos, num_new_tokens, block_table) per sequence, in batch order.
 
         Index tensors are built on the CPU and moved to ``device`` (the KV cache's) if given.
-        ``native_decode``: the decode sequences go to the C kernel (see ``worker/native.py``).
+        ``native_decode``: the decode sequences go to the C kernel (see ``kernels/native.py``).
         """
         starts, nums, seq_lens = _validate(seqs, block_size)
         query_start_loc = list(itertools.accumulate(nums, initial=0))

@@ -44,7 +44,7 @@ _f32p, _i64p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
 _FUNCTIONS: dict[str, tuple[list[Any], Any]] = {
     "es_paged_decode_f32": ([_f32p, _i64, _f32p, _i64, _i64, _i64, _i64, _i64, _i64, _i64p, _i64p,
                              _i64p, _i64, _i64, _i64, _i64, _f32c, _f32p, _i64], ctypes.c_int),
-    # fused_ops.c, wrapped by worker/native_ops.py
+    # fused_ops.c, wrapped by kernels/native_ops.py
     "es_rms_norm_f32": ([_f32p, _i64, _f32p, _f32p, _i64, _i64, _i64, _f32c, _i64, _i64], None),
     "es_rope_f32": ([_f32p, _i64, _i64, _i64, _f32p, _f32p, _i64, _i64, _i64], None),
     "es_silu_mul_f32": ([_f32p, _f32p, _i64, _i64, _i64, _i64], None),

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from elasticserve.sim.trace import (
+from elasticserve.workload.generators import RequestSpec
+from elasticserve.workload.trace import (
     load_azure_csv,
     load_jsonl,
     load_trace,
@@ -16,7 +17,6 @@ from elasticserve.sim.trace import (
     scale_rate,
     write_jsonl,
 )
-from elasticserve.sim.workload import RequestSpec
 
 GOOD = [
     '{"timestamp": 10.0, "model": "a", "input_len": 5, "output_len": 7}',

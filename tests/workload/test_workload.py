@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from elasticserve.sim.workload import (
+from elasticserve.workload.generators import (
     ArrivalProcess,
     Choice,
     Fixed,
@@ -130,7 +130,7 @@ def test_bad_profiles_are_rejected() -> None:
 
 
 def test_on_off_stays_off_until_start() -> None:
-    from elasticserve.sim.workload import RateProfile
+    from elasticserve.workload.generators import RateProfile
 
     profile = RateProfile.on_off(rate=10.0, on_s=1.0, off_s=1.0, duration=6.0, start=2.0)
     assert profile.rate(1.0) == 0.0 and profile.rate(1.99) == 0.0

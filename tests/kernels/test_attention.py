@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from elasticserve.worker import native
-from elasticserve.worker.attention import AttentionMetadata, paged_attention
+from elasticserve.kernels import native
+from elasticserve.kernels.attention import AttentionMetadata, paged_attention
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,7 +27,7 @@ class Sim:
     def __init__(self, hq: int, hkv: int, d: int, bs: int, layers: int = 2, blocks: int = 64,
                  native: bool = False):
         self.hq, self.hkv, self.d, self.bs, self.layers = hq, hkv, d, bs, layers
-        self.native = native  # decode sequences through the C kernel (worker/native.py)
+        self.native = native  # decode sequences through the C kernel (kernels/native.py)
         # NaN-filled cache: any read of an unwritten/padded slot would poison the output.
         self.cache = torch.full((blocks, layers, 2, bs, hkv, d), float("nan"))
         self.free = list(range(blocks))  # block 0 is a real block too

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from elasticserve.config import MiB
-from elasticserve.sim.workload import RequestSpec
+from elasticserve.workload.generators import RequestSpec
 
 if TYPE_CHECKING:
     from elasticserve.engine.llm_engine import LLMEngine
