@@ -19,8 +19,9 @@ from typing import Literal
 
 from elasticserve.core.arbiter import Arbiter, ArbiterPolicy
 from elasticserve.engine.args import EngineArgs
-from elasticserve.engine.elastic_kv import ElasticKVStorage, run_periodically
+from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.llm_engine import LLMEngine
+from elasticserve.engine.periodic import run_periodically
 
 MemoryPolicy = Literal["arbiter", "static"]
 
@@ -35,7 +36,7 @@ class ModelSpec:
 
 
 class ModelHost:
-    """Page broker + arbiter reclaimer for one engine."""
+    """Page broker (`core.kv_pages.ModelBroker`) + arbiter reclaimer for one engine."""
 
     def __init__(self, arbiter: Arbiter, spec: ModelSpec) -> None:
         self.arbiter = arbiter
@@ -63,16 +64,16 @@ class ModelHost:
         engine = self.engine
         if engine is None or engine.asleep:
             return 0, 0
-        return _elastic(engine).pages.reclaimable()
+        return engine.kv.reclaimable()
 
     def free_pages(self, n: int) -> int:
-        return self._locked(n, lambda engine: _elastic(engine).pages.free_pages(n))
+        return self._locked(n, lambda kv: kv.free_pages(n))
 
     def drop_cached(self, n: int) -> int:
-        return self._locked(n, lambda engine: _elastic(engine).pages.drop_cached(n))
+        return self._locked(n, lambda kv: kv.drop_cached(n))
 
     def preempt(self, n: int) -> int:
-        return self._locked(n, lambda engine: _elastic(engine).pages.preempt(n))
+        return self._locked(n, lambda kv: kv.preempt(n))
 
     def sleep(self) -> int | None:
         engine = self.engine
@@ -92,17 +93,18 @@ class ModelHost:
         engine = self.engine
         return engine is not None and bool(engine.scheduler.waiting or engine.scheduler.swapped)
 
-    def _locked(self, n: int, action: Callable[[LLMEngine], int]) -> int:
+    def _locked(self, n: int, action: Callable[[KVStorage], int]) -> int:
         engine = self.engine
         if engine is None or engine.asleep:
             return 0
-        if not engine.kv.lock.acquire(blocking=False):
-            _elastic(engine).pages.reclaim_debt += n  # mid-step: it pays at the end of the step
+        kv = engine.kv
+        if not kv.lock.acquire(blocking=False):
+            kv.owe_pages(n)  # mid-step: it pays at the end of the step
             return 0
         try:
-            got = action(engine)
+            got = action(kv)
         finally:
-            engine.kv.lock.release()
+            kv.lock.release()
         self.pages_reclaimed += got
         return got
 
@@ -233,11 +235,6 @@ class ModelPool:
 
     def close(self) -> None:
         self.closed = True
-
-
-def _elastic(engine: LLMEngine) -> ElasticKVStorage:
-    assert isinstance(engine.kv, ElasticKVStorage), "a shared budget needs elastic KV storage"
-    return engine.kv
 
 
 def checkpoint_bytes(path: str) -> int:
