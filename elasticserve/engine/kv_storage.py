@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import mmap
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -25,6 +27,8 @@ from elasticserve.memory.backend import MemoryBackend, round_up
 from elasticserve.memory.factory import get_backend
 from elasticserve.memory.vtensor import VirtualTensor
 from elasticserve.models.hf_config import ModelConfig
+
+T = TypeVar("T")
 
 
 def kv_block_shape(config: ModelConfig, block_size: int) -> tuple[int, ...]:
@@ -148,6 +152,16 @@ class KVStorage:
         a static cache never shrinks, so it gets none."""
         if self.elastic:
             run_periodically(self, interval_s, KVStorage.reclaim_idle, "kv-reclaimer")
+
+    def try_locked(self, action: Callable[[], T]) -> T | None:
+        """`action()` under the lock if nobody holds it (a step, an abort, a reclaim), else
+        None at once: callers holding another lock (the arbiter's) must never wait for ours."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            return action()
+        finally:
+            self.lock.release()
 
     def close(self) -> None:
         with self.lock:

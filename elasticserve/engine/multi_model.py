@@ -10,6 +10,7 @@ the two locks cannot deadlock.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import time
@@ -77,16 +78,11 @@ class ModelHost:
 
     def sleep(self) -> int | None:
         engine = self.engine
-        if engine is None or not engine.kv.lock.acquire(blocking=False):
-            return None
-        try:
-            return engine.sleep()
-        finally:
-            engine.kv.lock.release()
+        return None if engine is None else engine.kv.try_locked(engine.sleep)
 
     def is_idle(self) -> bool:
         engine = self.engine
-        return engine is None or not engine.scheduler.has_unfinished()
+        return engine is None or not engine.has_unfinished_requests()
 
     def is_starved(self) -> bool:
         """Requests wait for memory: the arbiter then protects this model's share."""
@@ -98,13 +94,10 @@ class ModelHost:
         if engine is None or engine.asleep:
             return 0
         kv = engine.kv
-        if not kv.lock.acquire(blocking=False):
+        got = kv.try_locked(lambda: action(kv))
+        if got is None:
             kv.owe_pages(n)  # mid-step: it pays at the end of the step
             return 0
-        try:
-            got = action(kv)
-        finally:
-            kv.lock.release()
         self.pages_reclaimed += got
         return got
 
@@ -188,16 +181,16 @@ class ModelPool:
         assert self.arbiter is not None and self.idle_sleep_s is not None
         now = time.monotonic()
         for name, engine in self.engines.items():
-            if engine.asleep or engine.scheduler.has_unfinished():
+            if engine.asleep or engine.has_unfinished_requests():
                 continue
             if now - engine.last_active < self.idle_sleep_s:
                 continue
-            if engine.kv.lock.acquire(blocking=False):
-                try:
-                    if not engine.scheduler.has_unfinished():
-                        self.arbiter.sleep(name)
-                finally:
-                    engine.kv.lock.release()
+            engine.kv.try_locked(functools.partial(self._sleep_if_idle, name, engine))
+
+    def _sleep_if_idle(self, name: str, engine: LLMEngine) -> None:
+        assert self.arbiter is not None
+        if not engine.has_unfinished_requests():  # a request may have come in meanwhile
+            self.arbiter.sleep(name)
 
     # ---- observability --------------------------------------------------------------------
     def memory_report(self) -> dict[str, object]:
