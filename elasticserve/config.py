@@ -5,11 +5,19 @@ Torch-free: the scheduler and the simulator import this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import mmap
+from dataclasses import dataclass, field
 from typing import Literal
 
 PreemptionMode = Literal["auto", "swap", "recompute"]
 KVCacheMode = Literal["elastic", "static"]
+Device = Literal["cpu"]
+
+# torch's names for the floating-point dtypes a model and its KV cache may use (checked here
+# without importing torch; the engine resolves the name once)
+DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16", "float64", "double")
+MEMORY_BACKENDS = ("auto", "host", "cuda")
+ATTENTION_BACKENDS = ("auto", "native", "torch")
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -20,7 +28,9 @@ class CacheConfig:
     """How the KV cache is sized and shared.
 
     `num_kv_blocks` or `kv_cache_bytes` fix the size of a static cache, or the upper limit of an
-    elastic one. An elastic cache starts at `kv_cache_min_bytes` and grows page by page.
+    elastic one. An elastic cache starts at `kv_cache_min_bytes` and grows page by page up to
+    `kv_cache_max_bytes`; the `kv_*_s` knobs and `kv_reserve_pages` shape how it grows and
+    gives memory back (a static cache ignores them).
     """
 
     block_size: int = 16
@@ -35,6 +45,9 @@ class CacheConfig:
     kv_cache_mode: KVCacheMode = "elastic"
     kv_cache_min_bytes: int = 0
     kv_cache_max_bytes: int | None = None
+    kv_reserve_pages: int = 1  # pre-mapped pages kept beyond need, so allocation rarely waits
+    kv_shrink_after_s: float = 0.5  # hysteresis before unused pages are given back
+    kv_keep_peak_s: float = 5.0  # a busy cache keeps its recent peak of live pages this long
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -53,8 +66,30 @@ class CacheConfig:
             raise ValueError(
                 f"kv_cache_mode must be 'elastic' or 'static', got {self.kv_cache_mode!r}"
             )
-        if self.kv_cache_min_bytes < 0:
-            raise ValueError(f"kv_cache_min_bytes must be >= 0, got {self.kv_cache_min_bytes}")
+        self._check_elastic_knobs()
+
+    def _check_elastic_knobs(self) -> None:
+        _at_least(self, "swap_min_tokens", 0)
+        _at_least(self, "kv_cache_min_bytes", 0)
+        _at_least(self, "kv_reserve_pages", 0)
+        _at_least(self, "kv_shrink_after_s", 0.0, (int, float))
+        _at_least(self, "kv_keep_peak_s", 0.0, (int, float))
+        top = self.kv_cache_max_bytes
+        if top is not None and top <= 0:
+            raise ValueError(f"kv_cache_max_bytes must be > 0, got {top}")
+        if top is not None and self.kv_cache_min_bytes > top:
+            raise ValueError(f"kv_cache_min_bytes must be <= kv_cache_max_bytes "
+                             f"({self.kv_cache_min_bytes} > {top})")
+
+    def kv_limit_bytes(self, block_bytes: int) -> int:
+        """The most KV memory this engine may ever hold (static size or elastic ceiling)."""
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks * block_bytes
+        if self.kv_cache_mode == "elastic" and self.kv_cache_max_bytes is not None:
+            return self.kv_cache_max_bytes
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        return 4 * GiB if self.kv_cache_mode == "elastic" else 512 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +119,75 @@ class SchedulerConfig:
                 "max_num_batched_tokens must be >= max_model_len when chunked prefill is off "
                 f"({self.max_num_batched_tokens} < {self.max_model_len})"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoadConfig:
+    """Which checkpoint to load and how to run it (the HF config.json is models' ModelConfig)."""
+
+    path: str
+    dtype: str = "auto"  # a torch dtype name; "auto": fp32 on CPU, the checkpoint's elsewhere
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
+    # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch"
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str):
+            raise ValueError(f"model must be a path string, got {self.path!r}")
+        _one_of(self, "dtype", DTYPES, "must name a torch dtype")
+        _one_of(self, "attention_backend", ATTENTION_BACKENDS)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.num_threads is not None:
+            _at_least(self, "num_threads", 1)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryConfig:
+    """Where KV pages come from: a memory backend and its page size (None: the backend's)."""
+
+    backend: str = "host"
+    page_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _one_of(self, "backend", MEMORY_BACKENDS, label="memory_backend")
+        ps = self.page_size
+        if ps is not None and (not isinstance(ps, int) or ps <= 0 or ps % mmap.PAGESIZE):
+            raise ValueError(f"page_size must be a positive multiple of the OS page size "
+                             f"({mmap.PAGESIZE}), got {ps!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """Where the model runs. Only "cpu" today; the GPU work adds "cuda" here."""
+
+    device: Device = "cpu"
+
+    def __post_init__(self) -> None:
+        _one_of(self, "device", ("cpu",))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything one engine is built from, validated once (`EngineArgs.create_engine_config`)."""
+
+    model: ModelLoadConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+
+def _at_least(obj: object, name: str, low: float,
+              kind: type | tuple[type, ...] = int) -> None:
+    value: float = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+def _one_of(obj: object, name: str, allowed: tuple[str, ...], why: str = "must be one of",
+            label: str | None = None) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ValueError(f"{label or name} {why} ({', '.join(allowed)}), got {value!r}")

@@ -90,7 +90,7 @@ def engine_bytes(llm: Any, wl: Workload, steps: int) -> int:
     only gathered from) + the KV context of every generated token."""
     from elasticserve.engine.kv_storage import kv_block_bytes
 
-    model, bs = llm.engine.model, llm.engine.args.block_size
+    model, bs = llm.engine.model, llm.engine.cache_config.block_size
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if model.lm_head is not None:
         emb = model.model.embed_tokens.weight

@@ -33,8 +33,26 @@ class PageActions(Protocol):
 class PageBroker(Protocol):
     """Who grants pages when several models share one budget."""
 
-    def grant(self, pages: int, at_least: int) -> int: ...
-    def release(self, pages: int) -> None: ...
+    def grant(self, pages: int, at_least: int) -> int:
+        """Up to `pages` more pages, or none if fewer than `at_least` are available."""
+        ...
+
+    def release(self, pages: int) -> None:
+        """Take back `pages` this cache unmapped on its own (not ones the broker reclaimed)."""
+        ...
+
+
+class ModelBroker(PageBroker, Protocol):
+    """A page broker that also books one model's weights and its wake-ups: what an engine
+    on a shared budget asks of it (engine/multi_model.py's ModelHost)."""
+
+    def attach_model(self, weights_bytes: int) -> None:
+        """Register the model; its weights count against the budget from now on."""
+        ...
+
+    def wake(self) -> bool:
+        """Book the weights and starting pages of a sleeping model; False if no room yet."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +66,9 @@ class PagePolicy:
     # A busy cache keeps its peak of the last few seconds mapped: shrinking to exactly what
     # is live unmaps pages the next arrivals map again, and both cost driver time per page.
     keep_peak_s: float = 5.0
+    # at most this many blocks however many pages hold: a static cache of exactly N blocks
+    # maps whole pages but offers only N (None: every whole block in the mapped pages)
+    max_blocks: int | None = None
 
 
 class ElasticPages:
@@ -72,7 +93,9 @@ class ElasticPages:
 
     # ---- sizing ---------------------------------------------------------------------------
     def rows_for(self, pages: int) -> int:
-        return pages * self.policy.page_size // self.policy.block_bytes
+        rows = pages * self.policy.page_size // self.policy.block_bytes
+        cap = self.policy.max_blocks
+        return rows if cap is None else min(rows, cap)
 
     def pages_for_blocks(self, blocks: int) -> int:
         return -(-blocks * self.policy.block_bytes // self.policy.page_size)

@@ -1,14 +1,28 @@
-"""User-facing engine arguments (the keyword arguments of `LLM(...)`), turned into configs."""
+"""User-facing engine arguments (the keyword arguments of `LLM(...)`), turned into one config."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elasticserve.config import CacheConfig, GiB, KVCacheMode, MiB, PreemptionMode, SchedulerConfig
+from elasticserve.config import (
+    CacheConfig,
+    Device,
+    DeviceConfig,
+    EngineConfig,
+    KVCacheMode,
+    MemoryConfig,
+    MiB,
+    ModelLoadConfig,
+    PreemptionMode,
+    SchedulerConfig,
+)
 
 
 @dataclass(slots=True)
 class EngineArgs:
+    """Flat, unvalidated arguments; `create_engine_config` checks them and builds the config
+    every part of the engine reads."""
+
     model: str
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -21,6 +35,7 @@ class EngineArgs:
     long_prefill_token_threshold: int = 0  # cap on one sequence's prefill chunk per step; 0: none
     swap_space: int = 256 * MiB
     preemption_mode: PreemptionMode = "auto"
+    swap_min_tokens: int = 256  # auto preemption swaps contexts at least this long
     kv_cache_mode: KVCacheMode = "elastic"
     kv_cache_min_bytes: int = 0
     kv_cache_max_bytes: int | None = None
@@ -34,14 +49,28 @@ class EngineArgs:
     dtype: str | None = None
     # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch"
     attention_backend: str = "auto"
+    device: Device = "cpu"
+
+    def create_engine_config(self, model_max_len: int) -> EngineConfig:
+        """The validated config; `model_max_len` is the checkpoint's context limit. Every bad
+        value raises ValueError naming its field."""
+        model = ModelLoadConfig(path=self.model, dtype=self.dtype or "auto", seed=self.seed,
+                                num_threads=self.num_threads,
+                                attention_backend=self.attention_backend)
+        memory = MemoryConfig(backend=self.memory_backend, page_size=self.page_size)
+        return EngineConfig(model=model, cache=self.cache_config(), memory=memory,
+                            scheduler=self.scheduler_config(model_max_len),
+                            device=DeviceConfig(self.device))
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
             block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
             kv_cache_bytes=self.kv_cache_bytes, enable_prefix_caching=self.enable_prefix_caching,
             swap_space=self.swap_space, preemption_mode=self.preemption_mode,
-            kv_cache_mode=self.kv_cache_mode, kv_cache_min_bytes=self.kv_cache_min_bytes,
-            kv_cache_max_bytes=self.kv_cache_max_bytes)
+            swap_min_tokens=self.swap_min_tokens, kv_cache_mode=self.kv_cache_mode,
+            kv_cache_min_bytes=self.kv_cache_min_bytes, kv_cache_max_bytes=self.kv_cache_max_bytes,
+            kv_reserve_pages=self.kv_reserve_pages, kv_shrink_after_s=self.kv_shrink_after_s,
+            kv_keep_peak_s=self.kv_keep_peak_s)
 
     def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         max_len = self.max_model_len or model_max_len
@@ -55,13 +84,3 @@ class EngineArgs:
                                max_model_len=max_len,
                                enable_chunked_prefill=self.enable_chunked_prefill,
                                long_prefill_token_threshold=self.long_prefill_token_threshold)
-
-    def kv_limit_bytes(self, block_bytes: int) -> int:
-        """The most KV memory this engine may ever hold (static size or elastic ceiling)."""
-        if self.num_kv_blocks is not None:
-            return self.num_kv_blocks * block_bytes
-        if self.kv_cache_mode == "elastic" and self.kv_cache_max_bytes is not None:
-            return self.kv_cache_max_bytes
-        if self.kv_cache_bytes is not None:
-            return self.kv_cache_bytes
-        return 4 * GiB if self.kv_cache_mode == "elastic" else 512 * MiB

@@ -1,24 +1,42 @@
-"""Where the KV cache's bytes live: a fixed tensor (static) or virtual pages (elastic)."""
+"""Where the KV cache's bytes live: a tensor over reserved address space, mapped page by page.
+
+One class for both modes. The page accounting (grow, hysteresis shrink, compaction, reclaim)
+is `core.kv_pages.ElasticPages`, the object the simulator drives too; this class supplies its
+physical actions: pages of a `VirtualTensor` and KV copies between blocks. A static cache is
+the case floor = ceiling (as in the simulator): every page is mapped at start and none is
+given back. With a `PageBroker` (several models on one budget, see engine/multi_model.py)
+every page mapped is granted first.
+"""
 
 from __future__ import annotations
 
+import mmap
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
+from elasticserve.config import CacheConfig, MemoryConfig
 from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
+from elasticserve.core.kv_pages import ElasticPages, PageBroker, PagePolicy, Pairs
 from elasticserve.core.scheduler import Scheduler
-from elasticserve.engine.args import EngineArgs
+from elasticserve.engine.periodic import run_periodically
+from elasticserve.memory.backend import MemoryBackend, round_up
+from elasticserve.memory.factory import get_backend
+from elasticserve.memory.vtensor import VirtualTensor
+from elasticserve.models.hf_config import ModelConfig
+
+T = TypeVar("T")
 
 
-def kv_block_shape(config: Any, block_size: int) -> tuple[int, ...]:
+def kv_block_shape(config: ModelConfig, block_size: int) -> tuple[int, ...]:
     """One block of all layers: [layers, K/V, block_size, kv_heads, head_dim]."""
     return (config.num_hidden_layers, 2, block_size, config.num_key_value_heads, config.head_dim)
 
 
-def kv_block_bytes(config: Any, block_size: int, dtype: torch.dtype) -> int:
+def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     n = 1
     for dim in kv_block_shape(config, block_size):
         n *= dim
@@ -26,77 +44,196 @@ def kv_block_bytes(config: Any, block_size: int, dtype: torch.dtype) -> int:
 
 
 class KVStorage:
-    """A static KV cache: every block is allocated up front and never given back."""
+    """The KV cache of one engine: static (all mapped, fixed) or elastic (grows, shrinks)."""
 
-    elastic = False
-
-    def __init__(self, args: EngineArgs, config: Any, dtype: torch.dtype) -> None:
-        self.block_size = args.block_size
-        self.block_shape = kv_block_shape(config, args.block_size)
-        self.block_bytes = kv_block_bytes(config, args.block_size, dtype)
-        self.max_blocks = max(1, args.kv_limit_bytes(self.block_bytes) // self.block_bytes)
-        self.num_blocks = self.max_blocks
-        self.num_swap_blocks = args.swap_space // self.block_bytes
-        self.tensor = self._allocate(dtype)
+    def __init__(self, cache: CacheConfig, memory: MemoryConfig, model: ModelConfig,
+                 dtype: torch.dtype, broker: PageBroker | None = None) -> None:
+        self.elastic = cache.kv_cache_mode == "elastic"
+        if broker is not None and not self.elastic:
+            raise ValueError("a shared page budget needs kv_cache_mode='elastic'")
+        self.block_size = cache.block_size
+        self.block_shape = kv_block_shape(model, cache.block_size)
+        self.block_bytes = kv_block_bytes(model, cache.block_size, dtype)
+        limit_blocks = max(1, cache.kv_limit_bytes(self.block_bytes) // self.block_bytes)
+        self.backend = _backend(cache, memory, limit_blocks * self.block_bytes)
+        self.page_size = self.backend.page_size
+        self.vt = VirtualTensor(self.backend, limit_blocks * self.block_bytes, dtype,
+                                self.block_shape)
+        self.max_blocks = min(limit_blocks, self.vt.max_rows)
+        policy = _page_policy(cache, self.page_size, self.block_bytes, self.max_blocks)
+        self.pages = ElasticPages(policy, self, broker)
+        self.num_swap_blocks = cache.swap_space // self.block_bytes
         # torch.empty leaves host pages untouched until a swap writes them
         self.swap_tensor = torch.empty((self.num_swap_blocks, *self.block_shape), dtype=dtype) \
             if self.num_swap_blocks else None
         self.pool: BlockPool | None = None
         self.manager: KVCacheManager | None = None
-        # held by a step, an abort and (elastic) the idle reclaimer
+        # held by a step, an abort, a broker's reclaim and the idle reclaimer
         self.lock = threading.RLock()
+        self.closed = False
+        self.num_blocks = self.pages.start()
 
-    def _allocate(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros((self.max_blocks, *self.block_shape), dtype=dtype)
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The whole `[max rows, *block_shape]` view; its address never changes."""
+        return self.vt.tensor
 
     def attach(self, pool: BlockPool, manager: KVCacheManager) -> None:
         self.pool = pool
         self.manager = manager
-
-    def grow(self, num_blocks: int) -> bool:
-        return False
+        self.pages.attach(pool, manager)
 
     def bind_scheduler(self, scheduler: Scheduler) -> None:
-        """Static storage never preempts on its own."""
+        """Resize and reclaim may preempt: they need the scheduler's preempt_to_fit."""
+        self.pages.preempt_to_fit = scheduler.preempt_to_fit
 
-    def give_back(self, target_pages: int) -> int:
-        raise ValueError("a static KV cache cannot give memory back; use kv_cache_mode='elastic'")
+    # ---- PageActions: what mapping and copying mean here ---------------------------------
+    def map_pages(self, n: int) -> None:
+        self.vt.map_pages(n)
 
-    def release_all(self) -> int:
-        raise ValueError("a static KV cache cannot give memory back; use kv_cache_mode='elastic'")
+    def unmap_pages(self, n: int) -> None:
+        self.vt.unmap_pages(n)
 
-    def remap_initial(self) -> None:
-        """Static storage never unmaps, so there is nothing to map again."""
+    def copy_blocks(self, pairs: Pairs) -> None:
+        src, dst = _index(pairs)
+        self.tensor[dst] = self.tensor[src]
 
-    def resize(self, nbytes: int, scheduler: Scheduler) -> None:
-        raise ValueError("resize_kv_cache needs kv_cache_mode='elastic'; this cache is static")
-
-    def apply_swap_out(self, pairs: list[tuple[int, int]]) -> None:
+    def swap_out(self, pairs: Pairs) -> None:
         if pairs:
             assert self.swap_tensor is not None
-            dev = torch.tensor([p[0] for p in pairs], dtype=torch.long)
-            host = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+            dev, host = _index(pairs)
             self.swap_tensor[host] = self.tensor[dev]
 
-    def start_reclaimer(self, interval_s: float = 0.1) -> None:
-        """Static memory is never given back: nothing to reclaim."""
+    # ---- hooks the scheduler and the engine call -----------------------------------------
+    def grow(self, num_blocks: int) -> bool:
+        """Map pages for `num_blocks` more blocks; a static cache is already at its ceiling."""
+        return self.pages.grow(num_blocks)
 
     def before_step(self, scheduler: Scheduler) -> None:
-        """Resize hook (elastic storage adjusts its mapped pages here)."""
+        self.lock.acquire()
 
     def after_step(self, scheduler: Scheduler) -> None:
-        """Resize hook (elastic storage gives idle pages back here)."""
+        try:
+            self.pages.after_step(scheduler.memory_pressure)
+        finally:
+            self.lock.release()
 
+    def maybe_shrink(self) -> None:
+        self.pages.maybe_shrink()
+
+    def release_all(self) -> int:
+        """Sleep: preempt every request, drop the prefix cache, unmap every page."""
+        return self.pages.release_all()
+
+    def remap_initial(self) -> None:
+        """After sleep: map the starting pages again (granted by the broker)."""
+        self.pages.start()
+
+    def resize(self, nbytes: int, scheduler: Scheduler) -> None:
+        """User-set ceiling: shrinking below what is in use preempts (swap or recompute) first."""
+        if not self.elastic:
+            raise ValueError("resize_kv_cache needs kv_cache_mode='elastic'; this cache is static")
+        if nbytes <= 0:
+            raise ValueError(f"resize_kv_cache: bytes must be > 0, got {nbytes}")
+        with self.lock:
+            self.bind_scheduler(scheduler)
+            self.pages.set_limit(nbytes // self.page_size)
+
+    def reclaim_idle(self) -> None:
+        """Called by the reclaimer thread: shrink between steps, and while no step runs."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self.pages.after_step(memory_pressure=False)
+            finally:
+                self.lock.release()
+
+    def start_reclaimer(self, interval_s: float = 0.1) -> None:
+        """A daemon thread that lets an idle engine give memory back (nothing else steps it);
+        a static cache never shrinks, so it gets none."""
+        if self.elastic:
+            run_periodically(self, interval_s, KVStorage.reclaim_idle, "kv-reclaimer")
+
+    def try_locked(self, action: Callable[[], T]) -> T | None:
+        """`action()` under the lock if nobody holds it (a step, an abort, a reclaim), else
+        None at once: callers holding another lock (the arbiter's) must never wait for ours."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            return action()
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.vt.close()
+
+    # ---- what a page broker may take back (the caller holds `lock`) ----------------------
+    def reclaimable(self) -> tuple[int, int]:
+        """(pages free of live and cached blocks, pages more if cached blocks go)."""
+        return self.pages.reclaimable()
+
+    def free_pages(self, n: int) -> int:
+        return self.pages.free_pages(n)
+
+    def drop_cached(self, n: int) -> int:
+        return self.pages.drop_cached(n)
+
+    def preempt(self, n: int) -> int:
+        return self.pages.preempt(n)
+
+    def owe_pages(self, n: int) -> None:
+        """A broker wanted `n` pages while a step held the lock: unmap them after that step."""
+        self.pages.reclaim_debt += n
+
+    # ---- observability --------------------------------------------------------------------
     def check_integrity(self) -> None:
         assert self.pool is not None
         self.pool.check_integrity()
+        self.pages.check_integrity()
+        assert self.pages.mapped_pages == self.vt.mapped_pages, "page count out of sync"
 
     def memory_stats(self) -> dict[str, int]:
         assert self.pool is not None
-        total = self.max_blocks * self.block_bytes
         return {
-            "page_size": total, "kv_reserved_bytes": total, "kv_mapped_bytes": total,
+            "page_size": self.page_size,
+            "kv_reserved_bytes": self.vt.max_rows * self.block_bytes,
+            "kv_mapped_bytes": self.vt.mapped_bytes,
             "kv_used_bytes": self.pool.num_used * self.block_bytes,
             "kv_cached_bytes": self.pool.num_cached_free * self.block_bytes,
-            "pages_mapped": 1, "grow_events": 0, "shrink_events": 0, "compactions": 0,
+            "pages_mapped": self.vt.mapped_pages,
+            "grow_events": self.pages.grow_events, "shrink_events": self.pages.shrink_events,
+            "compactions": self.pages.compactions,
         }
+
+
+def _backend(cache: CacheConfig, memory: MemoryConfig, nbytes: int) -> MemoryBackend:
+    backend = get_backend(memory.backend, memory.page_size)
+    if cache.kv_cache_mode == "elastic" or memory.page_size is not None:
+        return backend
+    # A static cache never maps or unmaps after start: one page of its own size (rounded up
+    # to what the backend allows) maps no memory the split of a budget did not give it.
+    unit = mmap.PAGESIZE if backend.name == "host" else backend.page_size
+    backend.close()
+    return get_backend(memory.backend, round_up(nbytes, unit))
+
+
+def _page_policy(cache: CacheConfig, page_size: int, block_bytes: int,
+                 max_blocks: int) -> PagePolicy:
+    whole = max_blocks * block_bytes
+    if cache.kv_cache_mode == "static":
+        # floor = ceiling: everything mapped at start and never shrunk, exactly max_blocks
+        # blocks even where they end inside a page
+        pages = -(-whole // page_size)
+        return PagePolicy(page_size, block_bytes, min_pages=pages, max_pages=pages,
+                          reserve_pages=0, max_blocks=max_blocks)
+    return PagePolicy(
+        page_size, block_bytes, min_pages=-(-cache.kv_cache_min_bytes // page_size),
+        max_pages=max(1, whole // page_size), reserve_pages=cache.kv_reserve_pages,
+        shrink_after_s=cache.kv_shrink_after_s, keep_peak_s=cache.kv_keep_peak_s,
+        max_blocks=max_blocks)
+
+
+def _index(pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor([p[0] for p in pairs], dtype=torch.long),
+            torch.tensor([p[1] for p in pairs], dtype=torch.long))

@@ -9,13 +9,15 @@ import torch
 
 from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
+from elasticserve.core.kv_pages import ModelBroker
 from elasticserve.core.scheduler import Scheduler
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.beam_search import beam_step
-from elasticserve.engine.elastic_kv import build_kv_storage
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
 from elasticserve.kernels import native
+from elasticserve.models.hf_config import ModelConfig, load_config
+from elasticserve.models.llama import CausalLM
 from elasticserve.models.loader import load_model
 from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
@@ -33,36 +35,25 @@ class PromptTooLargeError(ValueError):
 class LLMEngine:
     """Owns one model, its tokenizer, its KV storage, a scheduler and a runner."""
 
-    def __init__(self, args: EngineArgs, broker: Any = None) -> None:
+    def __init__(self, args: EngineArgs, broker: ModelBroker | None = None) -> None:
         """`broker`: a shared page budget (engine/multi_model.py's ModelHost); it is told the
         weights' size before the KV storage asks it for pages."""
-        self.args = args
+        # validated before anything heavy is loaded; only the model's length limit is read
+        self.config = args.create_engine_config(_model_max_len(load_config(args.model)))
+        self.cache_config = self.config.cache
+        self.scheduler_config = self.config.scheduler
         self.broker = broker
-        torch.manual_seed(args.seed)
-        if args.num_threads is not None:
-            torch.set_num_threads(args.num_threads)
-        self.tokenizer = Tokenizer.from_dir(args.model)
-        self.model = load_model(args.model, dtype=_dtype(args.dtype))
+        torch.manual_seed(self.config.model.seed)
+        if self.config.model.num_threads is not None:
+            torch.set_num_threads(self.config.model.num_threads)
+        self.tokenizer = Tokenizer.from_dir(self.config.model.path)
+        self.model = self._load_model()
         self.model_config = self.model.config
-        self.cache_config = args.cache_config()
-        self.scheduler_config = args.scheduler_config(_model_max_len(self.model_config))
         if broker is not None:
             broker.attach_model(self.weights_bytes)
-        self.kv: KVStorage = build_kv_storage(args, self.model_config, broker)
-        pool = BlockPool(self.kv.num_blocks, enable_caching=args.enable_prefix_caching)
-        self.kv_manager = KVCacheManager(pool, args.block_size, self.kv.num_swap_blocks,
-                                         args.enable_prefix_caching)
-        self.kv.attach(pool, self.kv_manager)
-        self.scheduler = Scheduler(self.scheduler_config, self.cache_config, self.kv_manager,
-                                   grow=self.kv.grow if self.kv.elastic else None)
-        self.kv.bind_scheduler(self.scheduler)
-        self.runner = ModelRunner(
-            self.model, self.kv.tensor, self.kv.swap_tensor, args.block_size,
-            self.tokenizer.eos_token_ids,
-            native_decode=native.use_native(args.attention_backend, self.kv.tensor,
-                                            self.model.model.embed_tokens.weight.dtype))
-        # the fused element-wise ops come with the native backend (same library, same checks)
-        self.model.use_native_ops(self.runner.native_decode)
+        self.kv = KVStorage(self.cache_config, self.config.memory, self.model_config,
+                            self._param_dtype(), broker)
+        self._build_scheduler_and_runner()
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler_config.max_model_len)
         self.groups: dict[str, SequenceGroup] = {}
         self._next_id = 0
@@ -74,6 +65,32 @@ class LLMEngine:
         self.wake_latencies_s: list[float] = []
         self.last_active = time.monotonic()
         self.kv.start_reclaimer()
+
+    def _build_scheduler_and_runner(self) -> None:
+        cache = self.cache_config
+        pool = BlockPool(self.kv.num_blocks, enable_caching=cache.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(pool, cache.block_size, self.kv.num_swap_blocks,
+                                         cache.enable_prefix_caching)
+        self.kv.attach(pool, self.kv_manager)
+        self.scheduler = Scheduler(self.scheduler_config, cache, self.kv_manager,
+                                   grow=self.kv.grow if self.kv.elastic else None)
+        self.kv.bind_scheduler(self.scheduler)
+        self.runner = ModelRunner(
+            self.model, self.kv.tensor, self.kv.swap_tensor, cache.block_size,
+            self.tokenizer.eos_token_ids,
+            native_decode=native.use_native(self.config.model.attention_backend, self.kv.tensor,
+                                            self._param_dtype()))
+        # the fused element-wise ops come with the native backend (same library, same checks)
+        self.model.use_native_ops(self.runner.native_decode)
+
+    def _load_model(self) -> CausalLM:
+        name = self.config.model.dtype
+        # "auto" lets the loader choose (fp32 on CPU); the KV cache then takes the weights' dtype
+        return load_model(self.config.model.path,
+                          dtype=None if name == "auto" else getattr(torch, name))
+
+    def _param_dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
 
     @property
     def weights_bytes(self) -> int:
@@ -150,7 +167,7 @@ class LLMEngine:
             raise PromptTooLargeError(
                 f"prompt is {len(token_ids)} tokens, which does not leave room to "
                 f"generate within max_model_len={max_len}")
-        need = -(-(len(token_ids) + 1) // self.args.block_size) * params.actual_best_of
+        need = -(-(len(token_ids) + 1) // self.cache_config.block_size) * params.actual_best_of
         if need > self.kv.max_blocks:
             raise PromptTooLargeError(
                 f"prompt needs {need} KV blocks but the cache can never hold more than "
@@ -278,7 +295,7 @@ class LLMEngine:
             if self.broker is not None and not self.broker.wake():
                 return False
             start = time.monotonic()
-            self.model = load_model(self.args.model, dtype=_dtype(self.args.dtype))
+            self.model = self._load_model()
             self.model.use_native_ops(self.runner.native_decode)
             self.runner.model = self.model
             self.kv.remap_initial()
@@ -314,16 +331,7 @@ class LLMEngine:
         self.kv.check_integrity()
 
 
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None or name == "auto":
-        return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must name a torch dtype such as 'float32', got {name!r}")
-    return dtype
-
-
-def _model_max_len(config: Any) -> int:
+def _model_max_len(config: ModelConfig) -> int:
     limit = int(config.max_position_embeddings)
     window = getattr(config, "sliding_window", None)
     return min(limit, int(window)) if window else limit

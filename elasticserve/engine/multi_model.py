@@ -10,6 +10,7 @@ the two locks cannot deadlock.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import time
@@ -19,8 +20,9 @@ from typing import Literal
 
 from elasticserve.core.arbiter import Arbiter, ArbiterPolicy
 from elasticserve.engine.args import EngineArgs
-from elasticserve.engine.elastic_kv import ElasticKVStorage, run_periodically
+from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.llm_engine import LLMEngine
+from elasticserve.engine.periodic import run_periodically
 
 MemoryPolicy = Literal["arbiter", "static"]
 
@@ -35,7 +37,7 @@ class ModelSpec:
 
 
 class ModelHost:
-    """Page broker + arbiter reclaimer for one engine."""
+    """Page broker (`core.kv_pages.ModelBroker`) + arbiter reclaimer for one engine."""
 
     def __init__(self, arbiter: Arbiter, spec: ModelSpec) -> None:
         self.arbiter = arbiter
@@ -63,46 +65,39 @@ class ModelHost:
         engine = self.engine
         if engine is None or engine.asleep:
             return 0, 0
-        return _elastic(engine).pages.reclaimable()
+        return engine.kv.reclaimable()
 
     def free_pages(self, n: int) -> int:
-        return self._locked(n, lambda engine: _elastic(engine).pages.free_pages(n))
+        return self._locked(n, lambda kv: kv.free_pages(n))
 
     def drop_cached(self, n: int) -> int:
-        return self._locked(n, lambda engine: _elastic(engine).pages.drop_cached(n))
+        return self._locked(n, lambda kv: kv.drop_cached(n))
 
     def preempt(self, n: int) -> int:
-        return self._locked(n, lambda engine: _elastic(engine).pages.preempt(n))
+        return self._locked(n, lambda kv: kv.preempt(n))
 
     def sleep(self) -> int | None:
         engine = self.engine
-        if engine is None or not engine.kv.lock.acquire(blocking=False):
-            return None
-        try:
-            return engine.sleep()
-        finally:
-            engine.kv.lock.release()
+        return None if engine is None else engine.kv.try_locked(engine.sleep)
 
     def is_idle(self) -> bool:
         engine = self.engine
-        return engine is None or not engine.scheduler.has_unfinished()
+        return engine is None or not engine.has_unfinished_requests()
 
     def is_starved(self) -> bool:
         """Requests wait for memory: the arbiter then protects this model's share."""
         engine = self.engine
         return engine is not None and bool(engine.scheduler.waiting or engine.scheduler.swapped)
 
-    def _locked(self, n: int, action: Callable[[LLMEngine], int]) -> int:
+    def _locked(self, n: int, action: Callable[[KVStorage], int]) -> int:
         engine = self.engine
         if engine is None or engine.asleep:
             return 0
-        if not engine.kv.lock.acquire(blocking=False):
-            _elastic(engine).pages.reclaim_debt += n  # mid-step: it pays at the end of the step
+        kv = engine.kv
+        got = kv.try_locked(lambda: action(kv))
+        if got is None:
+            kv.owe_pages(n)  # mid-step: it pays at the end of the step
             return 0
-        try:
-            got = action(engine)
-        finally:
-            engine.kv.lock.release()
         self.pages_reclaimed += got
         return got
 
@@ -186,16 +181,16 @@ class ModelPool:
         assert self.arbiter is not None and self.idle_sleep_s is not None
         now = time.monotonic()
         for name, engine in self.engines.items():
-            if engine.asleep or engine.scheduler.has_unfinished():
+            if engine.asleep or engine.has_unfinished_requests():
                 continue
             if now - engine.last_active < self.idle_sleep_s:
                 continue
-            if engine.kv.lock.acquire(blocking=False):
-                try:
-                    if not engine.scheduler.has_unfinished():
-                        self.arbiter.sleep(name)
-                finally:
-                    engine.kv.lock.release()
+            engine.kv.try_locked(functools.partial(self._sleep_if_idle, name, engine))
+
+    def _sleep_if_idle(self, name: str, engine: LLMEngine) -> None:
+        assert self.arbiter is not None
+        if not engine.has_unfinished_requests():  # a request may have come in meanwhile
+            self.arbiter.sleep(name)
 
     # ---- observability --------------------------------------------------------------------
     def memory_report(self) -> dict[str, object]:
@@ -233,11 +228,6 @@ class ModelPool:
 
     def close(self) -> None:
         self.closed = True
-
-
-def _elastic(engine: LLMEngine) -> ElasticKVStorage:
-    assert isinstance(engine.kv, ElasticKVStorage), "a shared budget needs elastic KV storage"
-    return engine.kv
 
 
 def checkpoint_bytes(path: str) -> int:

@@ -1,7 +1,7 @@
 """Simulated KV storage of one model: the engine's own page accounting, with costs for actions.
 
 The page logic (grow, hysteresis shrink, compaction before unmapping, reclaim tiers) is
-`core.kv_pages.ElasticPages`, the object the engine's `ElasticKVStorage` drives too. Here its
+`core.kv_pages.ElasticPages`, the object the engine's `KVStorage` drives too. Here its
 "physical" actions accrue simulated time instead of touching memory: mapping pages, copying
 blocks and swapping are charged to the device when the current step ends
 (`take_pending_cost`); the idle reclaimer's shrinks run beside the steps and delay only a step

@@ -152,3 +152,19 @@ def test_limit_below_use_preempts_first() -> None:
     assert preempted == [4] and actions.swapped == [(0, 0)]
     assert pages.mapped_pages == 1 and pages.limit_pages == 1
     assert not pages.grow(8)  # the ceiling holds
+
+
+def test_static_pages_offer_exactly_max_blocks_and_never_move() -> None:
+    # 10 blocks of 1 KiB on 4 KiB pages: 3 pages mapped, the last one only half used
+    policy = PagePolicy(page_size=4096, block_bytes=1024, min_pages=3, max_pages=3,
+                        reserve_pages=0, shrink_after_s=0.0, keep_peak_s=0.0, max_blocks=10)
+    actions = Actions()
+    pages = ElasticPages(policy, actions)
+    pool = BlockPool(pages.start(), enable_caching=False)
+    kv = KVCacheManager(pool, BS, 0, enable_prefix_caching=False)
+    pages.attach(pool, kv)
+    assert pool.num_blocks == 10 and actions.mapped == 3
+    assert not pages.grow(1)
+    pages.after_step(memory_pressure=False)
+    assert pool.num_blocks == 10 and actions.mapped == 3
+    pages.check_integrity()

@@ -57,7 +57,7 @@ def test_burst_memory_comes_back_when_idle(tmp_path) -> None:
     engine = LLMEngine.from_args(model_dir, kv_cache_max_bytes=1024 * MiB,
                                  kv_shrink_after_s=0.2, enable_prefix_caching=False,
                                  max_num_batched_tokens=8192)
-    reserve = engine.kv.memory_stats()["page_size"] * engine.args.kv_reserve_pages
+    reserve = engine.kv.memory_stats()["page_size"] * engine.cache_config.kv_reserve_pages
     base_rss = rss_shmem()
     prompt = list(range(1, 257))
     for i in range(68):  # 68 x 288 tokens x 16 KiB per token ~ 306 MiB of live KV

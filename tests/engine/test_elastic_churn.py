@@ -10,10 +10,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from elasticserve.config import CacheConfig, MemoryConfig
 from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
-from elasticserve.engine.args import EngineArgs
-from elasticserve.engine.elastic_kv import ElasticKVStorage
+from elasticserve.engine.kv_storage import KVStorage
 
 BS = 4
 PAGE = 4096
@@ -42,9 +42,10 @@ class _Preempter:
 class ElasticChurn(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        args = EngineArgs(model="unused", block_size=BS, kv_cache_max_bytes=48 * PAGE,
-                          page_size=PAGE, kv_reserve_pages=0, kv_shrink_after_s=0.0, swap_space=0)
-        self.kv = ElasticKVStorage(args, _Shape(), torch.float32)
+        cache = CacheConfig(block_size=BS, kv_cache_max_bytes=48 * PAGE, kv_reserve_pages=0,
+                            kv_shrink_after_s=0.0, swap_space=0)
+        self.kv = KVStorage(cache, MemoryConfig(page_size=PAGE), _Shape(),  # type: ignore[arg-type]
+                            torch.float32)
         self.pool = BlockPool(self.kv.num_blocks, enable_caching=False)
         self.mgr = KVCacheManager(self.pool, BS, 0, enable_prefix_caching=False)
         self.kv.attach(self.pool, self.mgr)

@@ -115,6 +115,6 @@ def test_static_policy_splits_the_budget(two_models: dict[str, str]) -> None:
                      EngineArgs(model=""), policy="static")
     for engine in pool.engines.values():
         assert engine.kv.memory_stats()["kv_mapped_bytes"] <= MiB + weights - checkpoint_bytes(
-            engine.args.model)
+            engine.config.model.path)
     with pytest.raises(ValueError, match="arbiter"):
         pool.sleep("a")
