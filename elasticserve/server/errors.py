@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from elasticserve.engine.async_engine import EngineDeadError, EngineOverloadedError
+from elasticserve.engine.protocol import EngineDeadError, EngineOverloadedError
 from elasticserve.errors import InvalidFieldError, PromptTooLargeError
 from elasticserve.server.protocol import ErrorInfo, ErrorResponse
 
