@@ -11,6 +11,8 @@ import enum
 import math
 from dataclasses import dataclass
 
+from elasticserve.errors import InvalidFieldError
+
 # Below this temperature sampling is treated as greedy (argmax); dividing logits
 # by such a small number only amplifies float noise.
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -35,24 +37,24 @@ def _check_int(name: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not _is_int(value):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise InvalidFieldError(name, f"{name} must be an int, got {value!r}")
 
 
 def _check_float(name: str, value: object) -> None:
     if not (_is_int(value) or isinstance(value, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise InvalidFieldError(name, f"{name} must be a number, got {value!r}")
     if not math.isfinite(float(value)):  # type: ignore[arg-type]
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise InvalidFieldError(name, f"{name} must be finite, got {value!r}")
 
 
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
+        raise InvalidFieldError(name, f"{name} must be a bool, got {value!r}")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+        raise InvalidFieldError(name, f"{name} must be in [{lo}, {hi}], got {value}")
 
 
 @dataclass(slots=True)
@@ -130,17 +132,21 @@ class SamplingParams:
         elif isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+            raise InvalidFieldError(
+                "stop", f"stop must be a non-empty string or a list of them, got {stop!r}")
         self.stop = list(stop)
         ids = [] if self.stop_token_ids is None else self.stop_token_ids
         if not isinstance(ids, list | tuple) or not all(_is_int(t) and t >= 0 for t in ids):
-            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {ids!r}")
+            raise InvalidFieldError(
+                "stop_token_ids",
+                f"stop_token_ids must be a list of non-negative ints, got {ids!r}")
         self.stop_token_ids = list(ids)
 
     def _resolve_best_of(self) -> None:
         if self.beam_width is not None:
             if self.best_of is not None and self.best_of != self.beam_width:
-                raise ValueError(
+                raise InvalidFieldError(
+                    "beam_width",
                     f"beam_width must equal best_of when both are set, got "
                     f"beam_width={self.beam_width}, best_of={self.best_of}"
                 )
@@ -153,27 +159,34 @@ class SamplingParams:
 
     def _check_ranges(self) -> None:
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise InvalidFieldError("n", f"n must be >= 1, got {self.n}")
         if self.actual_best_of < self.n:
             what = "beam_width" if self.use_beam_search else "best_of"
-            raise ValueError(f"{what} must be >= n, got {what}={self.best_of}, n={self.n}")
+            raise InvalidFieldError(
+                what, f"{what} must be >= n, got {what}={self.best_of}, n={self.n}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidFieldError(
+                "temperature", f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidFieldError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
+            raise InvalidFieldError(
+                "top_k", f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
         _check_range("min_p", self.min_p, 0.0, 1.0)
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidFieldError(
+                "repetition_penalty",
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.max_tokens is not None and self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be > 0 (or None), got {self.max_tokens}")
+            raise InvalidFieldError(
+                "max_tokens", f"max_tokens must be > 0 (or None), got {self.max_tokens}")
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+            raise InvalidFieldError("min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
+            raise InvalidFieldError(
+                "min_tokens",
                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens}, "
                 f"max_tokens={self.max_tokens}"
             )

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from elasticserve.errors import InvalidFieldError
 from elasticserve.sampling_params import SamplingParams, SamplingType
 
 
@@ -51,8 +52,10 @@ from elasticserve.sampling_params import SamplingParams, SamplingType
     ],
 )
 def test_invalid_values_name_the_field(kwargs: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=field):
+    # the field travels on the error itself (the server's `param`), not only in its message
+    with pytest.raises(InvalidFieldError, match=f"^{field} ") as info:
         SamplingParams(**kwargs)
+    assert info.value.param == field
 
 
 def test_message_shows_the_bad_value() -> None:

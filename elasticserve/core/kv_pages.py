@@ -46,6 +46,8 @@ class ModelBroker(PageBroker, Protocol):
     """A page broker that also books one model's weights and its wake-ups: what an engine
     on a shared budget asks of it (engine/multi_model.py's ModelHost)."""
 
+    pages_reclaimed: int  # pages the arbiter has taken back from this model (for metrics)
+
     def attach_model(self, weights_bytes: int) -> None:
         """Register the model; its weights count against the budget from now on."""
         ...

@@ -8,42 +8,33 @@ applied between steps) and gets outputs back with `loop.call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from elasticserve.engine.protocol import (
+    EngineDeadError,
+    EngineOverloadedError,
+    EnginePrompt,
+    OutputObserver,
+    RequestTiming,
+    TokenizerLike,
+)
 from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
 
+if TYPE_CHECKING:  # only for types: the server imports this module, and needs no torch for it
+    from elasticserve.engine.llm_engine import LLMEngine
+
+# the errors and observer types are the protocol's; re-exported for this module's callers
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "OutputObserver",
+           "RequestTiming"]
+
 logger = logging.getLogger(__name__)
-
-
-class EngineOverloadedError(RuntimeError):
-    """Too many requests are queued; the caller should retry later (HTTP 503)."""
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop stopped (shut down, or a step raised); no request can be served."""
-
-
-@dataclass(slots=True)
-class RequestTiming:
-    """Per-request progress an observer keeps between outputs (times are time.monotonic())."""
-
-    submitted: float
-    last_token: float | None = None
-    num_tokens: int = 0
-
-
-class OutputObserver(Protocol):
-    """Gets every output on the engine thread, e.g. to feed metrics. Must be quick."""
-
-    def on_output(self, output: RequestOutput, timing: RequestTiming, now: float) -> None: ...
 
 
 @dataclass(slots=True)
@@ -58,7 +49,7 @@ class _Stream:
 @dataclass(slots=True)
 class _Add:
     request_id: str
-    prompt: Any
+    prompt: EnginePrompt
     params: SamplingParams
     priority: int
     stream: bool
@@ -70,14 +61,14 @@ class _Abort:
 
 
 class AsyncEngine:
-    """Wraps one LLMEngine (anything with its add_request/abort_request/step interface).
+    """Wraps one LLMEngine in-process: the `EngineClient` the server uses today.
 
     At most `engine.scheduler_config.max_num_seqs + max_queue` requests are in flight at once;
     beyond that `generate` raises EngineOverloadedError, so a burst is refused quickly instead of
     queueing without bound.
     """
 
-    def __init__(self, engine: Any, max_queue: int = 256, name: str = "engine",
+    def __init__(self, engine: LLMEngine, max_queue: int = 256, name: str = "engine",
                  observer: OutputObserver | None = None) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -116,22 +107,51 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
+    def health(self) -> str | None:
+        """None while the step loop runs; otherwise why not."""
+        if self.error is not None:
+            return f"crashed: {self.error!r}"
+        if self._stopping:
+            return "shut down"
+        return None if self.is_alive else "not started"
+
     @property
     def num_in_flight(self) -> int:
         """Requests accepted and not yet finished or aborted."""
         with self._cv:
             return len(self._streams)
 
+    # ---- what the server reads (any thread) -----------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.scheduler_config.max_model_len)
+
+    @property
+    def tokenizer(self) -> TokenizerLike:
+        return self.engine.tokenizer
+
+    def stats(self) -> dict[str, Any]:
+        # plain reads of counters owned by the step thread: a reader may see a value one step
+        # old, which is fine for monitoring and needs no lock on the hot path
+        return self.engine.stats()
+
+    def memory_stats(self) -> dict[str, int]:
+        broker = self.engine.broker  # the shared budget's ModelHost; None on a private budget
+        return {**self.engine.kv.memory_stats(),
+                "pages_reclaimed": broker.pages_reclaimed if broker is not None else 0}
+
     # ---- requests (any thread / the event loop) -------------------------------------------
-    def validate(self, prompt: Any, params: SamplingParams) -> tuple[str | None, list[int]]:
+    def validate(self, prompt: EnginePrompt, params: SamplingParams
+                 ) -> tuple[str | None, list[int]]:
         """Tokenize and check a request without queueing it (raises ValueError naming the field).
 
         Only reads the tokenizer and fixed limits, so it is safe off the step thread."""
         text, token_ids = self.engine.validate(prompt, params)
         return text, list(token_ids)
 
-    def generate(self, prompt: Any, params: SamplingParams, request_id: str | None = None,
-                 priority: int = 0, stream: bool = False) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt: EnginePrompt, params: SamplingParams,
+                 request_id: str | None = None, priority: int = 0,
+                 stream: bool = False) -> AsyncIterator[RequestOutput]:
         """Submit now and return the request's outputs: with `stream`, progress every step that
         adds tokens, always the final one last. Must be called on the event loop.
 
@@ -161,8 +181,8 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def _submit(self, request_id: str, prompt: Any, params: SamplingParams, priority: int,
-                stream: bool) -> asyncio.Queue[RequestOutput | BaseException]:
+    def _submit(self, request_id: str, prompt: EnginePrompt, params: SamplingParams,
+                priority: int, stream: bool) -> asyncio.Queue[RequestOutput | BaseException]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.start()
@@ -216,7 +236,7 @@ class AsyncEngine:
 
     def _apply(self, commands: list[_Add | _Abort]) -> None:
         # The elastic KV reclaimer compacts blocks under this lock; freeing blocks must not race it.
-        lock = getattr(self.engine.kv, "lock", None) or contextlib.nullcontext()
+        lock = self.engine.kv.lock
         for cmd in commands:
             if isinstance(cmd, _Abort):
                 with lock:

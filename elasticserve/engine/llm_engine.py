@@ -15,6 +15,7 @@ from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.beam_search import beam_step
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
+from elasticserve.errors import InvalidFieldError, PromptTooLargeError
 from elasticserve.kernels import native
 from elasticserve.models.hf_config import ModelConfig, load_config
 from elasticserve.models.llama import CausalLM
@@ -26,10 +27,6 @@ from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.model_runner import ModelRunner
 
 PromptInput = str | dict[str, Any]
-
-
-class PromptTooLargeError(ValueError):
-    """The request can never fit: longer than max_model_len, or than the whole KV cache."""
 
 
 class LLMEngine:
@@ -123,7 +120,8 @@ class LLMEngine:
     def validate(self, prompt: PromptInput, params: SamplingParams) -> tuple[str | None, list[int]]:
         """Tokenize and check a request without queueing it; raises ValueError naming the field."""
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+            raise InvalidFieldError("sampling_params", "sampling_params must be SamplingParams, "
+                                    f"got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         self._check_fits(token_ids, params)
         return text, token_ids
@@ -145,32 +143,34 @@ class LLMEngine:
     def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt must not be empty")
+                raise InvalidFieldError("prompt", "prompt must not be empty")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                raise ValueError("prompt_token_ids must be a list of integers")
+                raise InvalidFieldError("prompt_token_ids",
+                                        "prompt_token_ids must be a list of integers")
             if not ids:
-                raise ValueError("prompt_token_ids must not be empty")
+                raise InvalidFieldError("prompt_token_ids", "prompt_token_ids must not be empty")
             vocab = self.model_config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"prompt_token_ids has ids outside the vocabulary [0, {vocab}): "
-                                 f"{bad[:5]}")
+                raise InvalidFieldError(
+                    "prompt_token_ids",
+                    f"prompt_token_ids has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
             return prompt.get("prompt"), list(ids)
-        raise ValueError("prompt must be a string or a dict with 'prompt_token_ids'")
+        raise InvalidFieldError("prompt", "prompt must be a string or a dict with 'prompt_token_ids'")
 
     def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
         max_len = self.scheduler_config.max_model_len
         if len(token_ids) >= max_len:
             raise PromptTooLargeError(
-                f"prompt is {len(token_ids)} tokens, which does not leave room to "
+                "prompt", f"prompt is {len(token_ids)} tokens, which does not leave room to "
                 f"generate within max_model_len={max_len}")
         need = -(-(len(token_ids) + 1) // self.cache_config.block_size) * params.actual_best_of
         if need > self.kv.max_blocks:
             raise PromptTooLargeError(
-                f"prompt needs {need} KV blocks but the cache can never hold more than "
+                "prompt", f"prompt needs {need} KV blocks but the cache can never hold more than "
                 f"{self.kv.max_blocks} (raise num_kv_blocks or kv_cache_bytes)")
 
     # ---- the step -------------------------------------------------------------------------

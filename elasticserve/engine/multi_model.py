@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from elasticserve.core.arbiter import Arbiter, ArbiterPolicy
+from elasticserve.core.arbiter import Arbiter, ArbiterError, ArbiterPolicy
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.llm_engine import LLMEngine
 from elasticserve.engine.periodic import run_periodically
+from elasticserve.errors import InvalidFieldError
 
 MemoryPolicy = Literal["arbiter", "static"]
 
@@ -162,6 +163,20 @@ class ModelPool:
 
     def wake(self, name: str) -> bool:
         return self._engine(name).wake()
+
+    def set_limits(self, name: str, min_bytes: int | None, max_bytes: int | None,
+                   priority: int | None) -> None:
+        """Change a model's limits or priority (admin); InvalidFieldError names the field."""
+        if self.arbiter is None:
+            raise InvalidFieldError("name", "limits need --memory-policy arbiter")
+        try:
+            self.arbiter.set_limits(name, min_bytes, max_bytes, priority)
+        except (ArbiterError, ValueError) as exc:  # limits the model cannot meet now
+            raise InvalidFieldError("max_bytes", str(exc)) from exc
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.engines)
 
     def note_request(self, name: str) -> None:
         if self.arbiter is not None:

@@ -10,9 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from elasticserve.core.arbiter import ArbiterError
-from elasticserve.engine.multi_model import ModelPool
-from elasticserve.server.errors import APIError
+from elasticserve.engine.protocol import ModelPoolClient
+from elasticserve.server.errors import APIError, from_value_error
 
 
 class LimitsRequest(BaseModel):
@@ -22,7 +21,7 @@ class LimitsRequest(BaseModel):
     priority: int | None = None
 
 
-def add_admin_routes(app: FastAPI, pool: ModelPool, token: str) -> None:
+def add_admin_routes(app: FastAPI, pool: ModelPoolClient, token: str) -> None:
     """GET /admin/memory; POST /admin/models/{name}/limits, /sleep, /wake."""
 
     def check(request: Request) -> None:
@@ -32,8 +31,8 @@ def add_admin_routes(app: FastAPI, pool: ModelPool, token: str) -> None:
                            code="unauthorized", type_="authentication_error")
 
     def known(name: str) -> None:
-        if name not in pool.engines:
-            raise APIError(404, f"unknown model {name!r}; served: {sorted(pool.engines)}",
+        if name not in pool.model_names:
+            raise APIError(404, f"unknown model {name!r}; served: {sorted(pool.model_names)}",
                            "name", code="model_not_found")
 
     @app.get("/admin/memory")
@@ -45,13 +44,11 @@ def add_admin_routes(app: FastAPI, pool: ModelPool, token: str) -> None:
     async def limits(name: str, body: LimitsRequest, request: Request) -> JSONResponse:
         check(request)
         known(name)
-        if pool.arbiter is None:
-            raise APIError(400, "limits need --memory-policy arbiter", "name")
         try:
-            await asyncio.to_thread(pool.arbiter.set_limits, name, body.min_bytes,
-                                    body.max_bytes, body.priority)
-        except (ArbiterError, ValueError) as exc:
-            raise APIError(400, str(exc), "max_bytes") from exc
+            await asyncio.to_thread(pool.set_limits, name, body.min_bytes, body.max_bytes,
+                                    body.priority)
+        except ValueError as exc:  # names the field at fault
+            raise from_value_error(exc) from exc
         return JSONResponse(pool.memory_report()["models"][name])  # type: ignore[index]
 
     @app.post("/admin/models/{name}/sleep")

@@ -1,14 +1,14 @@
-"""The OpenAI-compatible HTTP app: one AsyncEngine per served model name."""
+"""The OpenAI-compatible HTTP app: one EngineClient per served model name."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from elasticserve.engine.async_engine import AsyncEngine
-from elasticserve.engine.multi_model import ModelPool
+from elasticserve.engine.protocol import EngineClient, ModelPoolClient
 from elasticserve.server.admin import add_admin_routes
 from elasticserve.server.errors import APIError, install_error_handlers
 from elasticserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -26,10 +26,10 @@ from elasticserve.server.serving_completion import create_completion
 CLIENT_CLOSED = 499
 
 
-def build_app(engines: dict[str, AsyncEngine], title: str = "elasticserve",
-              pool: ModelPool | None = None, admin_token: str | None = None) -> FastAPI:
-    """An app serving `engines` by model name. Starts their step threads (if not running);
-    stopping them is the owner's job (`AsyncEngine.shutdown`), as engines may outlive an app.
+def build_app(engines: Mapping[str, EngineClient], title: str = "elasticserve",
+              pool: ModelPoolClient | None = None, admin_token: str | None = None) -> FastAPI:
+    """An app serving `engines` by model name. Starts them (if not running); stopping them is
+    the owner's job (`EngineClient.shutdown`), as engines may outlive an app.
     With `pool` (the models' shared budget) and `admin_token`, the admin routes are on."""
     if not engines:
         raise ValueError("engines must name at least one model")
@@ -47,12 +47,13 @@ def build_app(engines: dict[str, AsyncEngine], title: str = "elasticserve",
     return app
 
 
-def _add_info_routes(app: FastAPI, engines: dict[str, AsyncEngine], metrics: ServerMetrics) -> None:
+def _add_info_routes(app: FastAPI, engines: Mapping[str, EngineClient],
+                     metrics: ServerMetrics) -> None:
     created = int(time.time())
 
     @app.get("/health")
     async def health() -> Response:
-        dead = [name for name, e in engines.items() if not e.is_alive]
+        dead = [name for name, e in engines.items() if e.health() is not None]
         if dead:
             raise APIError(503, f"engine(s) not running: {dead}", code="engine_dead")
         return JSONResponse({"status": "ok"})
@@ -60,8 +61,7 @@ def _add_info_routes(app: FastAPI, engines: dict[str, AsyncEngine], metrics: Ser
     @app.get("/v1/models")
     async def list_models() -> ModelList:
         return ModelList(data=[
-            ModelCard(id=name, created=created,
-                      max_model_len=e.engine.scheduler_config.max_model_len)
+            ModelCard(id=name, created=created, max_model_len=e.max_model_len)
             for name, e in engines.items()])
 
     @app.get("/metrics")
@@ -69,9 +69,9 @@ def _add_info_routes(app: FastAPI, engines: dict[str, AsyncEngine], metrics: Ser
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _add_generation_routes(app: FastAPI, engines: dict[str, AsyncEngine],
-                           pool: ModelPool | None) -> None:
-    def engine_for(model: str) -> AsyncEngine:
+def _add_generation_routes(app: FastAPI, engines: Mapping[str, EngineClient],
+                           pool: ModelPoolClient | None) -> None:
+    def engine_for(model: str) -> EngineClient:
         engine = engines.get(model)
         if engine is None:
             raise APIError(404, f"The model `{model}` does not exist; served models: "

@@ -10,9 +10,12 @@ import argparse
 import logging
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elasticserve.engine.args import EngineArgs
+
+if TYPE_CHECKING:
+    from elasticserve.engine.protocol import EngineClient
 
 DEFAULT_MODEL_NAME = "tiny-llama"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
@@ -109,8 +112,9 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """The uvicorn.Server for parsed `serve` arguments, and the engines it serves."""
+def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]:
+    """The uvicorn.Server for parsed `serve` arguments, and the engines it serves (the one
+    place that knows they run in-process: everything past build_app sees EngineClients)."""
     import uvicorn
 
     from elasticserve.engine.async_engine import AsyncEngine
@@ -119,8 +123,9 @@ def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     pool = ModelPool(model_specs(args), args.memory, engine_args(args),
                      policy=args.memory_policy, idle_sleep_s=args.idle_sleep_s)
-    engines = {name: AsyncEngine(engine, max_queue=args.max_queue, name=name)
-               for name, engine in pool.engines.items()}
+    engines: dict[str, EngineClient] = {
+        name: AsyncEngine(engine, max_queue=args.max_queue, name=name)
+        for name, engine in pool.engines.items()}
     app = build_app(engines, pool=pool, admin_token=args.admin_token)
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.log_level)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,8 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from elasticserve.engine.async_engine import EngineDeadError, EngineOverloadedError
-from elasticserve.engine.llm_engine import PromptTooLargeError
+from elasticserve.engine.protocol import EngineDeadError, EngineOverloadedError
+from elasticserve.errors import InvalidFieldError, PromptTooLargeError
 from elasticserve.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -44,11 +43,11 @@ class APIError(Exception):
 def from_value_error(exc: ValueError, renames: dict[str, str] | None = None) -> APIError:
     """An engine or SamplingParams ValueError as a 400 (or 413 when the prompt can never fit).
 
-    Their messages start with the field's name, which becomes `param` (renamed to the API's
-    field name where the two differ, e.g. chat's `top_logprobs` is the engine's `logprobs`)."""
+    An InvalidFieldError names its field, which becomes `param` (renamed to the API's field
+    name where the two differ, e.g. chat's `top_logprobs` is the engine's `logprobs`); any
+    other ValueError names none."""
     message = str(exc)
-    match = re.match(r"[A-Za-z_][A-Za-z0-9_]*", message)
-    param = match.group(0) if match else None
+    param = exc.param if isinstance(exc, InvalidFieldError) else None
     if param is not None and renames:
         param = renames.get(param, param)
     if isinstance(exc, PromptTooLargeError):

@@ -7,14 +7,13 @@ latencies and token counts are recorded from the outputs on each engine's step t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from elasticserve.engine.async_engine import AsyncEngine, RequestTiming
+from elasticserve.engine.protocol import EngineClient, RequestTiming
 from elasticserve.outputs import RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -22,7 +21,7 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                 60.0, 120.0, 240.0)
-# (metric name, help, engine.stats() key or memory_stats() key, source)
+# (metric name, help, EngineClient.stats() key or memory_stats() key, source)
 _GAUGES = (
     ("elasticserve:num_requests_running", "Requests in the running batch.", "num_running", "stats"),
     ("elasticserve:num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting", "stats"),
@@ -36,7 +35,7 @@ _GAUGES = (
 class ServerMetrics:
     """The registry of one app, and the observers its engines report outputs to."""
 
-    def __init__(self, engines: dict[str, AsyncEngine]) -> None:
+    def __init__(self, engines: Mapping[str, EngineClient]) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.ttft = Histogram("elasticserve:time_to_first_token_seconds",
@@ -94,7 +93,7 @@ class ModelObserver:
 class _EngineCollector(Collector):
     """Gauges and the preemption counter, read live from the engines at scrape time."""
 
-    def __init__(self, engines: dict[str, AsyncEngine]) -> None:
+    def __init__(self, engines: Mapping[str, EngineClient]) -> None:
         self.engines = engines
 
     def collect(self) -> Iterator[Metric]:
@@ -102,39 +101,30 @@ class _EngineCollector(Collector):
         preemptions = CounterMetricFamily("elasticserve:num_preemptions",
                                           "Requests preempted for lack of KV memory.",
                                           labels=["model"])
-        counters = {key: CounterMetricFamily(name, doc, labels=["model"])
-                    for key, name, doc in _COUNTERS}
+        counters = [CounterMetricFamily(name, doc, labels=["model"])
+                    for _, name, doc, _ in _COUNTERS]
         for model, engine in self.engines.items():
-            # plain reads of counters owned by the step thread: a scrape may see a value one
-            # step old, which is fine for monitoring and needs no lock on the hot path
-            sources: dict[str, dict[str, Any]] = {"stats": engine.engine.stats(),
-                                                  "mem": engine.engine.kv.memory_stats()}
+            sources = {"stats": engine.stats(), "mem": engine.memory_stats()}
             for gauge, (_, _, key, source) in zip(gauges, _GAUGES, strict=True):
                 gauge.add_metric([model], float(sources[source][key]))
             preemptions.add_metric([model], float(sources["stats"]["preemptions"]))
-            values = _memory_counters(engine.engine)
-            for key, family in counters.items():
-                family.add_metric([model], float(values[key]))
+            for family, (key, _, _, source) in zip(counters, _COUNTERS, strict=True):
+                family.add_metric([model], float(sources[source][key]))
         yield from gauges
         yield preemptions
-        yield from counters.values()
+        yield from counters
 
 
 # the elastic memory's life, per model: pages granted (grow events map them), pages taken
-# back by the arbiter, sleeps and wakes
+# back by the arbiter, sleeps and wakes: (stats key, metric name, help, source as in _GAUGES)
 _COUNTERS = (
-    ("grow_events", "elasticserve:kv_grow_events", "Times the KV cache mapped more pages."),
-    ("shrink_events", "elasticserve:kv_shrink_events", "Times the KV cache unmapped pages."),
+    ("grow_events", "elasticserve:kv_grow_events", "Times the KV cache mapped more pages.",
+     "mem"),
+    ("shrink_events", "elasticserve:kv_shrink_events", "Times the KV cache unmapped pages.",
+     "mem"),
     ("pages_reclaimed", "elasticserve:kv_pages_reclaimed",
-     "KV pages the arbiter took back for other models."),
-    ("sleeps", "elasticserve:model_sleeps", "Times the model was put to sleep."),
-    ("wakes", "elasticserve:model_wakes", "Times the model was woken."),
+     "KV pages the arbiter took back for other models.", "mem"),
+    ("sleeps", "elasticserve:model_sleeps", "Times the model was put to sleep.", "stats"),
+    ("wakes", "elasticserve:model_wakes", "Times the model was woken.", "stats"),
 )
 
-
-def _memory_counters(engine: Any) -> dict[str, int]:
-    mem = engine.kv.memory_stats()
-    broker = getattr(engine, "broker", None)
-    return {"grow_events": mem["grow_events"], "shrink_events": mem["shrink_events"],
-            "pages_reclaimed": getattr(broker, "pages_reclaimed", 0),
-            "sleeps": engine.sleeps, "wakes": engine.wakes}

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
-from elasticserve.engine.async_engine import AsyncEngine
+from elasticserve.engine.protocol import EngineClient, TokenizerLike
 from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.server.errors import APIError, from_value_error
@@ -38,7 +38,7 @@ class Prepared:
         return {"prompt": self.text, "prompt_token_ids": self.token_ids}
 
 
-async def prepare(engine: AsyncEngine, prompts: Sequence[Prompt], params: SamplingParams,
+async def prepare(engine: EngineClient, prompts: Sequence[Prompt], params: SamplingParams,
                   renames: dict[str, str] | None = None) -> list[Prepared]:
     """Tokenize and check every prompt before any is queued (in a worker thread: long prompts
     take a while to tokenize). Raises APIError 400/413."""
@@ -59,7 +59,7 @@ async def prepare(engine: AsyncEngine, prompts: Sequence[Prompt], params: Sampli
         raise from_value_error(exc, renames) from exc
 
 
-def submit(engine: AsyncEngine, prepared: list[Prepared], params: SamplingParams, base_id: str,
+def submit(engine: EngineClient, prepared: list[Prepared], params: SamplingParams, base_id: str,
            stream: bool) -> list[tuple[str, AsyncIterator[RequestOutput]]]:
     """Queue every prompt as its own engine request; all or none (an overload aborts the rest)."""
     started: list[tuple[str, AsyncIterator[RequestOutput]]] = []
@@ -74,7 +74,7 @@ def submit(engine: AsyncEngine, prepared: list[Prepared], params: SamplingParams
     return started
 
 
-async def merge(engine: AsyncEngine, started: list[tuple[str, AsyncIterator[RequestOutput]]]
+async def merge(engine: EngineClient, started: list[tuple[str, AsyncIterator[RequestOutput]]]
                 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) from all requests as they come; leaving early aborts them all."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
@@ -182,8 +182,8 @@ def clamp_logprob(lp: float | None) -> float:
     return MIN_LOGPROB if lp is None or lp != lp or lp < MIN_LOGPROB else lp
 
 
-def token_text(tokenizer: Any, token_id: int) -> str:
-    return str(tokenizer.decode([token_id], skip_special_tokens=False))
+def token_text(tokenizer: TokenizerLike, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 def error_event(exc: Exception) -> str:

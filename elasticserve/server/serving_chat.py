@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from elasticserve.engine.async_engine import AsyncEngine
+from elasticserve.engine.protocol import EngineClient
 from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.server.errors import APIError, from_value_error
@@ -46,7 +46,7 @@ from elasticserve.server.serving import (
 _RENAMES = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "top_logprobs"}
 
 
-async def create_chat_completion(engine: AsyncEngine, req: ChatCompletionRequest,
+async def create_chat_completion(engine: EngineClient, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
     params = _sampling_params(req)
     prompt = await asyncio.to_thread(_render, engine, req)  # a long chat takes a while
@@ -73,8 +73,8 @@ def _sampling_params(req: ChatCompletionRequest) -> SamplingParams:
         raise from_value_error(exc, _RENAMES) from exc
 
 
-def _render(engine: AsyncEngine, req: ChatCompletionRequest) -> dict[str, Any]:
-    tokenizer = engine.engine.tokenizer
+def _render(engine: EngineClient, req: ChatCompletionRequest) -> dict[str, Any]:
+    tokenizer = engine.tokenizer
     try:
         text = str(tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True))
     except Exception as exc:  # noqa: BLE001 - a template rejects a conversation by raising
@@ -84,7 +84,7 @@ def _render(engine: AsyncEngine, req: ChatCompletionRequest) -> dict[str, Any]:
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
 
-async def _collect(engine: AsyncEngine, req: ChatCompletionRequest, prompt_tokens: int,
+async def _collect(engine: EngineClient, req: ChatCompletionRequest, prompt_tokens: int,
                    outputs: AsyncIterator[tuple[int, RequestOutput]],
                    request_id: str) -> ChatCompletionResponse:
     final: RequestOutput | None = None
@@ -103,7 +103,7 @@ async def _collect(engine: AsyncEngine, req: ChatCompletionRequest, prompt_token
                                   usage=UsageInfo.of(prompt_tokens, completion))
 
 
-async def _stream(engine: AsyncEngine, req: ChatCompletionRequest, params: SamplingParams,
+async def _stream(engine: EngineClient, req: ChatCompletionRequest, params: SamplingParams,
                   prompt_tokens: int, outputs: AsyncIterator[tuple[int, RequestOutput]],
                   request_id: str) -> AsyncIterator[str]:
     created = int(time.time())
@@ -135,11 +135,11 @@ async def _stream(engine: AsyncEngine, req: ChatCompletionRequest, params: Sampl
     yield sse("[DONE]")
 
 
-def _logprobs(engine: AsyncEngine, req: ChatCompletionRequest,
+def _logprobs(engine: EngineClient, req: ChatCompletionRequest,
               delta: ChoiceDelta) -> ChatLogprobs | None:
     if not req.logprobs or delta.logprobs is None:
         return None
-    tokenizer: Any = engine.engine.tokenizer
+    tokenizer = engine.tokenizer
     k = req.top_logprobs or 0
     content = []
     for token_id, entry in zip(delta.token_ids, delta.logprobs, strict=False):

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from elasticserve.engine.async_engine import AsyncEngine
+from elasticserve.engine.protocol import EngineClient, TokenizerLike
 from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.server.errors import APIError, from_value_error
@@ -38,7 +38,7 @@ from elasticserve.server.serving import (
 )
 
 
-async def create_completion(engine: AsyncEngine, req: CompletionRequest,
+async def create_completion(engine: EngineClient, req: CompletionRequest,
                             raw: Request) -> Response:
     params = _sampling_params(req)
     prepared = await prepare(engine, req.prompts(), params)
@@ -69,7 +69,7 @@ def _sampling_params(req: CompletionRequest) -> SamplingParams:
     return params
 
 
-async def _collect(engine: AsyncEngine, req: CompletionRequest, params: SamplingParams,
+async def _collect(engine: EngineClient, req: CompletionRequest, params: SamplingParams,
                    prepared: list[Prepared], outputs: AsyncIterator[tuple[int, RequestOutput]],
                    request_id: str) -> CompletionResponse:
     finals: dict[int, RequestOutput] = {}
@@ -83,7 +83,7 @@ async def _collect(engine: AsyncEngine, req: CompletionRequest, params: Sampling
                               usage=_usage(prepared, finals.values()))
 
 
-async def _stream(engine: AsyncEngine, req: CompletionRequest, params: SamplingParams,
+async def _stream(engine: EngineClient, req: CompletionRequest, params: SamplingParams,
                   prepared: list[Prepared], outputs: AsyncIterator[tuple[int, RequestOutput]],
                   request_id: str) -> AsyncIterator[str]:
     created = int(time.time())
@@ -107,15 +107,15 @@ async def _stream(engine: AsyncEngine, req: CompletionRequest, params: SamplingP
     yield sse("[DONE]")
 
 
-def _choice(engine: AsyncEngine, req: CompletionRequest, delta: ChoiceDelta) -> CompletionChoice:
+def _choice(engine: EngineClient, req: CompletionRequest, delta: ChoiceDelta) -> CompletionChoice:
     logprobs = None
     if req.logprobs is not None and delta.logprobs is not None:
-        logprobs = _logprobs(engine.engine.tokenizer, delta, req.logprobs)
+        logprobs = _logprobs(engine.tokenizer, delta, req.logprobs)
     return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
                             finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
 
 
-def _logprobs(tokenizer: Any, delta: ChoiceDelta, k: int) -> CompletionLogprobs:
+def _logprobs(tokenizer: TokenizerLike, delta: ChoiceDelta, k: int) -> CompletionLogprobs:
     out = CompletionLogprobs()
     offset = delta.text_offset
     for token_id, entry in zip(delta.token_ids, delta.logprobs or [], strict=False):

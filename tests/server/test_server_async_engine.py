@@ -96,11 +96,23 @@ def test_bad_input_raises_from_the_iterator_and_the_engine_goes_on(engines, wait
     wait_idle(engine)
 
 
+def test_what_the_server_reads_comes_from_the_wrapped_engine(engines):
+    engine = engines["tiny"]
+    engine.start()
+    assert engine.health() is None
+    assert engine.max_model_len == engine.engine.scheduler_config.max_model_len
+    assert engine.tokenizer.encode("x") == engine.engine.tokenizer.encode("x")
+    mem = engine.memory_stats()
+    assert mem["pages_reclaimed"] == 0  # a private budget: nobody takes pages back
+    assert mem["kv_mapped_bytes"] == engine.engine.kv.memory_stats()["kv_mapped_bytes"] > 0
+    assert engine.stats()["num_running"] >= 0
+
+
 class StubEngine:
     """Just enough of LLMEngine to drive the loop: requests never finish; step may raise."""
 
     scheduler_config = SimpleNamespace(max_num_seqs=2)
-    kv = SimpleNamespace()
+    kv = SimpleNamespace(lock=threading.RLock())  # LLMEngine.kv always has its lock
 
     def __init__(self, fail: bool) -> None:
         self.fail = fail
@@ -126,6 +138,7 @@ class StubEngine:
 
 def test_a_crashing_step_fails_every_stream_and_new_requests():
     engine = AsyncEngine(StubEngine(fail=True), max_queue=0, name="stub")
+    assert engine.health() == "not started"
     engine.start()
 
     async def main() -> None:
@@ -137,6 +150,7 @@ def test_a_crashing_step_fails_every_stream_and_new_requests():
 
     asyncio.run(main())
     assert not engine.is_alive
+    assert engine.health() == "crashed: RuntimeError('boom')"
     engine.shutdown()
 
 
@@ -155,6 +169,7 @@ def test_shutdown_ends_open_streams():
 
     asyncio.run(main())
     assert not engine.is_alive and engine.num_in_flight == 0
+    assert engine.health() == "shut down"
 
 
 def test_max_queue_must_not_be_negative():

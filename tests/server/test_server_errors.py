@@ -6,6 +6,9 @@ import httpx
 import openai
 import pytest
 
+from elasticserve.errors import InvalidFieldError, PromptTooLargeError
+from elasticserve.server.errors import from_value_error
+
 
 def _post(base_url: str, path: str, body: object) -> httpx.Response:
     if isinstance(body, str | bytes):
@@ -74,6 +77,7 @@ def test_prompt_longer_than_max_model_len_is_413(base_url, client):
     # "small" has max_model_len=256
     error = _error(_post(base_url, "/v1/completions", {"model": "small", "prompt": [5] * 300}), 413)
     assert error["code"] == "context_length_exceeded" and "max_model_len" in error["message"]
+    assert error["param"] == "prompt"
     with pytest.raises(openai.APIStatusError) as info:
         client.completions.create(model="small", prompt=[5] * 300)
     assert info.value.status_code == 413
@@ -108,3 +112,13 @@ def test_server_keeps_serving_after_errors(base_url, client):
     assert httpx.get(f"{base_url}/health").status_code == 200
     resp = client.completions.create(model="tiny", prompt="import", max_tokens=3, temperature=0)
     assert resp.usage.completion_tokens >= 1
+
+
+def test_param_comes_from_the_error_not_its_message():
+    # a plain ValueError names no field, even when its message starts with one
+    assert from_value_error(ValueError("temperature must be >= 0")).param is None
+    exc = InvalidFieldError("logprobs", "a message naming no field")
+    assert from_value_error(exc).param == "logprobs"
+    assert from_value_error(exc, {"logprobs": "top_logprobs"}).param == "top_logprobs"
+    big = from_value_error(PromptTooLargeError("prompt", "too long"), {"prompt": "messages"})
+    assert (big.status, big.param, big.code) == (413, "messages", "context_length_exceeded")

@@ -196,3 +196,17 @@ def test_metrics_show_memory_life(served: tuple[str, ModelPool]) -> None:
                  "elasticserve:kv_pages_reclaimed_total", "elasticserve:kv_mapped_bytes",
                  "elasticserve:num_requests_running", "elasticserve:time_to_first_token_seconds"):
         assert f'{name}{{model="a"}}' in text or f"{name}_bucket" in text, name
+
+
+def test_limits_the_budget_refuses_are_400_naming_max_bytes(
+        served: tuple[str, ModelPool]) -> None:
+    url, pool = served
+    assert pool.arbiter is not None
+    before = pool.arbiter.snapshot().models["a"]
+    resp = httpx.post(f"{url}/admin/models/a/limits", headers=AUTH,
+                      json={"min_bytes": 2 << 20, "max_bytes": 1 << 20})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "max_bytes" and "min_bytes <= max_bytes" in error["message"]
+    after = pool.arbiter.snapshot().models["a"]
+    assert (after.min_bytes, after.max_bytes) == (before.min_bytes, before.max_bytes)

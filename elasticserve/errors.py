@@ -1,0 +1,24 @@
+"""Errors about a request's input that every layer shares. Torch-free.
+
+They name the offending field themselves, so a server can report it (OpenAI's `param`) without
+parsing the message, and they survive pickling, so an engine in another process can raise them
+and its client re-raise them unchanged.
+"""
+
+from __future__ import annotations
+
+
+class InvalidFieldError(ValueError):
+    """A request field has a bad value; `param` is the field's name (e.g. "temperature")."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[type[InvalidFieldError], tuple[str, str]]:
+        # the default rebuilds from self.args == (message,) and would lose `param`
+        return type(self), (self.param, str(self))
+
+
+class PromptTooLargeError(InvalidFieldError):
+    """The request can never fit: longer than max_model_len, or than the whole KV cache."""
