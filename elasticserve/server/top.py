@@ -22,7 +22,8 @@ EXIT_CODES = f"""exit codes:
   {EXIT_USAGE}  bad usage (no admin token, bad option)
   {EXIT_AUTH}  the server refused the admin token (401/403)
   {EXIT_UNREACHABLE}  the server could not be reached at all (top never connected)
-  {EXIT_BAD_SERVER}  the server answered, but not with a memory report (admin routes off: 404)
+  {EXIT_BAD_SERVER}  the server answered, but not with a memory report (admin routes off: 404,
+     another service, or an error status before the first report)
 
 Once connected, a server that stops or fails (connection refused, timeout, 5xx) is retried
 every --interval, showing "reconnecting..." until it is back."""
@@ -37,7 +38,12 @@ class TopError(Exception):
 
 
 class Retryable(Exception):
-    """The server went away or failed for now; worth asking again (once it was reached)."""
+    """The server went away or failed for now; worth asking again (once it was reached).
+    `answered`: it did answer (with a 5xx), so it is not unreachable."""
+
+    def __init__(self, message: str, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 def _mib(n: Any) -> str:
@@ -95,7 +101,7 @@ def fetch(url: str, token: str, timeout: float = 5.0) -> dict[str, Any]:
         raise TopError(EXIT_BAD_SERVER, f"{endpoint} not found: is it elasticserve, started "
                                         "with --admin-token (admin routes are off without)?")
     if resp.status_code >= 500:
-        raise Retryable(f"{url} answered HTTP {resp.status_code}")
+        raise Retryable(f"{url} answered HTTP {resp.status_code}", answered=True)
     try:
         report = resp.json()
         render(report)  # checks the shape now, so a wrong server fails here, not mid-view
@@ -136,6 +142,8 @@ def poll(watch: Watch, url: str, token: str, err: TextIO | None = None) -> None:
         report = fetch(url, token)
     except Retryable as exc:
         if watch.report is None:  # never connected: a wrong --url should fail fast
+            if exc.answered:
+                raise TopError(EXIT_BAD_SERVER, str(exc)) from exc
             raise TopError(EXIT_UNREACHABLE, f"{exc}; is `elasticserve serve` running there?") from exc
         if watch.problem is None:
             watch.since = time.monotonic()
@@ -164,7 +172,7 @@ def run(url: str, token: str, interval: float, iterations: int | None, console: 
     return EXIT_OK
 
 
-def cmd_top(args: argparse.Namespace, err: TextIO | None = None) -> int:
+def cmd_top(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     try:
@@ -174,21 +182,16 @@ def cmd_top(args: argparse.Namespace, err: TextIO | None = None) -> int:
             raise TopError(EXIT_USAGE, "--interval must be > 0 and --iterations >= 1")
         console = Console()
         if args.once:
-            console.print(fetch_once(args.url, args.admin_token))
+            watch = Watch()
+            poll(watch, args.url, args.admin_token)
+            console.print(watch.view())
             return EXIT_OK
-        return run(args.url, args.admin_token, args.interval, args.iterations, console, err)
+        return run(args.url, args.admin_token, args.interval, args.iterations, console)
     except TopError as exc:
-        _say(str(exc), err)
+        _say(str(exc), None)
         return exc.code
     except KeyboardInterrupt:  # Ctrl-C is how a live view is meant to end
         return EXIT_OK
-
-
-def fetch_once(url: str, token: str) -> Any:
-    try:
-        return render(fetch(url, token))
-    except Retryable as exc:
-        raise TopError(EXIT_UNREACHABLE, str(exc)) from exc
 
 
 def add_top_parser(sub: Any) -> argparse.ArgumentParser:

@@ -143,6 +143,27 @@ def test_admin_routes_off_exit_5(base_url: str, capsys: pytest.CaptureFixture[st
     assert err.count("\n") == 1 and "--admin-token" in err
 
 
+def answering(status: int, body: bytes) -> Callable[..., Any]:
+    """An ASGI app that answers every request with `status` and JSON `body`."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@pytest.mark.parametrize(("status", "body"), [(500, b"{}"), (200, b'{"ok": true}'), (200, b"<")])
+def test_not_a_memory_report_exit_5(status: int, body: bytes,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(answering(status, body)) as url:
+        for extra in (["--once"], ["--iterations", "2", "--interval", "0.01"]):
+            rc, out, err = top_main(capsys, "--url", url, "--admin-token", TOKEN, *extra)
+            assert rc == top.EXIT_BAD_SERVER and err.count("\n") == 1 and out == ""
+            assert (f"HTTP {status}" in err) and (status == 500 or "memory report" in err)
+
+
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["top", "--help"])
