@@ -40,6 +40,7 @@ ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false ELASTICSERVE_CACHE=/data/.cach
     PYTHONUNBUFFERED=1
 
 EXPOSE 8000
+# asks the default port: a server started with another --port needs its own healthcheck
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 # arguments of `docker run IMAGE ...` are `elasticserve serve` options (--model, --memory, ...);
