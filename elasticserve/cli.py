@@ -7,8 +7,30 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from elasticserve.models.make_model import DEFAULT_MODEL_DIR, ensure_model
+# what `--model` defaults to (models.make_model.DEFAULT_MODEL_DIR, which a test checks): that
+# module imports torch, and `top`, `--help` and `--version` should start without it
+DEFAULT_MODEL_HELP = "models/tiny-llama"
+
+
+def version() -> str:
+    """The installed distribution's version; the source tree's when run uninstalled."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("elasticserve")
+    except PackageNotFoundError:
+        from elasticserve import __version__
+
+        return __version__
+
+
+def _ensure_model(path: str | None) -> str:
+    from elasticserve.models.make_model import DEFAULT_MODEL_DIR, ensure_model
+
+    return ensure_model(path or DEFAULT_MODEL_DIR)
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
@@ -22,7 +44,7 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from elasticserve import LLM, SamplingParams
 
-    llm = LLM(ensure_model(args.model), kv_cache_mode=args.kv_cache_mode)
+    llm = LLM(_ensure_model(args.model), kv_cache_mode=args.kv_cache_mode)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             seed=args.seed)
     for out in llm.generate(args.prompt, params):
@@ -33,7 +55,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from elasticserve import LLM, SamplingParams
 
-    llm = LLM(ensure_model(args.model), kv_cache_mode=args.kv_cache_mode)
+    llm = LLM(_ensure_model(args.model), kv_cache_mode=args.kv_cache_mode)
     rng = random.Random(0)
     words = "the paged cache grows and shrinks while the engine keeps serving".split()
     prompts = [" ".join(rng.choices(words, k=rng.randint(3, 40))) for _ in range(args.requests)]
@@ -68,39 +90,57 @@ def _forward(module: str, argv: list[str]) -> int:
     return int(importlib.import_module(module).main(argv) or 0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elasticserve")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_offline_parsers(sub: Any) -> None:
+    """make-model, generate and demo: the engine without a server."""
     mk = sub.add_parser("make-model", help="write a seeded random model in Hugging Face format")
-    mk.add_argument("--arch", choices=["llama", "qwen2", "qwen3", "mistral"], default="llama")
-    mk.add_argument("--size", choices=["tiny", "small", "widekv"], default="tiny")
-    mk.add_argument("--out", required=True)
-    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--arch", choices=["llama", "qwen2", "qwen3", "mistral"], default="llama",
+                    help="architecture (default %(default)s)")
+    mk.add_argument("--size", choices=["tiny", "small", "widekv"], default="tiny",
+                    help="preset size (default %(default)s)")
+    mk.add_argument("--out", required=True, help="directory to write the model to")
+    mk.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     mk.set_defaults(func=_cmd_make_model)
+    model_help = f"model directory (default {DEFAULT_MODEL_HELP}, made when missing)"
+    kv_help = "elastic: KV pages mapped on demand; static: preallocated (default elastic)"
     gen = sub.add_parser("generate", help="generate from one or more prompts")
-    gen.add_argument("--model", default=DEFAULT_MODEL_DIR)
-    gen.add_argument("--prompt", action="append", required=True)
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--kv-cache-mode", choices=["elastic", "static"], default="elastic")
+    gen.add_argument("--model", default=None, help=model_help)
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    gen.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--kv-cache-mode", choices=["elastic", "static"], default="elastic",
+                     help=kv_help)
     gen.set_defaults(func=_cmd_generate)
     demo = sub.add_parser("demo", help="a batch of requests on the default tiny model")
-    demo.add_argument("--model", default=DEFAULT_MODEL_DIR)
-    demo.add_argument("--requests", type=int, default=64)
-    demo.add_argument("--max-tokens", type=int, default=64)
-    demo.add_argument("--kv-cache-mode", choices=["elastic", "static"], default="elastic")
+    demo.add_argument("--model", default=None, help=model_help)
+    demo.add_argument("--requests", type=int, default=64, help="requests in the batch")
+    demo.add_argument("--max-tokens", type=int, default=64,
+                      help="longest output; each request draws its length up to it")
+    demo.add_argument("--kv-cache-mode", choices=["elastic", "static"], default="elastic",
+                      help=kv_help)
     demo.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elasticserve",
+                                     description="An LLM serving engine with elastic KV memory.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_offline_parsers(sub)
     from elasticserve.server.cli_serve import add_serve_parser
     from elasticserve.server.top import add_top_parser
 
     add_serve_parser(sub)
     add_top_parser(sub)
     sim = sub.add_parser("simulate", add_help=False,
-                         help="simulator: ramp3 | zipf16 | longctx | trace | calibrate | fit-lengths")
+                         help="simulator: ramp3 | zipf16 | longctx | trace | calibrate | fit-lengths"
+                              " (elasticserve simulate --help)")
     sim.set_defaults(func=lambda _: _forward("elasticserve.sim.cli_sim", []))
-    bench = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHES)}")
-    bench.add_argument("which", choices=sorted(BENCHES))
+    bench = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHES)}",
+                           description="Each benchmark has its own options: "
+                                       "elasticserve bench NAME --help.")
+    bench.add_argument("which", choices=sorted(BENCHES), help="the benchmark to run")
     return parser
 
 

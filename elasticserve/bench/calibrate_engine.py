@@ -246,11 +246,12 @@ def markdown(cal: Calibration) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 when every gated metric is within the target, else 1."""
-    p = argparse.ArgumentParser(prog="python -m elasticserve.bench.calibrate_engine",
+    p = argparse.ArgumentParser(prog="elasticserve simulate calibrate",
                                 description=(__doc__ or "").split("\n", 1)[0])
-    p.add_argument("--model-size", default="small", choices=("tiny", "small"))
-    p.add_argument("--arch", default="llama")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-size", default="small", choices=("tiny", "small"),
+                   help="seeded model size to measure (default %(default)s)")
+    p.add_argument("--arch", default="llama", help="seeded model architecture (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the workload")
     p.add_argument("--requests", type=int, default=HeldOut().n, help="held-out requests")
     p.add_argument("--model-dir", help="an existing checkpoint instead of a seeded one")
     p.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")

@@ -45,13 +45,14 @@ def step(sched: Scheduler, token: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seqs", type=int, default=256)
-    ap.add_argument("--blocks", type=int, default=100_000)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=400)
+    ap = argparse.ArgumentParser(prog="elasticserve bench core",
+                                 description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--seqs", type=int, default=256, help="running sequences in decode")
+    ap.add_argument("--blocks", type=int, default=100_000, help="KV blocks in the pool")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    ap.add_argument("--steps", type=int, default=400, help="engine steps per run")
     ap.add_argument("--repeats", type=int, default=5, help="runs; the median run is reported")
-    ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
     runs = sorted((run_once(args) for _ in range(args.repeats)), key=lambda r: r[0])

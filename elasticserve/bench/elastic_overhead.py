@@ -136,12 +136,12 @@ def markdown(res: OverheadResult, argv: list[str] | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="elasticserve bench elastic-overhead",
                                  description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--model-size", default="small")
+    ap.add_argument("--model-size", default="small", help="make_model size (llama)")
     ap.add_argument("--model", default=None, help="model directory (default models/<size>-llama)")
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=64, help="requests per run")
     ap.add_argument("--runs", type=int, default=5, help="runs per mode")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="workload seed")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0, help="elastic ceiling = static size")
     ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     args = ap.parse_args(argv)

@@ -134,10 +134,13 @@ def grow_shrink(gib: int = 1) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--pages", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--grow-gib", type=int, default=1)
+    parser = argparse.ArgumentParser(prog="elasticserve bench memory",
+                                     description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--pages", type=int, default=500, help="2 MiB pages per round")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating raw/backend rounds")
+    parser.add_argument("--grow-gib", type=int, default=1,
+                        help="GiB a virtual tensor grows by in the growth test")
     parser.add_argument("--write-docs", action="store_true",
                         help="write the tables into docs/BENCHMARKS.md")
     args = parser.parse_args(argv)

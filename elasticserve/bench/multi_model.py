@@ -216,7 +216,7 @@ def write_docs(section: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m elasticserve.bench.multi_model",
+    p = argparse.ArgumentParser(prog="elasticserve bench multi-model",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", default=os.path.join("models", "small-llama"),
                    help="a `small` model (made there when missing); both names serve it")
@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one burst's KV peak; default: measured by a calibration run")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     p.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
-    p.add_argument("--out-json", default=None)
-    p.add_argument("--plots", default=None, metavar="DIR")
+    p.add_argument("--out-json", default=None, help="write the results as JSON here")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
     return p
 
 

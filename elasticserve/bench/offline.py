@@ -283,9 +283,12 @@ def main(argv: list[str] | None = None) -> int:
                                  description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--model-size", default="small", help="make_model size (llama)")
     ap.add_argument("--model", default=None, help="model directory (default models/<size>-llama)")
-    for flag, default in (("--requests", 128), ("--seed", 0), ("--threads", 2),
-                          ("--single-requests", 32), ("--sweep-requests", 16), ("--engine-runs", 3)):
-        ap.add_argument(flag, type=int, default=default)
+    for flag, default, text in (("--requests", 128, "requests of the workload"),
+                                ("--seed", 0, "workload seed"), ("--threads", 2, "torch threads"),
+                                ("--single-requests", 32, "the seeded subset run one by one"),
+                                ("--sweep-requests", 16, "requests per static batch size"),
+                                ("--engine-runs", 3, "runs of our engine; the median is kept")):
+        ap.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
     ap.add_argument("--sweep", default="4,8,16,32,64", help="static batch sizes to try")
     ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     args = ap.parse_args(argv)

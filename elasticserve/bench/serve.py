@@ -205,9 +205,9 @@ def _rates(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``elasticserve bench serve``."""
     p = argparse.ArgumentParser(prog="elasticserve bench serve", description=__doc__.split("\n")[0])
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server under test")
     p.add_argument("--models", default=None, help="comma-separated; default: every served model")
-    p.add_argument("--preset", choices=PRESETS, default="poisson")
+    p.add_argument("--preset", choices=PRESETS, default="poisson", help="arrival pattern")
     p.add_argument("--trace", default=None, help=".jsonl or Azure .csv trace instead of a preset")
     p.add_argument("--request-rate", type=float, default=None,
                    help="mean req/s of all models (default: 1 for presets, the trace's own)")
@@ -215,11 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=30.0, help="preset length in seconds")
     p.add_argument("--burst-s", type=float, default=5.0, help="burst length of bursty presets")
     p.add_argument("--num-prompts", type=int, default=None, help="keep at most this many")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--length-dist", choices=["fixed", "uniform", "lognormal"], default="uniform")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-concurrency", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens: the centre of --length-dist")
+    p.add_argument("--output-len", type=int, default=32, help="output tokens: the centre of --length-dist")
+    p.add_argument("--length-dist", choices=["fixed", "uniform", "lognormal"], default="uniform",
+                   help="how lengths spread around the means")
+    p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--max-concurrency", type=int, default=64, help="requests in flight at most")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds per run, at most")
     p.add_argument("--cooldown", type=float, default=2.0, help="seconds between swept runs")
@@ -229,11 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token", default=None, help="bearer token for /admin/memory")
     p.add_argument("--memory-interval", type=float, default=0.25, help="seconds; 0: off")
     p.add_argument("--logprobs", action="store_true", help="count tokens exactly via logprobs=0")
-    p.add_argument("--label", default="run")
-    p.add_argument("--out-json", default=None)
+    p.add_argument("--label", default="run", help="name of the run in reports")
+    p.add_argument("--out-json", default=None, help="write the results as JSON here")
     p.add_argument("--save-requests", action="store_true", help="every request in the JSON")
-    p.add_argument("--plots", default=None, metavar="DIR")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -88,7 +88,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                    help="a model to serve under NAME (repeatable); default: the tiny model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--memory", type=parse_size, default=parse_size("4GiB"),
                    help="memory budget for all models' weights and KV caches (default 4GiB)")
     p.add_argument("--memory-policy", choices=["arbiter", "static"], default="arbiter",
@@ -107,7 +107,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests queued beyond the batch before new ones get 503")
     p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="server and engine log level (default info)")
     p.set_defaults(func=cmd_serve)
     return p
 

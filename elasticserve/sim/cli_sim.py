@@ -30,13 +30,26 @@ from elasticserve.sim.simulator import POLICIES, SimSetupError
 from elasticserve.workload.trace import TraceSource
 
 TRACE = "trace"
+_ABOUT = {"ramp3": "3 models whose load ramps up and down in turn",
+          "zipf16": "16 models with Zipf popularity and bursty arrivals",
+          "longctx": "short chats beside rare 128k-token requests"}  # for --help
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="elasticserve simulate",
-                                description="Simulate KV-memory policies on a scenario.")
-    p.add_argument("scenario", choices=sorted([*SCENARIOS, TRACE]))
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(
+        prog="elasticserve simulate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Simulate KV-memory policies on a scenario.",
+        epilog="subcommands:\n"
+               + "".join(f"  {name:12} {_ABOUT.get(name, 'built-in scenario')}\n"
+                         for name in sorted(SCENARIOS))
+               + f"  {TRACE:12} replay --trace FILE\n"
+               "  calibrate    fit the simulator's cost model to this engine "
+               "(elasticserve simulate calibrate --help)\n"
+               "  fit-lengths  fit log-normal lengths to a trace "
+               "(elasticserve simulate fit-lengths --help)")
+    p.add_argument("scenario", choices=sorted([*SCENARIOS, TRACE]),
+                   help="a built-in scenario, or trace (see the subcommands below)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     p.add_argument("--policies", default=",".join(POLICIES),
                    help="comma-separated subset of " + ", ".join(POLICIES))
     p.add_argument("--target", type=float, default=0.99, help="TTFT SLO attainment target")
