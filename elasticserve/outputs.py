@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from elasticserve.request import FinishReason
 from elasticserve.sampling_params import SamplingParams
 
 
@@ -55,6 +56,16 @@ class SchedulerOutput:
                     or self.blocks_to_copy)
 
 
+@dataclass(frozen=True, slots=True)
+class FailedRequest:
+    """A request the scheduler gave up on: already out of every queue, its blocks freed, its
+    sequences finished with ``reason`` (``FinishReason.ERROR``). ``message`` says why."""
+
+    request_id: str
+    reason: FinishReason
+    message: str
+
+
 @dataclass(slots=True)
 class ModelRunnerOutput:
     """Per sequence id: the sampled token (or beam candidates), and prompt logprobs."""
@@ -73,7 +84,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, float]] | None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None  # a str enum: compares and serializes as "stop"...
     stop_reason: int | str | None = None
 
     def finished(self) -> bool:

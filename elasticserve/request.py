@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 from elasticserve.sampling_params import SamplingParams
 
 
+class FinishReason(enum.StrEnum):
+    """Why a sequence ended. The values are vLLM's and the OpenAI API's ``finish_reason``
+    strings, so a member serializes (JSON, pydantic, f-strings) exactly as the string did."""
+
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"  # the client (or a cut-short run) aborted it
+    ERROR = "error"  # the scheduler gave up on it (see outputs.FailedRequest)
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -25,7 +35,15 @@ class SequenceStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "error")
+        return self.value in _FINISH_VALUES
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        """The reason a finished status reports; None while the sequence is live."""
+        return FinishReason(self.value) if self.value in _FINISH_VALUES else None
+
+
+_FINISH_VALUES = frozenset(r.value for r in FinishReason)
 
 
 _seq_ids = itertools.count()
@@ -47,7 +65,7 @@ class Sequence:
     num_computed_tokens: int = 0
     cumulative_logprob: float = 0.0
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     output_text: str = ""
 
@@ -92,7 +110,7 @@ class SequenceGroup:
     params: SamplingParams
     arrival_time: float
     seqs: list[Sequence]
-    priority: int = 0
+    priority: int = 0  # lower value = scheduled first (vLLM's convention); ties go FCFS
     # beam search keeps finished hypotheses here until the group ends
     finished_beams: list[Sequence] = field(default_factory=list)
     error: str | None = None

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from elasticserve.outputs import SampleResult
-from elasticserve.request import Sequence, SequenceGroup, SequenceStatus
+from elasticserve.request import FinishReason, Sequence, SequenceGroup, SequenceStatus
 
 ForkFn = Callable[[SequenceGroup, Sequence, int], Sequence]
 FinishFn = Callable[[Sequence, SequenceStatus], None]
@@ -61,7 +61,7 @@ def _add_finished(group: SequenceGroup, finished: list[_Candidate], gen_len: int
         hyp.token_ids.append(c.token)
         hyp.cumulative_logprob = c.total / penalty
         hyp.status = SequenceStatus.FINISHED_STOPPED
-        hyp.finish_reason = "stop" if c.token in eos_ids else "length"
+        hyp.finish_reason = FinishReason.STOP if c.token in eos_ids else FinishReason.LENGTH
         group.finished_beams.append(hyp)
     group.finished_beams.sort(key=lambda s: -s.cumulative_logprob)
     del group.finished_beams[group.beam_width:]

@@ -190,7 +190,7 @@ class LLMEngine:
                 self.step_trace.append((chunks, time.perf_counter() - start))
             self.scheduler.on_step_done(out)
             self._process(out, result)
-            finished = self.scheduler.pop_finished_groups() + self._errored_groups()
+            finished = self.scheduler.pop_finished_groups() + self._failed_groups()
         finally:
             self.kv.after_step(self.scheduler)
         now = time.monotonic()
@@ -215,13 +215,11 @@ class LLMEngine:
                         seq.output_text = self.outputs.decode(group, seq)
         return list(seen.values())
 
-    def _errored_groups(self) -> list[SequenceGroup]:
-        errored = [g for g in self.groups.values() if g.error is not None and g.is_finished]
-        for group in errored:
-            for queue in (self.scheduler.running, self.scheduler.waiting, self.scheduler.swapped):
-                if group in queue:
-                    queue.remove(group)
-        return errored
+    def _failed_groups(self) -> list[SequenceGroup]:
+        """Groups the scheduler gave up on, in this step or in a resize between steps: it has
+        dequeued them and set their error; they end like finished ones."""
+        failed = (self.groups.get(f.request_id) for f in self.scheduler.pop_failed())
+        return [g for g in failed if g is not None]
 
     def _process(self, out: SchedulerOutput, result: ModelRunnerOutput) -> None:
         now = time.monotonic()

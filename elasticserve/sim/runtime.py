@@ -120,7 +120,7 @@ class ModelRuntime:
         out = sched.schedule()
         swaps = len(out.blocks_to_swap_in) + len(out.blocks_to_swap_out)
         if not out.scheduled and not swaps:
-            self._collect_errors(now)
+            self._collect_failed()
             self.blocked = True
             return 0.0, False
         sched.on_step_done(out)
@@ -143,8 +143,7 @@ class ModelRuntime:
         self.steps += 1
         self.busy_s += dt
         self.storage.after_step(sched.memory_pressure)
-        if sched.stats.errors:
-            self._collect_errors(end)
+        self._collect_failed()
         return dt, finished
 
     def _sample(self, scheduled: list[ScheduledSeq], end: float) -> bool:
@@ -169,16 +168,14 @@ class ModelRuntime:
                 self.groups.pop(group.request_id, None)
         return finished
 
-    def _collect_errors(self, now: float) -> None:
+    def _collect_failed(self) -> None:
         """Requests the scheduler failed (e.g. longer than the whole cache) end with an error."""
-        for msg in self.scheduler.stats.errors:
-            rid = msg.split(":", 1)[0]
-            rec = self.records.get(rid)
+        for failed in self.scheduler.pop_failed():
+            rec = self.records.get(failed.request_id)
             if rec is not None and rec.error is None:
-                rec.error = msg
+                rec.error = failed.message
                 rec.finish = None
-            self.groups.pop(rid, None)
-        self.scheduler.stats.errors.clear()
+            self.groups.pop(failed.request_id, None)
 
     def abort_all(self, reason: str) -> None:
         """End every unfinished request (the run was cut short)."""
