@@ -27,16 +27,18 @@ import threading
 import time
 from collections.abc import Callable
 
-from elasticserve.core.arbiter_reclaim import TIERS, ModelEntry, best_yield, fair_share, victims
+from elasticserve.core.arbiter_reclaim import ModelEntry, best_yield, fair_share, victims
 from elasticserve.core.arbiter_types import (
     ArbiterError,
     ArbiterPolicy,
     ArbiterSnapshot,
     ModelState,
     Reclaimer,
+    ReclaimTier,
 )
 
-__all__ = ["Arbiter", "ArbiterError", "ArbiterPolicy", "ArbiterSnapshot", "ModelState", "Reclaimer"]
+__all__ = ["Arbiter", "ArbiterError", "ArbiterPolicy", "ArbiterSnapshot", "ModelState", "Reclaimer",
+           "ReclaimTier"]
 
 class Arbiter:
     """Grants KV pages out of one budget; reclaims from other models when it runs short."""
@@ -53,9 +55,9 @@ class Arbiter:
         self._lock = threading.RLock()
         self._models: dict[str, ModelEntry] = {}
         self._used = 0
-        # pages taken per reclaim tier, plus event counts
-        self.stats: dict[str, int] = {t: 0 for t in TIERS} | {"sleeps": 0, "wakes": 0,
-                                                                "denied": 0}
+        # pages taken per reclaim tier (keyed by its plain string value), plus event counts
+        self.stats: dict[str, int] = {t.value: 0 for t in ReclaimTier} | {"sleeps": 0, "wakes": 0,
+                                                                          "denied": 0}
 
     # ---- registration and limits ---------------------------------------------------------
     def register(self, name: str, weights_bytes: int, min_bytes: int = 0,
@@ -103,7 +105,7 @@ class Arbiter:
             if priority is not None:
                 m.priority = priority
             excess = m.kv_pages - m.max_pages
-            for tier in ("free", "cached", "preempt"):
+            for tier in (ReclaimTier.FREE, ReclaimTier.CACHED, ReclaimTier.PREEMPT):
                 if excess > 0:
                     excess -= self._take(m, tier, excess)
             if excess > 0:
@@ -207,12 +209,12 @@ class Arbiter:
                     return
                 got += self._take(victim, tier, min(cap, short - got))
 
-    def _tiers(self) -> list[str]:
+    def _tiers(self) -> list[ReclaimTier]:
         p = self.policy
         flags = (p.reclaim_free, p.reclaim_cached, p.preempt, p.sleep_idle)
-        return [t for t, on in zip(TIERS, flags, strict=True) if on]
+        return [t for t, on in zip(ReclaimTier, flags, strict=True) if on]
 
-    def _victims(self, req: ModelEntry, tier: str, req_after: int) -> list[tuple[ModelEntry, int]]:
+    def _victims(self, req: ModelEntry, tier: ReclaimTier, req_after: int) -> list[tuple[ModelEntry, int]]:
         """Candidates of one tier: lowest priority, least popular, least recently used first."""
         now = self._clock()
         others = sorted((m for m in self._models.values() if m is not req and m.awake),
@@ -220,19 +222,19 @@ class Arbiter:
         return victims(others, req, tier, req_after, fair_share(self._models.values(),
                        self.budget_pages), self.policy.fair_share)
 
-    def _take(self, m: ModelEntry, tier: str, n: int) -> int:
+    def _take(self, m: ModelEntry, tier: ReclaimTier, n: int) -> int:
         """Run one reclaim call on ``m`` and book what it returned."""
-        if tier == "sleep":
+        if tier is ReclaimTier.SLEEP:
             return self._sleep(m)
-        call = {"free": m.reclaimer.free_pages, "cached": m.reclaimer.drop_cached,
-                "preempt": m.reclaimer.preempt}[tier]
+        call = {ReclaimTier.FREE: m.reclaimer.free_pages, ReclaimTier.CACHED: m.reclaimer.drop_cached,
+                ReclaimTier.PREEMPT: m.reclaimer.preempt}[tier]
         freed = call(n)
         if not 0 <= freed <= m.kv_pages:
             raise ArbiterError(f"reclaimer of {m.name!r} returned {freed} pages from {tier} "
                                f"but holds {m.kv_pages}")
         m.kv_pages -= freed
         self._used -= freed
-        self.stats[tier] += freed
+        self.stats[tier.value] += freed
         return freed
 
     def _sleep(self, m: ModelEntry) -> int:
@@ -246,7 +248,7 @@ class Arbiter:
         total = m.kv_pages + m.weights_pages
         self._used -= total
         m.kv_pages, m.awake = 0, False
-        self.stats["sleep"] += total
+        self.stats[ReclaimTier.SLEEP.value] += total
         self.stats["sleeps"] += 1
         return total
 

@@ -1,13 +1,25 @@
-"""The arbiter's public types: policy, snapshots and the Reclaimer protocol. Torch-free."""
+"""The arbiter's public types: reclaim tiers, policy, snapshots and the Reclaimer protocol.
+Torch-free."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Protocol
 
 
 class ArbiterError(RuntimeError):
     """Misuse (unknown model, bad counts) or a broken invariant."""
+
+
+class ReclaimTier(enum.StrEnum):
+    """How the arbiter takes pages back from a model, cheapest first (declaration order). The
+    values are the keys of ``Arbiter.stats`` (pages taken per tier) in metrics and reports."""
+
+    FREE = "free"  # mapped pages holding neither live nor cached blocks
+    CACHED = "cached"  # pages holding only cached-prefix blocks
+    PREEMPT = "preempt"  # swap out or recompute running requests
+    SLEEP = "sleep"  # an idle model's weights and KV
 
 
 @dataclass(slots=True)
@@ -79,6 +91,8 @@ class Reclaimer(Protocol):
         """Whether the model has no request in flight (so sleeping it hurts nobody now)."""
         ...
 
-    # Optional: ``is_starved() -> bool``, whether requests are queued (waiting or swapped out)
-    # for want of memory. With ``fair_share`` a starved model keeps its share of free pages.
-    # A reclaimer without it is never treated as starved.
+    def is_starved(self) -> bool:
+        """Whether requests are queued (waiting or swapped out) for want of memory. With
+        ``fair_share`` a starved model keeps its share of free pages; a reclaimer that never
+        queues returns False."""
+        ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from elasticserve.core.arbiter import Arbiter, ArbiterError, ArbiterPolicy
+from elasticserve.core.arbiter import Arbiter, ArbiterError, ArbiterPolicy, ReclaimTier
 
 PAGE = 1 << 20
 
@@ -385,8 +386,8 @@ def test_free_pages_of_a_starved_peer_within_its_share_are_protected() -> None:
     arb.check_integrity()
 
 
-def test_reclaimer_without_the_optional_starved_hook() -> None:
-    class Minimal:  # the Reclaimer protocol without is_starved
+def test_reclaimer_that_is_never_starved_gives_all_its_free_pages() -> None:
+    class Minimal:  # the least a Reclaimer does: never queues, so never starved
         def __init__(self, free: int) -> None:
             self.free = free
 
@@ -410,6 +411,9 @@ def test_reclaimer_without_the_optional_starved_hook() -> None:
         def is_idle(self) -> bool:
             return False
 
+        def is_starved(self) -> bool:
+            return False
+
     arb = make(100)
     arb.register("a", 10 * PAGE, reclaimer=Minimal(0))
     arb.register("b", 10 * PAGE, reclaimer=(b := Minimal(0)))
@@ -417,3 +421,14 @@ def test_reclaimer_without_the_optional_starved_hook() -> None:
     b.free = 30
     assert arb.request("a", 50, at_least=30) == 30  # b cannot say it is starved: all 30 go
     arb.check_integrity()
+
+
+def test_tiers_run_cheapest_first_and_report_under_their_plain_names() -> None:
+    assert list(ReclaimTier) == ["free", "cached", "preempt", "sleep"]
+    arb = make(100)
+    low = add(arb, "low", weights=10, used=10, free=10, cached=10, priority=0)
+    add(arb, "high", weights=10, used=0, priority=1)
+    assert arb.request("high", 70) == 70
+    assert [c[0] for c in low.calls] == [ReclaimTier.FREE, ReclaimTier.CACHED]
+    stats = json.loads(json.dumps(arb.stats))
+    assert stats["free"] == 10 and stats["cached"] == 10 and stats["preempt"] == 0
