@@ -10,6 +10,7 @@ from elasticserve import LLM, SamplingParams
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.multi_model import ModelPool, ModelSpec, checkpoint_bytes
 from tests.engine.conftest import mixed_prompts
+from tests.helpers import run_until_done, tokens_of
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 64 * KiB
@@ -32,16 +33,16 @@ def run_burst(pool: ModelPool, name: str, prompts: list[list[int]],
               samples: list[dict[str, int]]) -> list[list[int]]:
     engine = pool.engines[name]
     ids = [engine.add_request({"prompt_token_ids": p}, PARAMS) for p in prompts]
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
+    assert pool.arbiter is not None
+    arbiter = pool.arbiter
+
+    def each_step() -> None:
         pool.note_request(name)
-        for out in engine.step():
-            done[out.request_id] = out.outputs[0].token_ids
-        assert pool.arbiter is not None
-        snap = pool.arbiter.snapshot()
-        samples.append({n: m.kv_pages for n, m in snap.models.items()})
+        samples.append({n: m.kv_pages for n, m in arbiter.snapshot().models.items()})
         pool.check_integrity()
-    return [done[i] for i in ids]
+
+    pool.note_request(name)
+    return tokens_of(run_until_done(engine, max_steps=500, each_step=each_step), ids)
 
 
 @pytest.fixture(scope="module")
