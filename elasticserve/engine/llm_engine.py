@@ -313,6 +313,13 @@ class LLMEngine:
         self.kv_manager.check_integrity()
         self.kv.check_integrity()
 
+    def close(self) -> None:
+        """Stop the KV storage's reclaimer thread and unmap its pages (elastic storage); the
+        engine must not step afterwards. Without it the thread runs until garbage collection."""
+        close = getattr(self.kv, "close", None)
+        if close is not None:
+            close()
+
 
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None or name == "auto":
