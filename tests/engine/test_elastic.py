@@ -49,7 +49,8 @@ def test_parity_when_growing_shrinking_and_compacting_every_step(
     assert stats["kv_mapped_bytes"] == 0  # reserve 0, no live blocks: everything given back
 
 
-def test_burst_memory_comes_back_when_idle(tmp_path) -> None:
+def test_burst_memory_comes_back_when_idle(tmp_path, steady_process: int) -> None:
+    # RssShmem is process-wide: steady_process stops other engines' reclaimers meanwhile
     model_dir = make_model("llama", "widekv", str(tmp_path / "wide"))
     engine = LLMEngine.from_args(model_dir, kv_cache_max_bytes=1024 * MiB,
                                  kv_shrink_after_s=0.2, enable_prefix_caching=False,

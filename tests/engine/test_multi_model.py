@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -50,11 +53,30 @@ def two_models(model_dirs: dict[str, str]) -> dict[str, str]:
     return {"a": model_dirs["llama"], "b": model_dirs["qwen2"]}
 
 
-def test_pages_move_to_the_busy_model_and_back(two_models: dict[str, str]) -> None:
+@pytest.fixture
+def make_pool(two_models: dict[str, str]) -> Iterator[Callable[..., ModelPool]]:
+    """`make_pool(memory_bytes, base_args, **kw)` over both models; every pool is closed after
+    the test, and its engines too (else the idle sleeper and the reclaimers run on)."""
+    pools: list[ModelPool] = []
+
+    def make(memory_bytes: int, base: EngineArgs, **kwargs: Any) -> ModelPool:
+        specs = [ModelSpec(n, p) for n, p in two_models.items()]
+        pools.append(ModelPool(specs, memory_bytes, base, **kwargs))
+        return pools[-1]
+
+    yield make
+    for pool in pools:
+        pool.close()
+        for engine in pool.engines.values():
+            engine.close()
+
+
+def test_pages_move_to_the_busy_model_and_back(two_models: dict[str, str],
+                                               make_pool: Callable[..., ModelPool]) -> None:
     weights = sum(checkpoint_bytes(p) for p in two_models.values())
     kv_budget = 2 * MiB  # one burst peaks above half of it, and fits in all of it
-    pool = ModelPool([ModelSpec(n, p) for n, p in two_models.items()], weights + kv_budget,
-                     EngineArgs(model="", kv_shrink_after_s=60.0), page_size=PAGE)
+    pool = make_pool(weights + kv_budget, EngineArgs(model="", kv_shrink_after_s=60.0),
+                     page_size=PAGE)
     samples: list[dict[str, int]] = []
     prompts = {n: burst(p) for n, p in two_models.items()}
     # a's second burst is new text: its first burst's blocks may still sit in its prefix cache
@@ -74,10 +96,10 @@ def test_pages_move_to_the_busy_model_and_back(two_models: dict[str, str]) -> No
     assert pool.arbiter is not None and pool.arbiter.stats["free"] + pool.arbiter.stats["cached"] > 0
 
 
-def test_idle_model_sleeps_and_wakes_on_demand(two_models: dict[str, str]) -> None:
+def test_idle_model_sleeps_and_wakes_on_demand(two_models: dict[str, str],
+                                               make_pool: Callable[..., ModelPool]) -> None:
     weights = sum(checkpoint_bytes(p) for p in two_models.values())
-    pool = ModelPool([ModelSpec(n, p) for n, p in two_models.items()], weights + 2 * MiB,
-                     EngineArgs(model=""), idle_sleep_s=0.2, page_size=PAGE)
+    pool = make_pool(weights + 2 * MiB, EngineArgs(model=""), idle_sleep_s=0.2, page_size=PAGE)
     assert pool.arbiter is not None
     prompts = burst(two_models["a"])[:4]
     first = run_burst(pool, "a", prompts, [])
@@ -97,11 +119,11 @@ def test_idle_model_sleeps_and_wakes_on_demand(two_models: dict[str, str]) -> No
     pool.check_integrity()
 
 
-def test_pressure_sleeps_the_idle_model(two_models: dict[str, str]) -> None:
+def test_pressure_sleeps_the_idle_model(two_models: dict[str, str],
+                                        make_pool: Callable[..., ModelPool]) -> None:
     wa, wb = (checkpoint_bytes(p) for p in two_models.values())
     # room for both models' weights but only a little KV: a's burst must sleep idle b
-    pool = ModelPool([ModelSpec(n, p) for n, p in two_models.items()], wa + wb + 6 * PAGE,
-                     EngineArgs(model=""), page_size=PAGE)
+    pool = make_pool(wa + wb + 6 * PAGE, EngineArgs(model=""), page_size=PAGE)
     assert pool.arbiter is not None
     prompts = burst(two_models["a"])[:6]
     got = run_burst(pool, "a", prompts, [])
@@ -110,12 +132,32 @@ def test_pressure_sleeps_the_idle_model(two_models: dict[str, str]) -> None:
     pool.check_integrity()
 
 
-def test_static_policy_splits_the_budget(two_models: dict[str, str]) -> None:
+def test_static_policy_splits_the_budget(two_models: dict[str, str],
+                                         make_pool: Callable[..., ModelPool]) -> None:
     weights = max(checkpoint_bytes(p) for p in two_models.values())
-    pool = ModelPool([ModelSpec(n, p) for n, p in two_models.items()], 2 * (weights + MiB),
-                     EngineArgs(model=""), policy="static")
+    pool = make_pool(2 * (weights + MiB), EngineArgs(model=""), policy="static")
     for engine in pool.engines.values():
         assert engine.kv.memory_stats()["kv_mapped_bytes"] <= MiB + weights - checkpoint_bytes(
             engine.args.model)
     with pytest.raises(ValueError, match="arbiter"):
         pool.sleep("a")
+
+
+def _background_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name in ("kv-reclaimer", "idle-sleeper")}
+
+
+def test_close_stops_the_sleeper_and_the_reclaimers(two_models: dict[str, str]) -> None:
+    before = _background_threads()  # earlier tests' engines may still have some
+    weights = sum(checkpoint_bytes(p) for p in two_models.values())
+    pool = ModelPool([ModelSpec(n, p) for n, p in two_models.items()], weights + 2 * MiB,
+                     EngineArgs(model=""), idle_sleep_s=60.0, page_size=PAGE)
+    ours = _background_threads() - before
+    assert sorted(t.name for t in ours) == ["idle-sleeper", "kv-reclaimer", "kv-reclaimer"]
+    pool.close()
+    for engine in pool.engines.values():
+        engine.close()
+    for thread in ours:  # each loop notices `closed` within its tick (0.05-0.1 s)
+        thread.join(timeout=3.0)
+        assert not thread.is_alive(), f"{thread.name} still runs after close()"
+    assert pool.engines  # still referenced: the threads stopped for close(), not for gc
