@@ -12,7 +12,7 @@ MAX_STEPS = 2000
 
 def engine_state(engine: Any) -> str:
     """What a stuck engine is holding: queues, blocks, preemptions, KV pages."""
-    stats = {k: v for k, v in engine.stats().items() if not k.startswith(("prefix", "sleeps"))}
+    stats = engine.stats()
     memory = engine.kv.memory_stats()
     pages = {k: memory[k] for k in ("kv_mapped_bytes", "kv_used_bytes", "pages_mapped")
              if k in memory}

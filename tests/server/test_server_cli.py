@@ -56,7 +56,7 @@ def test_defaults_bind_loopback_with_one_shared_budget():
         _parse("--memory-policy", "greedy")
 
 
-def test_default_model_is_made_and_served(tmp_path, monkeypatch):
+def test_default_model_is_made_and_served(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the default model lands in ./models/tiny-llama
     port_file = tmp_path / "port"
     # port 0: the server binds a port the kernel picks and reports it; no probe-then-close race
@@ -73,6 +73,8 @@ def test_default_model_is_made_and_served(tmp_path, monkeypatch):
             time.sleep(0.01)
         port = int(port_file.read_text())
         assert port != 0
+        # the same port, in the line a caller without --port-file parses
+        assert f"elasticserve: listening on http://127.0.0.1:{port}\n" in capsys.readouterr().out
         url = f"http://127.0.0.1:{port}"
         assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["tiny-llama"]
         resp = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "x",
