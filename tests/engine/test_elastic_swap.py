@@ -29,11 +29,12 @@ def long_prompts(count: int, length: int, salt: int) -> list[list[int]]:
             for i in range(count)]
 
 
+@pytest.mark.parametrize("mode", ["swap", "auto"])  # auto: 300 tokens >= swap_min_tokens
 def test_resize_below_use_swaps_out_and_back(
-        tiny_llama: str, hf_greedy: Callable[..., list[list[int]]]) -> None:
+        mode: str, tiny_llama: str, hf_greedy: Callable[..., list[list[int]]]) -> None:
     prompts = long_prompts(4, 300, salt=1)
     expected = hf_greedy(tiny_llama, prompts, MAX_NEW)
-    llm = LLM(tiny_llama, page_size=PAGE, kv_reserve_pages=0, preemption_mode="swap")
+    llm = LLM(tiny_llama, page_size=PAGE, kv_reserve_pages=0, preemption_mode=mode)
     engine = llm.engine
     ids = [engine.add_request({"prompt_token_ids": p}, PARAMS) for p in prompts]
     for _ in range(2):  # prefill, then a decode step: every request holds ~19 blocks
