@@ -328,6 +328,11 @@ class LLMEngine:
         self.kv_manager.check_integrity()
         self.kv.check_integrity()
 
+    def close(self) -> None:
+        """Stop the KV storage's reclaimer thread and unmap its pages; the engine must not step
+        afterwards. Without it the thread runs until garbage collection."""
+        self.kv.close()
+
 
 def _model_max_len(config: ModelConfig) -> int:
     limit = int(config.max_position_embeddings)

@@ -242,7 +242,11 @@ class ModelPool:
                 engine.check_integrity()
 
     def close(self) -> None:
+        """Stop the idle sleeper and close every engine (their reclaimers stop, pages unmap);
+        the caller has stopped stepping them."""
         self.closed = True
+        for engine in self.engines.values():
+            engine.close()
 
 
 def checkpoint_bytes(path: str) -> int:

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 from typing import TYPE_CHECKING, Any
 
 from elasticserve.engine.args import EngineArgs
@@ -88,7 +89,10 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                    help="a model to serve under NAME (repeatable); default: the tiny model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port to bind; 0 picks a free one (see --port-file)")
+    p.add_argument("--port-file", default=None, metavar="PATH",
+                   help="write the bound port here once listening (for --port 0)")
     p.add_argument("--memory", type=parse_size, default=parse_size("4GiB"),
                    help="memory budget for all models' weights and KV caches (default 4GiB)")
     p.add_argument("--memory-policy", choices=["arbiter", "static"], default="arbiter",
@@ -133,12 +137,31 @@ def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]
     return uvicorn.Server(config), engines
 
 
+def run_server(server: Any, args: argparse.Namespace) -> None:
+    """Bind `args.host:args.port` ourselves, announce the port actually bound, then serve.
+
+    With `--port 0` the kernel picks the port and this process keeps the socket from bind to
+    serve: a caller that probed for a free port and closed it could lose it to another
+    process before the server bound it."""
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    with socket.create_server((args.host, args.port), family=family) as sock:
+        port = sock.getsockname()[1]
+        print(f"elasticserve: listening on http://{args.host}:{port}", flush=True)
+        if args.port_file:
+            # written whole, then renamed: a reader polling the path never sees half a number
+            tmp = f"{args.port_file}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{port}\n")
+            os.replace(tmp, args.port_file)
+        server.run(sockets=[sock])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted (Ctrl-C / SIGTERM), then stop the engines."""
     logging.basicConfig(level=args.log_level.upper())
     server, engines = make_server(args)
     try:
-        server.run()
+        run_server(server, args)
     finally:
         for engine in engines.values():
             engine.shutdown()

@@ -208,16 +208,40 @@ def test_check_integrity_catches_corruption() -> None:
         pool.check_integrity()
 
 
+# (the parent's content chain id or -1 for a first block, hash, tokens)
+ModelKey = tuple[int, int, tuple[int, ...]]
+
+
 class PoolMachine(RuleBasedStateMachine):
-    """Checks BlockPool against a plain-dict model, with colliding hashes."""
+    """Checks BlockPool against a plain-dict model, with colliding hashes and chained
+    entries: a block's content is its tokens *after its parent's content*, so the same tokens
+    cached after two different parents are two entries, and a lookup after one parent must
+    never answer with the block cached after the other."""
 
     def __init__(self) -> None:
         super().__init__()
         self.pool = BlockPool(6)
         self.n = 6
         self.ref: dict[int, int] = {}
-        self.key: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self.key: dict[int, ModelKey] = {}
+        # a content chain's id lives while some block holds it; identical content cached again
+        # later is a new chain, so children keyed on the old one no longer match
+        self.chain: dict[ModelKey, int] = {}
+        self.next_chain = 0
         self.lru: list[int] = []
+
+    def _model_key(self, parent: int | None, tokens: tuple[int, ...]) -> ModelKey:
+        chain = -1 if parent is None else self.chain[self.key[parent]]
+        return (chain, sum(tokens) % 2, tokens)  # deliberately colliding hash
+
+    def _forget(self, block: int) -> None:
+        """`block` no longer holds its content: the chain ends with its last holder."""
+        key = self.key.pop(block, None)
+        if key is not None and key not in self.key.values():
+            del self.chain[key]
+
+    def _parent(self, i: int | None) -> int | None:
+        return None if i is None or not self.key else self._pick(list(self.key), i)
 
     def _free_uncached(self) -> list[int]:
         return [b for b in range(self.n) if not self.ref.get(b) and b not in self.key]
@@ -233,7 +257,7 @@ class PoolMachine(RuleBasedStateMachine):
                 self.pool.allocate()
             return
         expected = min(free) if free else self.lru.pop(0)
-        self.key.pop(expected, None)
+        self._forget(expected)
         assert self.pool.allocate() == expected
         self.ref[expected] = 1
 
@@ -256,25 +280,32 @@ class PoolMachine(RuleBasedStateMachine):
         self.ref[block] = self.ref.get(block, 0) + 1
 
     @precondition(lambda self: any(r and b not in self.key for b, r in self.ref.items()))
-    @rule(i=st.integers(0, 99), tokens=st.tuples(st.integers(0, 2), st.integers(0, 2)))
-    def set_hash(self, i: int, tokens: tuple[int, ...]) -> None:
+    @rule(i=st.integers(0, 99), tokens=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+          parent=st.none() | st.integers(0, 99))
+    def set_hash(self, i: int, tokens: tuple[int, ...], parent: int | None) -> None:
         block = self._pick([b for b, r in self.ref.items() if r and b not in self.key], i)
-        key = (sum(tokens) % 2, tokens)  # deliberately colliding hash
-        self.pool.set_hash(block, *key)
+        parent_block = self._parent(parent)
+        key = self._model_key(parent_block, tokens)
+        self.pool.set_hash(block, key[1], tokens, parent_block)
         self.key[block] = key
+        if key not in self.chain:
+            self.chain[key], self.next_chain = self.next_chain, self.next_chain + 1
 
-    @rule(tokens=st.tuples(st.integers(0, 2), st.integers(0, 2)))
-    def lookup(self, tokens: tuple[int, ...]) -> None:
-        key = (sum(tokens) % 2, tokens)
-        hit = self.pool.lookup(*key)
+    @rule(tokens=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+          parent=st.none() | st.integers(0, 99))
+    def lookup(self, tokens: tuple[int, ...], parent: int | None) -> None:
+        parent_block = self._parent(parent)
+        key = self._model_key(parent_block, tokens)
+        hit = self.pool.lookup(key[1], tokens, parent_block)
         holders = [b for b, k in self.key.items() if k == key]
-        assert (hit is None) == (not holders) and (hit is None or hit in holders)
+        assert (hit is None) == (not holders) and (hit is None or hit in holders), \
+            f"lookup {key} after block {parent_block} gave {hit}, holders {holders}"
 
     @rule(k=st.integers(0, 3))
     def evict(self, k: int) -> None:
         gone, self.lru = self.lru[:k], self.lru[k:]
         for block in gone:
-            del self.key[block]
+            self._forget(block)
         assert self.pool.evict_cached(k) == len(gone)
 
     @rule(new=st.integers(0, 10), compact=st.booleans())
@@ -285,7 +316,7 @@ class PoolMachine(RuleBasedStateMachine):
                 self.ref[dst] = self.ref.pop(src)
                 if dst in self.lru:
                     self.lru.remove(dst)
-                self.key.pop(dst, None)
+                self._forget(dst)
                 if src in self.key:
                     self.key[dst] = self.key.pop(src)
         if any(self.ref.get(b) for b in range(new, self.n)):
@@ -294,7 +325,7 @@ class PoolMachine(RuleBasedStateMachine):
             return
         self.pool.resize(new)
         for block in range(new, self.n):
-            self.key.pop(block, None)
+            self._forget(block)
             self.ref.pop(block, None)
         self.lru = [b for b in self.lru if b < new]
         self.n = new

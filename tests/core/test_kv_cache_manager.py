@@ -263,14 +263,18 @@ def test_sequence_id_errors() -> None:
 
 
 BASES = [(0,) * 12, (1, 0) * 6, (0, 0, 1, 1) * 3]
+# the fake KV of one slot: every token up to and including the slot's (None: never written)
+Slot = tuple[int, ...] | None
 
 
 class ManagerMachine(RuleBasedStateMachine):
     """Random workloads against a shadow copy of every block's KV "content".
 
     Copies returned by the manager are replayed on the shadow and each write
-    stores the written token in its slot, so a missed COW, a lost swap copy or
-    a wrong prefix hit shows up as a sequence reading back foreign tokens.
+    stores, like real attention KV, what the slot depends on: every token up to
+    and including its own (the whole prefix, not just the block's tokens). A
+    missed COW, a lost swap copy or a wrong prefix hit (the right tokens after
+    another prefix) shows up as a sequence reading back foreign KV.
     """
 
     caching = True
@@ -278,8 +282,8 @@ class ManagerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.kv = KVCacheManager(BlockPool(16), BS, 12, enable_prefix_caching=self.caching)
-        self.dev: dict[int, list[int | None]] = {}
-        self.host: dict[int, list[int | None]] = {}
+        self.dev: dict[int, list[Slot]] = {}
+        self.host: dict[int, list[Slot]] = {}
         self.tokens: dict[int, list[int]] = {}
         self.computed: dict[int, int] = {}
         self.next_id = 0
@@ -287,7 +291,7 @@ class ManagerMachine(RuleBasedStateMachine):
     def _ids(self, swapped: bool) -> list[int]:
         return [s for s in sorted(self.tokens) if self.kv.is_swapped(s) == swapped]
 
-    def _slot(self, store: dict[int, list[int | None]], block: int) -> list[int | None]:
+    def _slot(self, store: dict[int, list[Slot]], block: int) -> list[Slot]:
         return store.setdefault(block, [None] * BS)
 
     def _advance(self, sid: int, start: int, n: int, toks: list[int], cache: bool) -> bool:
@@ -303,7 +307,7 @@ class ManagerMachine(RuleBasedStateMachine):
         for src, dst in copies:
             self.dev[dst] = list(self._slot(self.dev, src))
         for pos in range(start, start + n):
-            self._slot(self.dev, self.kv.block_table(sid)[pos // BS])[pos % BS] = toks[pos]
+            self._slot(self.dev, self.kv.block_table(sid)[pos // BS])[pos % BS] = tuple(toks[: pos + 1])
         self.tokens[sid], self.computed[sid] = toks, start + n
         if cache:
             self.kv.cache_blocks(sid, toks, start + n)
@@ -314,8 +318,8 @@ class ManagerMachine(RuleBasedStateMachine):
         hit = self.kv.allocate_prompt(sid, prompt)
         assert hit % BS == 0 and hit < len(prompt) and (self.caching or hit == 0)
         table = self.kv.block_table(sid)
-        for pos in range(hit):  # a hit must hold exactly the prompt's tokens
-            assert self._slot(self.dev, table[pos // BS])[pos % BS] == prompt[pos]
+        for pos in range(hit):  # a hit must hold exactly the KV of the prompt's prefix
+            assert self._slot(self.dev, table[pos // BS])[pos % BS] == tuple(prompt[: pos + 1])
         self.tokens[sid], self.computed[sid] = prompt, hit
         if prefill:
             self._advance(sid, hit, len(prompt) - hit, prompt, cache=True)
@@ -415,12 +419,14 @@ class ManagerMachine(RuleBasedStateMachine):
         pool = self.kv.pool
         for block in range(pool.num_blocks):  # cached content must never be overwritten
             cached = pool.cached_tokens(block)
-            assert cached is None or tuple(self._slot(self.dev, block)) == cached
+            own = tuple(kv[-1] if kv else None for kv in self._slot(self.dev, block))
+            assert cached is None or own == cached
         for sid, toks in self.tokens.items():
             store = self.host if self.kv.is_swapped(sid) else self.dev
             table = self.kv.block_table(sid)
             got = [self._slot(store, table[p // BS])[p % BS] for p in range(self.computed[sid])]
-            assert got == toks[: self.computed[sid]], f"seq {sid} reads foreign KV"
+            want = [tuple(toks[: p + 1]) for p in range(self.computed[sid])]
+            assert got == want, f"seq {sid} reads foreign KV"
 
     def teardown(self) -> None:
         for sid in list(self.tokens):

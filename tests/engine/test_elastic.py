@@ -11,6 +11,7 @@ from elasticserve import LLM, SamplingParams
 from elasticserve.engine.llm_engine import LLMEngine
 from elasticserve.models.make_model import make_model
 from tests.engine.conftest import ARCHS, mixed_prompts
+from tests.helpers import run_until_done, tokens_of
 
 MiB = 1 << 20
 
@@ -40,19 +41,16 @@ def test_parity_when_growing_shrinking_and_compacting_every_step(
     engine = LLMEngine.from_args(model_dir, **CHURN)
     ids = [engine.add_request({"prompt_token_ids": p}, SamplingParams(max_tokens=n, temperature=0.0))
            for p, n in zip(prompts, lengths, strict=True)]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            done[out.request_id] = out.outputs[0].token_ids
-        engine.check_integrity()
-    assert [done[i] for i in ids] == expected
+    done = run_until_done(engine, max_steps=200, each_step=engine.check_integrity)
+    assert tokens_of(done, ids) == expected
     stats = engine.kv.memory_stats()
     assert stats["grow_events"] >= 3 and stats["shrink_events"] >= 3
     assert stats["compactions"] >= 1
     assert stats["kv_mapped_bytes"] == 0  # reserve 0, no live blocks: everything given back
 
 
-def test_burst_memory_comes_back_when_idle(tmp_path) -> None:
+def test_burst_memory_comes_back_when_idle(tmp_path, steady_process: int) -> None:
+    # RssShmem is process-wide: steady_process stops other engines' reclaimers meanwhile
     model_dir = make_model("llama", "widekv", str(tmp_path / "wide"))
     engine = LLMEngine.from_args(model_dir, kv_cache_max_bytes=1024 * MiB,
                                  kv_shrink_after_s=0.2, enable_prefix_caching=False,
@@ -63,11 +61,14 @@ def test_burst_memory_comes_back_when_idle(tmp_path) -> None:
     for i in range(68):  # 68 x 288 tokens x 16 KiB per token ~ 306 MiB of live KV
         engine.add_request({"prompt_token_ids": [(t + i) % 500 + 1 for t in prompt]},
                            SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
-    peak_mapped = peak_rss = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        peak_mapped = max(peak_mapped, engine.kv.memory_stats()["kv_mapped_bytes"])
-        peak_rss = max(peak_rss, rss_shmem())
+    peak = {"mapped": 0, "rss": 0}
+
+    def sample() -> None:
+        peak["mapped"] = max(peak["mapped"], engine.kv.memory_stats()["kv_mapped_bytes"])
+        peak["rss"] = max(peak["rss"], rss_shmem())
+
+    run_until_done(engine, max_steps=500, each_step=sample)
+    peak_mapped, peak_rss = peak["mapped"], peak["rss"]
     assert peak_mapped >= 256 * MiB
     assert peak_rss - base_rss >= 0.9 * peak_mapped  # the pages were really touched
     deadline = time.monotonic() + 2.0
@@ -94,11 +95,7 @@ def test_resize_at_run_time_preempts_and_never_corrupts(
     assert engine.stats()["preemptions"] >= 1
     engine.check_integrity()
     llm.resize_kv_cache(64 * MiB)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            done[out.request_id] = out.outputs[0].token_ids
-    assert [done[i] for i in ids] == expected
+    assert tokens_of(run_until_done(engine, max_steps=300), ids) == expected
     with pytest.raises(ValueError, match="bytes"):
         llm.resize_kv_cache(0)
 

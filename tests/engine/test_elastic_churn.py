@@ -1,5 +1,6 @@
 """Hypothesis state machine: the KV contents of every live block survive any sequence of
-allocate / append / fork / free / grow / shrink-with-compaction / resize on real pages."""
+allocate / append / fork / free / grow / shrink-with-compaction / resize (preempting by
+recompute or by swap) / swap-in on real pages."""
 
 from __future__ import annotations
 
@@ -27,36 +28,49 @@ class _Shape:  # block = 2 layers x K/V x 4 tokens x 1 head x 8 dims x fp32 = 51
 
 
 class _Preempter:
-    """Stands in for the scheduler: resize below use preempts (recompute) whole sequences."""
+    """Stands in for the scheduler: resize below use preempts whole sequences, latest first,
+    by swap (their KV goes to host blocks; the storage applies the returned copies) where
+    `swap` is set and the host pool has room, else by recompute (their KV is dropped)."""
 
-    def __init__(self, machine: ElasticChurn) -> None:
+    def __init__(self, machine: ElasticChurn, swap: bool) -> None:
         self.machine = machine
+        self.swap = swap
 
     def preempt_to_fit(self, max_blocks: int) -> list[tuple[int, int]]:
         m = self.machine
+        pairs: list[tuple[int, int]] = []
         while m.pool.num_used > max_blocks and m.lengths:
-            m.drop(max(m.lengths))
-        return []
+            victim = max(m.lengths)
+            if self.swap and m.mgr.can_swap_out([victim]):
+                pairs += m.mgr.swap_out([victim])
+                m.swapped[victim] = m.lengths.pop(victim)
+            else:
+                m.drop(victim)
+        return pairs
 
 
 class ElasticChurn(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         cache = CacheConfig(block_size=BS, kv_cache_max_bytes=48 * PAGE, kv_reserve_pages=0,
-                            kv_shrink_after_s=0.0, swap_space=0)
+                            kv_shrink_after_s=0.0, swap_space=24 * 512)
         self.kv = KVStorage(cache, MemoryConfig(page_size=PAGE), _Shape(),  # type: ignore[arg-type]
                             torch.float32)
         self.pool = BlockPool(self.kv.num_blocks, enable_caching=False)
-        self.mgr = KVCacheManager(self.pool, BS, 0, enable_prefix_caching=False)
+        self.mgr = KVCacheManager(self.pool, BS, self.kv.num_swap_blocks,
+                                  enable_prefix_caching=False)
         self.kv.attach(self.pool, self.mgr)
-        self.lengths: dict[int, int] = {}
+        self.lengths: dict[int, int] = {}  # sequences on the device
+        self.swapped: dict[int, int] = {}  # sequences swapped out to host blocks
         self.values: dict[int, list[float]] = {}
         self.next_id = 0
 
     # -- helpers --------------------------------------------------------------------------
     def drop(self, seq_id: int) -> None:
         self.mgr.free(seq_id)
-        del self.lengths[seq_id], self.values[seq_id]
+        self.lengths.pop(seq_id, None)
+        self.swapped.pop(seq_id, None)
+        del self.values[seq_id]
 
     def _reserve(self, seq_id: int, start: int, count: int) -> bool:
         need = self.mgr.num_blocks_needed(seq_id, start + count, start)
@@ -122,20 +136,43 @@ class ElasticChurn(RuleBasedStateMachine):
         self.drop(lowest)
         self.kv.maybe_shrink()
 
-    @rule(pages=st.integers(1, 48))
-    def resize(self, pages: int) -> None:
-        self.kv.resize(pages * PAGE, _Preempter(self))  # type: ignore[arg-type]
+    @rule(pages=st.integers(1, 48), swap=st.booleans())
+    def resize(self, pages: int, swap: bool) -> None:
+        self.kv.resize(pages * PAGE, _Preempter(self, swap))  # type: ignore[arg-type]
+
+    @precondition(lambda self: self.swapped)
+    @rule(data=st.data())
+    def swap_in(self, data: st.DataObject) -> None:
+        seq_id = data.draw(st.sampled_from(sorted(self.swapped)))
+        need = self.mgr.num_blocks_needed_for_swap_in([seq_id])
+        if need > self.pool.num_free and not self.kv.grow(need - self.pool.num_free):
+            return
+        pairs = self.mgr.swap_in([seq_id])
+        host = torch.tensor([h for h, _ in pairs], dtype=torch.long)
+        dev = torch.tensor([d for _, d in pairs], dtype=torch.long)
+        assert self.kv.swap_tensor is not None
+        self.kv.tensor[dev] = self.kv.swap_tensor[host]  # as the runner does
+        self.lengths[seq_id] = self.swapped.pop(seq_id)
 
     # -- invariants -----------------------------------------------------------------------
     @invariant()
     def contents_survive(self) -> None:
         self.kv.check_integrity()
         self.mgr.check_integrity()
-        for seq_id, values in self.values.items():
-            table = self.mgr.block_table(seq_id)
+        for seq_id in self.lengths:
+            values, table = self.values[seq_id], self.mgr.block_table(seq_id)
             got = [float(self.kv.tensor[table[p // BS], 1, 1, p % BS, 0, 7])
                    for p in range(len(values))]
             assert got == values, f"sequence {seq_id} lost its KV"
+
+    @invariant()
+    def swapped_contents_survive(self) -> None:
+        for seq_id, length in self.swapped.items():
+            assert self.kv.swap_tensor is not None and self.mgr.is_swapped(seq_id)
+            table = self.mgr.block_table(seq_id)
+            got = [float(self.kv.swap_tensor[table[p // BS], 1, 1, p % BS, 0, 7])
+                   for p in range(length)]
+            assert got == self.values[seq_id], f"sequence {seq_id} lost its KV in the swap"
 
     @invariant()
     def unmapped_space_reads_zero(self) -> None:
@@ -144,12 +181,14 @@ class ElasticChurn(RuleBasedStateMachine):
         assert not tail.any()
 
     def teardown(self) -> None:
-        for seq_id in list(self.lengths):
+        for seq_id in list(self.values):
             self.drop(seq_id)
         self.kv.maybe_shrink()
         assert self.pool.num_used == 0 and self.kv.vt.mapped_pages == 0
         self.kv.close()
 
 
-ElasticChurn.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+# one bug, shrunk once: shrinking two failures of one broken copy takes minutes
+ElasticChurn.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
+                                          report_multiple_bugs=False)
 TestElasticChurn = ElasticChurn.TestCase

@@ -7,6 +7,7 @@ import pytest
 from elasticserve import LLM, SamplingParams
 from elasticserve.engine.llm_engine import LLMEngine
 from tests.engine.conftest import mixed_prompts
+from tests.helpers import run_until_done
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +63,13 @@ def test_abort_mid_generation_frees_every_block(tiny_llama: str) -> None:
 
 
 def _peak_blocks(engine: LLMEngine) -> int:
-    peak = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        peak = max(peak, engine.stats()["blocks_used"])
-    return peak
+    peak = [0]
+
+    def sample() -> None:
+        peak[0] = max(peak[0], engine.stats()["blocks_used"])
+
+    run_until_done(engine, each_step=sample)
+    return peak[0]
 
 
 def test_parallel_sampling_and_beams_share_blocks(tiny_llama: str) -> None:

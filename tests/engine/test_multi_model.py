@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -10,6 +13,7 @@ from elasticserve import LLM, SamplingParams
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.multi_model import ModelPool, ModelSpec, checkpoint_bytes
 from tests.engine.conftest import mixed_prompts
+from tests.helpers import run_until_done, tokens_of
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 64 * KiB
@@ -32,16 +36,16 @@ def run_burst(pool: ModelPool, name: str, prompts: list[list[int]],
               samples: list[dict[str, int]]) -> list[list[int]]:
     engine = pool.engines[name]
     ids = [engine.add_request({"prompt_token_ids": p}, PARAMS) for p in prompts]
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
+    assert pool.arbiter is not None
+    arbiter = pool.arbiter
+
+    def each_step() -> None:
         pool.note_request(name)
-        for out in engine.step():
-            done[out.request_id] = out.outputs[0].token_ids
-        assert pool.arbiter is not None
-        snap = pool.arbiter.snapshot()
-        samples.append({n: m.kv_pages for n, m in snap.models.items()})
+        samples.append({n: m.kv_pages for n, m in arbiter.snapshot().models.items()})
         pool.check_integrity()
-    return [done[i] for i in ids]
+
+    pool.note_request(name)
+    return tokens_of(run_until_done(engine, max_steps=500, each_step=each_step), ids)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +53,28 @@ def two_models(model_dirs: dict[str, str]) -> dict[str, str]:
     return {"a": model_dirs["llama"], "b": model_dirs["qwen2"]}
 
 
-def test_pages_move_to_the_busy_model_and_back(two_models: dict[str, str]) -> None:
+@pytest.fixture
+def make_pool(two_models: dict[str, str]) -> Iterator[Callable[..., ModelPool]]:
+    """`make_pool(memory_bytes, base_args, **kw)` over both models; every pool is closed after
+    the test, and its engines too (else the idle sleeper and the reclaimers run on)."""
+    pools: list[ModelPool] = []
+
+    def make(memory_bytes: int, base: EngineArgs, **kwargs: Any) -> ModelPool:
+        specs = [ModelSpec(n, p) for n, p in two_models.items()]
+        pools.append(ModelPool(specs, memory_bytes, base, **kwargs))
+        return pools[-1]
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+def test_pages_move_to_the_busy_model_and_back(two_models: dict[str, str],
+                                               make_pool: Callable[..., ModelPool]) -> None:
     weights = sum(checkpoint_bytes(p) for p in two_models.values())
     kv_budget = 2 * MiB  # one burst peaks above half of it, and fits in all of it
-    pool = ModelPool([ModelSpec(n, p) for n, p in two_models.items()], weights + kv_budget,
-                     EngineArgs(model="", kv_shrink_after_s=60.0), page_size=PAGE)
+    pool = make_pool(weights + kv_budget, EngineArgs(model="", kv_shrink_after_s=60.0),
+                     page_size=PAGE)
     samples: list[dict[str, int]] = []
     prompts = {n: burst(p) for n, p in two_models.items()}
     # a's second burst is new text: its first burst's blocks may still sit in its prefix cache
@@ -73,10 +94,10 @@ def test_pages_move_to_the_busy_model_and_back(two_models: dict[str, str]) -> No
     assert pool.arbiter is not None and pool.arbiter.stats["free"] + pool.arbiter.stats["cached"] > 0
 
 
-def test_idle_model_sleeps_and_wakes_on_demand(two_models: dict[str, str]) -> None:
+def test_idle_model_sleeps_and_wakes_on_demand(two_models: dict[str, str],
+                                               make_pool: Callable[..., ModelPool]) -> None:
     weights = sum(checkpoint_bytes(p) for p in two_models.values())
-    pool = ModelPool([ModelSpec(n, p) for n, p in two_models.items()], weights + 2 * MiB,
-                     EngineArgs(model=""), idle_sleep_s=0.2, page_size=PAGE)
+    pool = make_pool(weights + 2 * MiB, EngineArgs(model=""), idle_sleep_s=0.2, page_size=PAGE)
     assert pool.arbiter is not None
     prompts = burst(two_models["a"])[:4]
     first = run_burst(pool, "a", prompts, [])
@@ -96,11 +117,11 @@ def test_idle_model_sleeps_and_wakes_on_demand(two_models: dict[str, str]) -> No
     pool.check_integrity()
 
 
-def test_pressure_sleeps_the_idle_model(two_models: dict[str, str]) -> None:
+def test_pressure_sleeps_the_idle_model(two_models: dict[str, str],
+                                        make_pool: Callable[..., ModelPool]) -> None:
     wa, wb = (checkpoint_bytes(p) for p in two_models.values())
     # room for both models' weights but only a little KV: a's burst must sleep idle b
-    pool = ModelPool([ModelSpec(n, p) for n, p in two_models.items()], wa + wb + 6 * PAGE,
-                     EngineArgs(model=""), page_size=PAGE)
+    pool = make_pool(wa + wb + 6 * PAGE, EngineArgs(model=""), page_size=PAGE)
     assert pool.arbiter is not None
     prompts = burst(two_models["a"])[:6]
     got = run_burst(pool, "a", prompts, [])
@@ -109,12 +130,32 @@ def test_pressure_sleeps_the_idle_model(two_models: dict[str, str]) -> None:
     pool.check_integrity()
 
 
-def test_static_policy_splits_the_budget(two_models: dict[str, str]) -> None:
+def test_static_policy_splits_the_budget(two_models: dict[str, str],
+                                         make_pool: Callable[..., ModelPool]) -> None:
     weights = max(checkpoint_bytes(p) for p in two_models.values())
-    pool = ModelPool([ModelSpec(n, p) for n, p in two_models.items()], 2 * (weights + MiB),
-                     EngineArgs(model=""), policy="static")
+    pool = make_pool(2 * (weights + MiB), EngineArgs(model=""), policy="static")
     for engine in pool.engines.values():
         assert engine.kv.memory_stats()["kv_mapped_bytes"] <= MiB + weights - checkpoint_bytes(
             engine.config.model.path)
     with pytest.raises(ValueError, match="arbiter"):
         pool.sleep("a")
+
+
+def _background_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name in ("kv-reclaimer", "idle-sleeper")}
+
+
+def test_close_stops_the_sleeper_and_the_reclaimers(two_models: dict[str, str]) -> None:
+    before = _background_threads()  # earlier tests' engines may still have some
+    weights = sum(checkpoint_bytes(p) for p in two_models.values())
+    pool = ModelPool([ModelSpec(n, p) for n, p in two_models.items()], weights + 2 * MiB,
+                     EngineArgs(model=""), idle_sleep_s=60.0, page_size=PAGE)
+    ours = _background_threads() - before
+    assert sorted(t.name for t in ours) == ["idle-sleeper", "kv-reclaimer", "kv-reclaimer"]
+    pool.close()
+    for engine in pool.engines.values():
+        engine.close()
+    for thread in ours:  # each loop notices `closed` within its tick (0.05-0.1 s)
+        thread.join(timeout=3.0)
+        assert not thread.is_alive(), f"{thread.name} still runs after close()"
+    assert pool.engines  # still referenced: the threads stopped for close(), not for gc

@@ -9,20 +9,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from elasticserve.memory import HostBackend, MapCountLimitError, PagePlacement, VirtualTensor, linux
+from elasticserve.memory import HostBackend, MapCountLimitError, PagePlacement, VirtualTensor
 from elasticserve.memory.linux import MapCountGuard, count_process_maps
 from tests.memory.memory_helpers import kernel_vmas
 
 PS = 16 * 1024
-
-
-@pytest.fixture
-def steady_process(monkeypatch: pytest.MonkeyPatch) -> int:
-    """The rest of the process, frozen: threads and allocators of earlier tests map and
-    unmap memory at any time, which moves a limit set as "current count + N"."""
-    others = count_process_maps() - linux._tracked[0]
-    monkeypatch.setattr(linux, "count_process_maps", lambda: linux._tracked[0] + others)
-    return others + linux._tracked[0]
 
 
 @pytest.fixture

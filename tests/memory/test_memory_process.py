@@ -35,7 +35,8 @@ def test_unmapped_reads_zero_and_host_write_faults(backend_name: str) -> None:
         assert child.returncode == 0, out
 
 
-def test_released_memory_leaves_the_process(make_backend: Callable[..., MemoryBackend]) -> None:
+def test_released_memory_leaves_the_process(make_backend: Callable[..., MemoryBackend],
+                                            steady_process: int) -> None:
     b = make_backend(page_size=2 * MIB)
     n = 64 * MIB // b.page_size
     vr = b.reserve(n * b.page_size)

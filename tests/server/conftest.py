@@ -27,6 +27,7 @@ from elasticserve.engine.llm_engine import LLMEngine  # noqa: E402
 from elasticserve.outputs import RequestOutput  # noqa: E402
 from elasticserve.sampling_params import SamplingParams  # noqa: E402
 from elasticserve.server.api_server import build_app  # noqa: E402
+from tests.helpers import run_until_done  # noqa: E402
 from tests.uvicorn_server import serve_in_thread  # noqa: E402
 
 # "small": a static cache of 8 blocks x 16 tokens and max_model_len 256, one sequence per step
@@ -96,10 +97,9 @@ def run_offline(offline: LLMEngine) -> Callable[[Any, SamplingParams], RequestOu
 
     def run(prompt: Any, params: SamplingParams) -> RequestOutput:
         rid = offline.add_request(prompt, params)
-        while True:
-            for out in offline.step():
-                if out.request_id == rid and out.finished:
-                    return out
+        out = run_until_done(offline)[rid]
+        assert out.finished
+        return out
 
     return run
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import threading
 import time
 
@@ -16,6 +15,7 @@ from elasticserve.server.cli_serve import (
     make_server,
     parse_model_specs,
     parse_size,
+    run_server,
 )
 
 
@@ -56,21 +56,25 @@ def test_defaults_bind_loopback_with_one_shared_budget():
         _parse("--memory-policy", "greedy")
 
 
-def test_default_model_is_made_and_served(tmp_path, monkeypatch):
+def test_default_model_is_made_and_served(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the default model lands in ./models/tiny-llama
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server, engines = make_server(_parse("--port", str(port), "--log-level", "warning",
-                                         "--memory", "64MiB"))
+    port_file = tmp_path / "port"
+    # port 0: the server binds a port the kernel picks and reports it; no probe-then-close race
+    args = _parse("--port", "0", "--port-file", str(port_file), "--log-level", "warning",
+                  "--memory", "64MiB")
+    server, engines = make_server(args)
     assert (tmp_path / "models" / "tiny-llama" / "config.json").exists()
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=run_server, args=(server, args), daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline
+        while not (server.started and port_file.exists()):
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
             time.sleep(0.01)
+        port = int(port_file.read_text())
+        assert port != 0
+        # the same port, in the line a caller without --port-file parses
+        assert f"elasticserve: listening on http://127.0.0.1:{port}\n" in capsys.readouterr().out
         url = f"http://127.0.0.1:{port}"
         assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["tiny-llama"]
         resp = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "x",
@@ -81,3 +85,14 @@ def test_default_model_is_made_and_served(tmp_path, monkeypatch):
         thread.join(10)
         for engine in engines.values():
             engine.shutdown()
+    assert not thread.is_alive()
+
+
+def test_serve_process_finds_the_port_the_child_bound(tmp_path):
+    from elasticserve.bench.serve_process import serve_process
+    from elasticserve.models.make_model import make_model
+
+    model = make_model("llama", "tiny", str(tmp_path / "m"))
+    with serve_process(["--model", f"m={model}", "--memory", "64MiB"], start_timeout_s=60) as url:
+        assert not url.endswith(":0")
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["m"]
