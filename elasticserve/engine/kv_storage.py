@@ -165,8 +165,9 @@ class KVStorage:
 
     def close(self) -> None:
         with self.lock:
-            self.closed = True
-            self.vt.close()
+            if not self.closed:  # idempotent: a pool and its owner may both close an engine
+                self.closed = True
+                self.vt.close()
 
     # ---- what a page broker may take back (the caller holds `lock`) ----------------------
     def reclaimable(self) -> tuple[int, int]:
