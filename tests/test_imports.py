@@ -8,7 +8,8 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "elasticserve"
-SHARED = {"config", "sampling_params", "request", "outputs"}  # the types every layer shares
+SHARED = {"config", "sampling_params", "request", "outputs",  # the types every layer shares
+          "docs_section"}  # the torch-free writer of docs/BENCHMARKS.md sections
 
 # what each layer may import besides itself and the shared types
 ALLOWED: dict[str, set[str]] = {
