@@ -178,5 +178,10 @@ def test_multi_model_compare_and_section() -> None:
     scenario = {"burst_rate": 16.0, "burst_s": 0.5, "slot_s": 10.0, "rounds": 3,
                 "input_len": 384, "output_len": 48, "ttft_slo_s": 1.0}
     text = mr.markdown_section(scenario, budget, {"awake": {
-        "budget": budget, "summaries": summaries, "compare": cmp}}, ["footer line"])
+        "budget": budget, "summaries": summaries, "compare": cmp, "order": ["static", "arbiter"]}},
+        ["footer line"], threads=2, calibration_order=["arbiter", "static"])
     assert "2.00x" in text and "| arbiter | 4/4 | 4 (100%)" in text and "footer line" in text
+    # what the run did, not fixed sentences: its threads and the order the policies ran in
+    assert "`--threads 2`" in text and "(83% of the burst peak)" in text
+    assert "calibration arbiter, calibration static, awake static, awake arbiter" in text
+    assert "0.4 s" not in text and "no run-to-run spread was measured" in text
