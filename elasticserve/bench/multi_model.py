@@ -259,7 +259,8 @@ def peak_and_slo(args: argparse.Namespace, model_dir: str, sc: Scenario, specs: 
                         + ", ".join(f"{p} {v:,.0f} ms" for p, v in p99s.items()))
     if not sc.ttft_slo_s:
         raise SystemExit("--ttft-slo-s is needed with --peak-mib (no calibration run)")
-    result["scenario"] = asdict(sc) | {"ttft_slo_note": slo_note}
+    result["scenario"] = asdict(sc) | {"ttft_slo_note": slo_note,
+                                       "model": os.path.basename(model_dir.rstrip("/"))}
     return sc, peak, source
 
 

@@ -75,7 +75,8 @@ def markdown_section(scenario: dict[str, Any], peak: dict[str, Any],
     Every sentence is either computed from the runs or describes what the code did."""
     sc = scenario
     lines = [
-        f"Two `small` Llama models ({peak['weights_bytes'] / MIB:.0f} MiB of fp32 weights each, "
+        f"Two copies of `{sc.get('model', 'small-llama')}` ({peak['weights_bytes'] / MIB:.0f} "
+        "MiB of fp32 weights each, "
         f"{peak['kv_bytes_per_token'] // 1024} KiB of KV per token). Bursts take turns: about "
         f"{sc['burst_rate'] * sc['burst_s']:g} requests within {sc['burst_s']:g} s at the start "
         f"of each model's {sc['slot_s']:g} s turn, {sc['rounds']} rounds (A, B, A, B, ...); "
