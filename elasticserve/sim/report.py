@@ -74,7 +74,7 @@ def docs_section(comp: Comparison, command: str, when: str, commit: str) -> str:
         lines += [f"At the trace's recorded rate: {_f(scn.rate_at(1.0))} {scn.rate_label}.", ""]
     lines += _target_lines(comp)
     body = markdown(comp).replace("\n## ", "\n### ")
-    return "\n".join(lines) + ("#" + body if body.startswith("## ") else body)
+    return "\n".join([*lines, "#" + body if body.startswith("## ") else body])
 
 
 def _target_lines(comp: Comparison) -> list[str]:
