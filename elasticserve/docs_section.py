@@ -28,7 +28,8 @@ HEADER = f"""# Benchmarks
 
 Every `<!-- bench:NAME -->` section is written by the command printed in it (`--write-docs`),
 from what that run measured: the command, the date, the machine and its load. Text outside
-the sections is commentary, marked {COMMENTARY}
+the sections is either commentary, marked {COMMENTARY}, or a *Provenance note* on how a
+section was made.
 """
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 

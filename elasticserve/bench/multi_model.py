@@ -168,15 +168,19 @@ def calibrate(model_dir: str, sc: Scenario, specs: list[RequestSpec], threads: i
               order: tuple[str, str]) -> tuple[int, dict[str, RunResult]]:
     """One burst's KV peak (the most either policy used) and both policies' runs, on a budget
     where even the static half holds 1.5x the estimated burst: nobody waits for memory."""
-    est = estimate_peak(model_dir, sc)
-    generous = budget_for(model_dir, est, "estimated", sc, "sleep", 2 * _pages(
-        _weights(model_dir) + 1.5 * est))
+    memory = generous_memory(model_dir, sc)
     runs = {}
     for policy in order:
-        _log(f"calibration: {policy} on {generous.memory_bytes / MIB:.0f} MiB")
-        runs[policy] = run_policy(policy, model_dir, generous.memory_bytes, specs, sc.duration_s,
-                                  threads, label=f"calibration, {policy}")
+        _log(f"calibration: {policy} on {memory / MIB:.0f} MiB")
+        runs[policy] = run_policy(policy, model_dir, memory, specs, sc.duration_s, threads,
+                                  label=f"calibration, {policy}")
     return max(measured_peak(r) for r in runs.values()), runs
+
+
+def generous_memory(model_dir: str, sc: Scenario, factor: float = 1.5) -> int:
+    """A budget whose static half holds ``factor`` x the estimated burst besides the weights
+    (so the arbiter, which can give one model more than half, holds it too)."""
+    return 2 * _pages(_weights(model_dir) + factor * estimate_peak(model_dir, sc))
 
 
 def _weights(model_dir: str) -> int:

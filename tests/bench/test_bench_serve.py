@@ -155,6 +155,11 @@ def test_multi_model_budgets_split_the_burst(tmp_path: Path) -> None:
     # tiny weights: sleeping frees little, so the room rule sizes this budget
     assert asleep.static_kv_bytes < peak <= asleep.arbiter_room_bytes
     assert awake.memory_bytes % mm.PAGE == 0 and asleep.memory_bytes % mm.PAGE == 0
+    # calibration: both policies on a budget where even the static half holds the burst, so
+    # the SLO taken from it is what either policy reaches when memory is not short
+    est = mm.estimate_peak(path, sc)
+    generous = mm.budget_for(path, est, "estimated", sc, "sleep", mm.generous_memory(path, sc))
+    assert generous.static_kv_bytes >= 1.5 * est and generous.arbiter_room_bytes >= 1.5 * est
 
 
 def test_multi_model_compare_and_section() -> None:
