@@ -257,7 +257,9 @@ def peak_and_slo(args: argparse.Namespace, model_dir: str, sc: Scenario, specs: 
         runs += calib.values()
         if not sc.ttft_slo_s:
             p99s = {p: c["overall"]["ttft_ms"]["p99"] for p, c in result["calibration"].items()}
-            sc = replace(sc, ttft_slo_s=round(sc.slo_factor * max(p99s.values()) / 1e3, 1))
+            # up to a whole 0.1 s: rounding could reach 0 s on a fast machine (no SLO at all)
+            slo_s = math.ceil(sc.slo_factor * max(p99s.values()) / 100) / 10
+            sc = replace(sc, ttft_slo_s=slo_s)
             slo_note = (f"{sc.slo_factor:g} x the larger P99 TTFT of the two calibration runs, "
                         "where every burst is admitted at once: "
                         + ", ".join(f"{p} {v:,.0f} ms" for p, v in p99s.items()))
