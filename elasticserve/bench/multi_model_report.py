@@ -85,9 +85,10 @@ def markdown_section(scenario: dict[str, Any], peak: dict[str, Any],
         f"{sc['ttft_slo_s']:g} s ({sc.get('ttft_slo_note', 'given')}).", ""]
     for idle, case in cases.items():
         b = case["budget"]
+        share = (f" ({b['static_kv_bytes'] / b['burst_peak_bytes']:.0%} of the burst peak)"
+                 if b["burst_peak_bytes"] > 0 else "")  # no KV sampled: a run too short
         lines.append(f"- {b['memory_bytes'] / MIB:.0f} MiB budget: {IDLE_TEXT.get(idle, idle)}. "
-                     f"Static: {b['static_kv_bytes'] / MIB:.0f} MiB of KV per model "
-                     f"({b['static_kv_bytes'] / b['burst_peak_bytes']:.0%} of the burst peak); "
+                     f"Static: {b['static_kv_bytes'] / MIB:.0f} MiB of KV per model{share}; "
                      f"arbiter: up to {b['arbiter_room_bytes'] / MIB:.0f} MiB for the bursting "
                      "model.")
     lines += ["", "| budget | memory policy | completed | within TTFT SLO | TTFT P50 ms "
