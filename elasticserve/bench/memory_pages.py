@@ -3,9 +3,10 @@
 Run: ``.venv/bin/python -m elasticserve.bench.memory_pages [--pages 500] [--rounds 2]``
 Prints Markdown tables.
 
-Raw and backend measurements alternate round by round over the same kind of work
-(2 MiB memfd pages mapped over a read-only reservation, touched before release), so
-drift on a shared machine hits both sides alike.
+Raw and backend measurements take turns over the same kind of work (2 MiB memfd pages
+mapped over a read-only reservation, touched before release), and which goes first
+alternates from round to round (``fairness.abba``), so drift on a shared machine hits both
+sides alike.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from functools import partial
 import torch
 
 from elasticserve.bench import report
+from elasticserve.bench.fairness import abba
 from elasticserve.memory import HostBackend, PagePlacement, VirtualTensor
 from elasticserve.memory.linux import (
     MAP_FIXED,
@@ -148,20 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("map", "unmap", "release", "unmap+release")
     raw: Samples = {k: [] for k in keys}
     ours: Samples = {k: [] for k in keys}
-    for _ in range(args.rounds):
-        raw_round(args.pages, raw)
-        backend_round(args.pages, ours)
+    sides = {"raw": (raw_round, raw), "ours": (backend_round, ours)}
+    for pair in abba("raw", "ours", args.rounds):
+        for side in pair:
+            run_round, samples = sides[side]
+            run_round(args.pages, samples)
     body = "\n\n".join([latency_table(raw, ours, args.pages, args.rounds),
                           grow_shrink(args.grow_gib)])
     print(body)
     if args.write_docs:
         report.update_section("memory-pages", "\n\n".join([
             "Host backend: per-page latency next to the raw system calls it is built from "
-            "(measured alternately in one process), and growing / shrinking a VirtualTensor "
+            "(measured in turns in one process, which goes first alternating from round to "
+            "round), and growing / shrinking a VirtualTensor "
             "by whole GiB.", body,
             f"Run {report.today()} on {report.machine_line(torch.get_num_threads())}; load "
-            f"average {load_before} before, {report.load_average()} after. CUDA: not "
-            "measured (no GPU was lent to this session).",
+            f"average {load_before} before, {report.load_average()} after. The CUDA backend "
+            "is not measured by this command (host backend only).",
             f"Command: `{report.command_line('elasticserve.bench.memory_pages', argv)}`"]))
     return 0
 

@@ -4,26 +4,29 @@ Run: ``python -m elasticserve.bench.multi_model [--write-docs] [--out-json r.jso
 
 Model A bursts while model B idles, then B bursts while A idles, for a few rounds. The same
 seeded workload goes to servers started one after the other (child processes on free loopback
-ports): ``--memory-policy arbiter`` (pages move to the model that needs them) and
-``--memory-policy static`` (the budget split in half, each half a fixed KV cache).
+ports, never two at once): ``--memory-policy arbiter`` (pages move to the model that needs
+them) and ``--memory-policy static`` (the budget split in half, each half a fixed KV cache).
+Which policy runs first alternates from one pair of runs to the next (``fairness.abba``), so
+drift in the shared machine's speed favours neither.
 
-A calibration run (the arbiter on a generous budget) measures one burst's KV peak. Then, per
-``--idle`` case, one budget and both policies on it:
+Calibration: both policies on a generous budget, where even the static half holds a burst,
+measure one burst's KV peak and the TTFT of a burst admitted at once. Then, per ``--idle``
+case, one budget and both policies on it:
 
 - ``awake``: the peak fits the budget minus both models' weights (times ``headroom``) but not
   the static half (which gets about half of it);
 - ``sleep``: the static half holds about a quarter of the peak; the arbiter fits the burst
   only by putting the idle model to sleep (its weights leave the budget until it wakes).
 
-Reports P99 TTFT and the requests within a TTFT SLO (default: 1.25 x the calibration run's
-P99 TTFT, so it follows the machine's speed) for both policies, and their ratio.
+Reports P99 TTFT and the requests within a TTFT SLO for both policies, and their ratio. The
+SLO is given (``--ttft-slo-s``) or ``slo_factor`` x the larger P99 TTFT of the two calibration
+runs: the latency either policy reaches when memory is not short, not one side's own result.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import math
 import os
@@ -32,11 +35,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from elasticserve.bench.fairness import abba
 from elasticserve.bench.multi_model_report import compare, markdown_section
 from elasticserve.bench.serve import alternating_profile, fit_lengths, warmup
 from elasticserve.bench.serve_client import ClientConfig, run_benchmark
 from elasticserve.bench.serve_process import serve_process
 from elasticserve.bench.serve_report import MIB, SLO, RunResult, records_json, summarize
+from elasticserve.docs_section import update_section
 from elasticserve.workload.generators import ArrivalProcess, Fixed, ModelStream, RequestSpec, Workload
 
 MODELS = ("model-a", "model-b")
@@ -57,7 +62,7 @@ class Scenario:
     burst_s: float = 0.5
     slot_s: float = 10.0
     rounds: int = 3
-    ttft_slo_s: float = 0.0  # 0: slo_factor x the calibration run's P99 TTFT
+    ttft_slo_s: float = 0.0  # 0: slo_factor x the larger calibration P99 TTFT of both policies
     slo_factor: float = 1.25
     arrival_cv: float = 0.25
     seed: int = 0
@@ -119,9 +124,7 @@ def budget_for(model_dir: str, peak_bytes: int, source: str, sc: Scenario, idle:
     """The budget of an ``idle`` case (or ``memory_bytes`` as given) and what it gives each
     policy. The arbiter counts weights in whole pages; one spare page is kept for the idle
     model when it stays awake and one for the bursting model's reserve."""
-    from elasticserve.engine.multi_model import checkpoint_bytes
-
-    weights = checkpoint_bytes(model_dir)
+    weights = _weights(model_dir)
     held = _pages(weights)
     if memory_bytes is None:
         if idle == "awake":
@@ -161,58 +164,60 @@ def _log(text: str) -> None:
     print(f"[multi-model] {text}", file=sys.stderr, flush=True)
 
 
-def calibrate(model_dir: str, sc: Scenario, specs: list[RequestSpec], threads: int
-              ) -> tuple[int, RunResult]:
-    """One burst's KV peak, measured with the arbiter on a budget that fits every burst."""
-    generous = budget_for(model_dir, estimate_peak(model_dir, sc), "estimated",
-                          Scenario(headroom=1.5))
-    _log(f"calibration: arbiter on {generous.memory_bytes / MIB:.0f} MiB")
-    run = run_policy("arbiter", model_dir, generous.memory_bytes, specs, sc.duration_s, threads,
-                     label="calibration")
-    return measured_peak(run), run
+def calibrate(model_dir: str, sc: Scenario, specs: list[RequestSpec], threads: int,
+              order: tuple[str, str]) -> tuple[int, dict[str, RunResult]]:
+    """One burst's KV peak (the most either policy used) and both policies' runs, on a budget
+    where even the static half holds 1.5x the estimated burst: nobody waits for memory."""
+    memory = generous_memory(model_dir, sc)
+    runs = {}
+    for policy in order:
+        _log(f"calibration: {policy} on {memory / MIB:.0f} MiB")
+        runs[policy] = run_policy(policy, model_dir, memory, specs, sc.duration_s, threads,
+                                  label=f"calibration, {policy}")
+    return max(measured_peak(r) for r in runs.values()), runs
+
+
+def generous_memory(model_dir: str, sc: Scenario, factor: float = 1.5) -> int:
+    """A budget whose static half holds ``factor`` x the estimated burst besides the weights
+    (so the arbiter, which can give one model more than half, holds it too)."""
+    return 2 * _pages(_weights(model_dir) + factor * estimate_peak(model_dir, sc))
+
+
+def _weights(model_dir: str) -> int:
+    from elasticserve.engine.multi_model import checkpoint_bytes
+
+    return checkpoint_bytes(model_dir)
 
 
 def run_case(model_dir: str, budget: Budget, specs: list[RequestSpec], sc: Scenario,
-             threads: int) -> tuple[dict[str, Any], list[RunResult]]:
-    """Both policies on one budget: their summaries (with every request) and the comparison."""
+             threads: int, order: tuple[str, str]) -> tuple[dict[str, Any], list[RunResult]]:
+    """Both policies on one budget, in ``order``: their summaries (with every request) and the
+    comparison."""
     slo = SLO(ttft_s=sc.ttft_slo_s)
     runs, summaries = [], {}
-    for policy in ("arbiter", "static"):
+    for policy in order:
         _log(f"idle {budget.idle}, {policy}: {len(specs)} requests on "
              f"{budget.memory_bytes / MIB:.0f} MiB")
         run = run_policy(policy, model_dir, budget.memory_bytes, specs, sc.duration_s, threads,
                          label=f"{policy}, idle {budget.idle}")
         runs.append(run)
         summaries[policy] = summarize(run, slo) | {"requests": records_json(run)}
-    return {"budget": asdict(budget), "summaries": summaries,
+    return {"budget": asdict(budget), "summaries": summaries, "order": list(order),
             "compare": compare(summaries)}, runs
 
 
-def _report_module() -> Any | None:
-    try:
-        return importlib.import_module("elasticserve.bench.report")
-    except ImportError:
-        return None
-
-
 def provenance(argv: list[str] | None, threads: int, load_before: str) -> list[str]:
-    """Date, machine, load and the command, through ``elasticserve.bench.report``."""
-    report = _report_module()
-    if report is None:
-        return ["", "Command: `python -m elasticserve.bench.multi_model`"]
+    """Date, machine, load and the command."""
+    from elasticserve.bench import report  # torch, for the machine line: only once it ran
+
     return ["", f"Run {report.today()} on {report.machine_line(threads)}; load average "
                 f"{load_before} before, {report.load_average()} after.", "",
             f"Command: `{report.command_line('elasticserve.bench.multi_model', argv)}`"]
 
 
-def write_docs(section: str) -> bool:
-    """Update the ``multi-model`` section of docs/BENCHMARKS.md (``bench.report``)."""
-    report = _report_module()
-    if report is None:
-        print("elasticserve/bench/report.py is missing: docs not written", file=sys.stderr)
-        return False
-    _log(f"wrote section {SECTION!r} of {report.update_section(SECTION, section)}")
-    return True
+def write_docs(section: str, path: str | None = None) -> None:
+    """Update the ``multi-model`` section of docs/BENCHMARKS.md."""
+    _log(f"wrote section {SECTION!r} of {update_section(SECTION, section, path)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,32 +234,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one burst's KV peak; default: measured by a calibration run")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     p.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
+    p.add_argument("--docs-path", default=None, help="the file --write-docs updates")
     p.add_argument("--out-json", default=None, help="write the results as JSON here")
     p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
     return p
 
 
 def peak_and_slo(args: argparse.Namespace, model_dir: str, sc: Scenario, specs: list[RequestSpec],
-                 result: dict[str, Any], runs: list[RunResult]) -> tuple[Scenario, int, str]:
+                 result: dict[str, Any], runs: list[RunResult], order: tuple[str, str]
+                 ) -> tuple[Scenario, int, str]:
     """The burst peak (given, or calibrated) and the scenario with its SLO set; records the
-    calibration run in ``result`` and ``runs``."""
+    calibration runs in ``result`` and ``runs``."""
     slo_note = "given"
     if args.peak_mib is not None:
         peak, source = int(args.peak_mib * MIB), "given"
     else:
-        peak, calib = calibrate(model_dir, sc, specs, args.threads)
-        source = ("measured: the most KV one model used in a calibration run of the arbiter on a "
-                  "larger budget")
-        result["calibration"] = summarize(calib, SLO())
-        runs.append(calib)
+        peak, calib = calibrate(model_dir, sc, specs, args.threads, order)
+        source = ("measured: the most KV one model used in the calibration runs of both "
+                  "policies on a larger budget")
+        result["calibration"] = {p: summarize(r, SLO()) for p, r in calib.items()}
+        result["calibration_order"] = list(order)
+        runs += calib.values()
         if not sc.ttft_slo_s:
-            p99 = result["calibration"]["overall"]["ttft_ms"]["p99"] / 1e3
-            sc = replace(sc, ttft_slo_s=round(sc.slo_factor * p99, 1))
-            slo_note = (f"{sc.slo_factor:g} x the P99 TTFT of the calibration run, where every "
-                        "burst is admitted at once")
+            p99s = {p: c["overall"]["ttft_ms"]["p99"] for p, c in result["calibration"].items()}
+            # up to a whole 0.1 s: rounding could reach 0 s on a fast machine (no SLO at all)
+            slo_s = math.ceil(sc.slo_factor * max(p99s.values()) / 100) / 10
+            sc = replace(sc, ttft_slo_s=slo_s)
+            slo_note = (f"{sc.slo_factor:g} x the larger P99 TTFT of the two calibration runs, "
+                        "where every burst is admitted at once: "
+                        + ", ".join(f"{p} {v:,.0f} ms" for p, v in p99s.items()))
     if not sc.ttft_slo_s:
         raise SystemExit("--ttft-slo-s is needed with --peak-mib (no calibration run)")
-    result["scenario"] = asdict(sc) | {"ttft_slo_note": slo_note}
+    result["scenario"] = asdict(sc) | {"ttft_slo_note": slo_note,
+                                       "model": os.path.basename(model_dir.rstrip("/"))}
     return sc, peak, source
 
 
@@ -269,17 +281,20 @@ def main(argv: list[str] | None = None) -> int:
     specs = fit_lengths(sc.requests(), {})
     result: dict[str, Any] = {"cases": {}}
     all_runs: list[RunResult] = []
-    sc, peak, source = peak_and_slo(args, model_dir, sc, specs, result, all_runs)
-    for idle in args.idle.split(","):
+    idles = args.idle.split(",")
+    orders = abba("static", "arbiter", 1 + len(idles))  # calibration, then one pair per case
+    sc, peak, source = peak_and_slo(args, model_dir, sc, specs, result, all_runs, orders[0])
+    for idle, order in zip(idles, orders[1:], strict=True):
         budget = budget_for(model_dir, peak, source, sc, idle)
-        result["cases"][idle], runs = run_case(model_dir, budget, specs, sc, args.threads)
+        result["cases"][idle], runs = run_case(model_dir, budget, specs, sc, args.threads, order)
         all_runs += runs
     first = next(iter(result["cases"].values()))["budget"]
     section = markdown_section(result["scenario"], first, result["cases"],
-                               provenance(argv, args.threads, load_before))
+                               provenance(argv, args.threads, load_before), args.threads,
+                               result.get("calibration_order"))
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs(section, args.docs_path)
     if args.plots:
         from elasticserve.bench.serve_plots import write_plots
 

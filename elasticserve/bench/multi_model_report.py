@@ -8,21 +8,12 @@ from typing import Any
 from elasticserve.bench.serve_report import MIB
 
 THRESHOLDS_S = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)  # TTFT limits the section also counts against
-IDLE_TEXT = {
-    "awake": "the idle model stays awake: the burst fits the budget minus both models' weights",
-    "sleep": "the burst fits only if the arbiter puts the idle model to sleep (weights and KV "
-             "released); the static half holds about a quarter of it",
+IDLE_TEXT = {  # what budget_for builds each case for; the numbers beside it are measured
+    "awake": "sized so the idle model can stay awake: the burst fits the budget minus both "
+             "models' weights",
+    "sleep": "sized so the burst fits only if the arbiter puts the idle model to sleep (weights "
+             "and KV released)",
 }
-
-WHY_AWAKE = (
-    "Why the idle-awake gain is small: with both models holding their weights, the arbiter can "
-    "give the bursting model at most about twice the static half, so even in theory at most "
-    "about twice as many requests get in at once. On this 2-core CPU a 384-token prefill takes "
-    "about 0.4 s, so admitting the whole burst at once mostly moves the wait from memory to "
-    "compute: TTFT P99 falls, TTFT P50 barely moves, TPOT rises with the bigger batch. When "
-    "weights take most of the budget (many models per device), sleeping the idle model hands "
-    "its weights' memory to the bursting one, while the static split queues the burst in "
-    "waves.")
 
 
 def within(summary: dict[str, Any], limit_s: float) -> int:
@@ -78,11 +69,14 @@ def _within_table(cases: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def markdown_section(scenario: dict[str, Any], peak: dict[str, Any],
-                     cases: dict[str, dict[str, Any]], footer: list[str] | None = None) -> str:
-    """The docs section: setup, one table row per (budget, policy), ratios, the command."""
+                     cases: dict[str, dict[str, Any]], footer: list[str] | None = None,
+                     threads: int = 1, calibration_order: list[str] | None = None) -> str:
+    """The docs section: setup, one table row per (budget, policy), ratios, the command.
+    Every sentence is either computed from the runs or describes what the code did."""
     sc = scenario
     lines = [
-        f"Two `small` Llama models ({peak['weights_bytes'] / MIB:.0f} MiB of fp32 weights each, "
+        f"Two copies of `{sc.get('model', 'small-llama')}` ({peak['weights_bytes'] / MIB:.0f} "
+        "MiB of fp32 weights each, "
         f"{peak['kv_bytes_per_token'] // 1024} KiB of KV per token). Bursts take turns: about "
         f"{sc['burst_rate'] * sc['burst_s']:g} requests within {sc['burst_s']:g} s at the start "
         f"of each model's {sc['slot_s']:g} s turn, {sc['rounds']} rounds (A, B, A, B, ...); "
@@ -91,9 +85,12 @@ def markdown_section(scenario: dict[str, Any], peak: dict[str, Any],
         f"{sc['ttft_slo_s']:g} s ({sc.get('ttft_slo_note', 'given')}).", ""]
     for idle, case in cases.items():
         b = case["budget"]
-        lines.append(f"- {b['memory_bytes'] / MIB:.0f} MiB budget: {IDLE_TEXT[idle]}. Static: "
-                     f"{b['static_kv_bytes'] / MIB:.0f} MiB of KV per model; arbiter: up to "
-                     f"{b['arbiter_room_bytes'] / MIB:.0f} MiB for the bursting model.")
+        share = (f" ({b['static_kv_bytes'] / b['burst_peak_bytes']:.0%} of the burst peak)"
+                 if b["burst_peak_bytes"] > 0 else "")  # no KV sampled: a run too short
+        lines.append(f"- {b['memory_bytes'] / MIB:.0f} MiB budget: {IDLE_TEXT.get(idle, idle)}. "
+                     f"Static: {b['static_kv_bytes'] / MIB:.0f} MiB of KV per model{share}; "
+                     f"arbiter: up to {b['arbiter_room_bytes'] / MIB:.0f} MiB for the bursting "
+                     "model.")
     lines += ["", "| budget | memory policy | completed | within TTFT SLO | TTFT P50 ms "
               "| TTFT P99 ms | TPOT P50 ms | peak KV mapped, one model (MiB) |",
               "|---|---|---|---|---|---|---|---|"]
@@ -105,11 +102,19 @@ def markdown_section(scenario: dict[str, Any], peak: dict[str, Any],
         lines.append(f"- idle {idle}: **arbiter / static = {c['within_slo_ratio']:.2f}x the "
                      f"requests within the TTFT SLO**; P99 TTFT {_ms(c['arbiter_ttft_p99_ms'])} "
                      f"ms vs {_ms(c['static_ttft_p99_ms'])} ms.")
-    if "awake" in cases:
-        lines += ["", WHY_AWAKE]
     lines += ["", "Requests with their first token within each limit:", "",
-              *_within_table(cases), "",
-              "Each server is a child process on a free loopback port with `--threads 1`, one "
-              "at a time. The SLO tracks this machine's speed: a burst admitted at once meets "
-              "it, requests that wait for memory to free miss it.", *(footer or [])]
+              *_within_table(cases), "", _method_line(cases, threads, calibration_order),
+              *(footer or [])]
     return "\n".join(lines) + "\n"
+
+
+def _method_line(cases: dict[str, dict[str, Any]], threads: int,
+                 calibration_order: list[str] | None) -> str:
+    """How the runs were made: servers, threads, and the order the policies ran in."""
+    runs = [f"calibration {p}" for p in calibration_order or []]
+    runs += [f"{idle} {p}" for idle, case in cases.items()
+             for p in case.get("order", ("arbiter", "static"))]
+    return (f"Each server is a child process on a free loopback port with `--threads {threads}`, "
+            f"one at a time; runs in order: {', '.join(runs)} (which policy goes first "
+            "alternates). Each policy ran once per case: no run-to-run spread was measured, so "
+            "differences of a few percent (TPOT, say) are not resolved by this run.")

@@ -4,6 +4,8 @@ Compares the static, elastic and arbiter policies on one scenario: the max rate 
 the TTFT-SLO attainment target (bisection over a rate scale) and latencies at a common load.
 Prints a Markdown table; ``--json`` and ``--plots`` write the details. ``trace --trace FILE``
 replays a recorded trace; ``--ceiling`` adds the unbounded-memory bound on every policy.
+``--write-docs`` writes the scenario's section of docs/BENCHMARKS.md (``sim-SCENARIO``) with the
+exact command, the date and the commit.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from elasticserve.sim.experiment import CEILING_MEMORY_FACTOR, compare
+import elasticserve.docs_section as docs_section
+from elasticserve.sim.experiment import CEILING_MEMORY_FACTOR, Comparison, compare
 from elasticserve.sim.gpu_specs import GPU_SPECS, get_gpu
 from elasticserve.sim.model_shapes import BUILTIN_SHAPES
+from elasticserve.sim.report import docs_section as section_text
 from elasticserve.sim.report import markdown, to_json, write_plots
 from elasticserve.sim.scenarios import (
     DEFAULT_TRACE_SHAPE,
@@ -60,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a device spec field, e.g. --gpu flops_eff=0.8 (repeatable)")
     p.add_argument("--json", metavar="PATH", help="write the full comparison as JSON")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots (needs matplotlib)")
+    p.add_argument("--write-docs", action="store_true",
+                   help="write section sim-SCENARIO of docs/BENCHMARKS.md")
+    p.add_argument("--docs-path", metavar="PATH", help="the file --write-docs updates")
     p.add_argument("--ceiling", action="store_true",
                    help=f"also find the arbiter's max rate with {CEILING_MEMORY_FACTOR}x the "
                         "device memory (KV never runs out): a bound on every memory policy")
@@ -170,7 +177,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = write_plots(comp, args.plots)
         print("plots: " + (", ".join(paths) if paths else "matplotlib is not installed"),
               file=sys.stderr)
+    if args.write_docs:
+        print(f"wrote {write_docs(comp, argv, args.docs_path)}", file=sys.stderr)
     return 0
+
+
+def write_docs(comp: Comparison, argv: Sequence[str] | None, path: str | None) -> str:
+    """Write section ``sim-<scenario>`` with the command that reproduces it."""
+    command = docs_section.command_line("elasticserve.sim.cli_sim",
+                                        None if argv is None else list(argv))
+    text = section_text(comp, command, docs_section.today(), docs_section.git_commit())
+    return str(docs_section.update_section(f"sim-{comp.scenario.name}", text, path))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Render a :class:`Comparison`: a Markdown table, a JSON document, and optional PNG plots.
+"""Render a :class:`Comparison`: a Markdown table, a docs section, a JSON document, and optional
+PNG plots.
 
 matplotlib is optional and imported only inside :func:`write_plots`.
 """
@@ -14,6 +15,8 @@ from elasticserve.sim.experiment import Comparison, PolicyOutcome
 from elasticserve.sim.metrics import Summary
 
 PLOT_NAMES = ("memory", "ttft_cdf", "attainment")
+# arbiter / static max-rate targets of the project's goals (README), per built-in scenario
+TARGET_RATIOS = {"ramp3": 3.0, "zipf16": 3.0}
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -52,6 +55,42 @@ def markdown(comp: Comparison) -> str:
     lines += _ceiling_lines(comp)
     lines += ["", *_per_model(comp)]
     return "\n".join(lines) + "\n"
+
+
+def docs_section(comp: Comparison, command: str, when: str, commit: str) -> str:
+    """The docs/BENCHMARKS.md section of one scenario: how it was made (command, date, commit,
+    the device's assumed efficiencies), the verdict against its target, then :func:`markdown`.
+    Every number in it comes from ``comp``; the results depend on the code and the seed only
+    (no wall-clock input), so the commit is what reproduces them."""
+    scn, dev = comp.scenario, comp.scenario.config.device
+    eff = (f"assumed {dev.flops_eff:.0%} of peak bf16 FLOP/s and {dev.bw_eff:.0%} of HBM "
+           "bandwidth" if hasattr(dev, "flops_eff") and hasattr(dev, "bw_eff") else "CPU spec")
+    lines = [f"Simulated (`elasticserve.sim`): the real scheduler, KV manager, block pools, page "
+             f"policy and arbiter, with a roofline cost model of {dev.name} ({eff}, "
+             f"{dev.page_map_s * 1e6:g} us per page map). Policies compared in one run: "
+             f"{', '.join(comp.outcomes)}.", "",
+             f"Command: `{command}`; run {when} at commit {commit}.", ""]
+    if scn.name == "trace":
+        lines += [f"At the trace's recorded rate: {_f(scn.rate_at(1.0))} {scn.rate_label}.", ""]
+    lines += _target_lines(comp)
+    body = markdown(comp).replace("\n## ", "\n### ")
+    return "\n".join([*lines, "#" + body if body.startswith("## ") else body])
+
+
+def _target_lines(comp: Comparison) -> list[str]:
+    """The scenario's arbiter / static target, judged on this run (deterministic: no noise)."""
+    target = TARGET_RATIOS.get(comp.scenario.name)
+    if target is None or not {"arbiter", "static"} <= set(comp.outcomes):
+        return []
+    ratio = comp.ratio()
+    text = (f"Target arbiter / static >= {target:g}x: **{'met' if ratio >= target else 'missed'} "
+            f"({_f(ratio)}x)**")
+    top, static = comp.ceiling, comp.outcomes["static"]
+    if top is not None and static.max_rate > 0:
+        bound = top.max_rate / static.max_rate
+        reach = "out of reach on this cost model" if bound < target else "within reach"
+        text += f"; memory ceiling {_f(bound)}x static: the target is {reach}"
+    return [text + ".", ""]
 
 
 def _ceiling_lines(comp: Comparison) -> list[str]:

@@ -4,17 +4,22 @@ Fits each column by maximum likelihood (``fit_lognormal``) and prints the fit be
 trace's own quantiles, so a reader can judge it: real chat traces are often multi-modal, and
 a log-normal keeps only their centre and spread. The last lines are the Python constructors
 to paste into a workload. This is how ``workload.CHAT_INPUT`` and ``CHAT_OUTPUT`` were made.
+``--write-docs`` writes the table into section ``fit-lengths-<file stem>`` of docs/BENCHMARKS.md
+with the command that made it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import elasticserve.docs_section as docs_section
 from elasticserve.workload.generators import LogNormal, fit_lognormal
 from elasticserve.workload.trace import load_trace
 
@@ -89,13 +94,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Fit log-normal prompt/output lengths to a trace.")
     p.add_argument("trace", help="JSONL (timestamp, model, input_len, output_len) or Azure "
                                  "LLM inference CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
+    p.add_argument("--write-docs", action="store_true",
+                   help="write section fit-lengths-<file stem> of docs/BENCHMARKS.md")
+    p.add_argument("--docs-path", help="the file --write-docs updates")
     args = p.parse_args(argv)
     try:
         fits = fit_trace(args.trace)
     except (OSError, ValueError) as e:
         p.error(str(e))
-    sys.stdout.write(markdown(args.trace, fits))
+    text = markdown(args.trace, fits)
+    sys.stdout.write(text)
+    if args.write_docs:
+        command = docs_section.command_line("elasticserve.workload.fit_lengths",
+                                            None if argv is None else list(argv))
+        body = f"Command: `{command}`; run {docs_section.today()}.\n\n{text}"
+        path = docs_section.update_section(section_name(args.trace), body, args.docs_path)
+        print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def section_name(trace: str) -> str:
+    """``fit-lengths-`` and the file's stem, lower case, reduced to a section name's letters."""
+    stem = re.sub(r"[^a-z0-9_.-]+", "-", Path(trace).stem.lower()).strip("-.") or "trace"
+    return f"fit-lengths-{stem}"
 
 
 if __name__ == "__main__":

@@ -155,6 +155,11 @@ def test_multi_model_budgets_split_the_burst(tmp_path: Path) -> None:
     # tiny weights: sleeping frees little, so the room rule sizes this budget
     assert asleep.static_kv_bytes < peak <= asleep.arbiter_room_bytes
     assert awake.memory_bytes % mm.PAGE == 0 and asleep.memory_bytes % mm.PAGE == 0
+    # calibration: both policies on a budget where even the static half holds the burst, so
+    # the SLO taken from it is what either policy reaches when memory is not short
+    est = mm.estimate_peak(path, sc)
+    generous = mm.budget_for(path, est, "estimated", sc, "sleep", mm.generous_memory(path, sc))
+    assert generous.static_kv_bytes >= 1.5 * est and generous.arbiter_room_bytes >= 1.5 * est
 
 
 def test_multi_model_compare_and_section() -> None:
@@ -178,5 +183,10 @@ def test_multi_model_compare_and_section() -> None:
     scenario = {"burst_rate": 16.0, "burst_s": 0.5, "slot_s": 10.0, "rounds": 3,
                 "input_len": 384, "output_len": 48, "ttft_slo_s": 1.0}
     text = mr.markdown_section(scenario, budget, {"awake": {
-        "budget": budget, "summaries": summaries, "compare": cmp}}, ["footer line"])
+        "budget": budget, "summaries": summaries, "compare": cmp, "order": ["static", "arbiter"]}},
+        ["footer line"], threads=2, calibration_order=["arbiter", "static"])
     assert "2.00x" in text and "| arbiter | 4/4 | 4 (100%)" in text and "footer line" in text
+    # what the run did, not fixed sentences: its threads and the order the policies ran in
+    assert "`--threads 2`" in text and "(83% of the burst peak)" in text
+    assert "calibration arbiter, calibration static, awake static, awake arbiter" in text
+    assert "0.4 s" not in text and "no run-to-run spread was measured" in text

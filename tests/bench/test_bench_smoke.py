@@ -46,6 +46,7 @@ def test_offline_runs_ours_and_both_baselines(tiny: str) -> None:
     text = offline.markdown(res, ["--requests", "4"])
     assert text.count("\n| ") == 4 and "speedup" in text and "--requests 4" in text
     assert "2/2 outputs identical" in text
+    assert text.count("(our runs ") == 2 and "between two of ours" in text
 
 
 def test_static_batches_left_pad_to_the_same_greedy_tokens(tiny: str) -> None:
@@ -62,12 +63,15 @@ def test_elastic_overhead_alternates_modes(tiny: str) -> None:
                                           output_lens=(3, 9))
     res = elastic_overhead.run_overhead(cfg, log=_quiet)
     assert [len(res.runs[m]) for m in ("static", "elastic")] == [2, 2]
+    assert res.order == ["static", "elastic", "elastic", "static"]  # ABBA: neither always first
     assert res.outputs_match
     elastic = res.runs["elastic"][-1].extra
     assert elastic["memory"]["grow_events"] >= 1 and elastic["peak_mapped_bytes"] > 0
     assert res.runs["static"][0].extra["memory"]["kv_mapped_bytes"] == 64 << 20
     text = elastic_overhead.markdown(res, None)
     assert "elastic overhead" in text and "| static |" in text and "| elastic |" in text
+    assert "S E E S" in text and f"verdict: **{res.verdict}**" in text
+    assert f"**{res.target_verdict}**" in text and len(res.pair_overheads_pct) == 2
 
 
 def test_update_section_creates_then_replaces_only_its_section(tmp_path: Path) -> None:

@@ -62,6 +62,41 @@ def test_cli_main_prints_table_and_writes_json(tmp_path: Path, monkeypatch: pyte
         cli_sim.main(["tiny", "--gpu", "nonsense"])
 
 
+def test_cli_writes_its_docs_section_with_the_command(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(SCENARIOS, "tiny", tiny)
+    docs = tmp_path / "BENCHMARKS.md"
+    docs.write_text("# Benchmarks\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
+    argv = ["tiny", "--seed", "1", "--policies", "static,arbiter", "--write-docs",
+            "--docs-path", str(docs)]
+    assert cli_sim.main(argv) == 0
+    text = docs.read_text()
+    body = text.split("<!-- bench:sim-tiny -->")[1].split("<!-- /bench:sim-tiny -->")[0]
+    assert "Command: `.venv/bin/python -m elasticserve.sim.cli_sim " + " ".join(argv) + "`" in body
+    assert "### tiny:" in body and "| arbiter |" in body and "at commit " in body
+    assert "<!-- bench:other -->\nkept\n<!-- /bench:other -->" in text
+    first = body
+    assert cli_sim.main(argv) == 0  # a rerun replaces the section; the results are deterministic
+    again = docs.read_text()
+    assert again.count("<!-- bench:sim-tiny -->") == 1
+    table = [line for line in first.splitlines() if line.startswith("| ")]
+    assert table == [line for line in again.split("<!-- bench:sim-tiny -->")[1].splitlines()
+                     if line.startswith("| ")]
+
+
+def test_target_verdict_uses_the_memory_ceiling() -> None:
+    from elasticserve.sim.report import TARGET_RATIOS, docs_section
+
+    comp = compare(tiny(), seed=0, policies=("static", "arbiter"), ceiling=True)
+    TARGET_RATIOS["tiny"] = 1000.0
+    try:
+        text = docs_section(comp, "cmd", "today", "abc123")
+    finally:
+        del TARGET_RATIOS["tiny"]
+    assert "Target arbiter / static >= 1000x: **missed" in text
+    assert "the target is out of reach" in text and "Command: `cmd`" in text
+
+
 def test_write_plots(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from elasticserve.sim.report import write_plots

@@ -69,3 +69,19 @@ def test_bad_trace_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(ValueError, match="at least two requests"):
         fit_trace(str(one))
 
+
+
+def test_write_docs_puts_the_fit_in_its_own_section(tmp_path: Path) -> None:
+    from elasticserve.workload.fit_lengths import section_name
+
+    rows = [(100 + 10 * i, 20 + i) for i in range(50)]
+    trace = str(_azure_csv(tmp_path / "Azure_Conv.csv", rows))
+    docs = tmp_path / "BENCHMARKS.md"
+    assert cli_main(["simulate", "fit-lengths", trace, "--write-docs", "--docs-path",
+                     str(docs)]) == 0
+    text = docs.read_text()
+    assert section_name(trace) == "fit-lengths-azure_conv"
+    body = text.split("<!-- bench:fit-lengths-azure_conv -->")[1]
+    assert body.startswith(f"\nCommand: `.venv/bin/python -m elasticserve.workload.fit_lengths "
+                           f"{trace} --write-docs --docs-path {docs}`")
+    assert "(50 requests)" in body and "<!-- /bench:fit-lengths-azure_conv -->" in body
