@@ -81,6 +81,7 @@ BENCHES = {
     "elastic-overhead": "elasticserve.bench.elastic_overhead",
     "core": "elasticserve.bench.core_step",
     "memory": "elasticserve.bench.memory_pages",
+    "ab": "elasticserve.bench.ab_commits",
 }
 
 
