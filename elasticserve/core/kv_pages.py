@@ -186,7 +186,8 @@ class ElasticPages:
     def maybe_shrink(self) -> None:
         """Give back pages above the target once that held for `shrink_after_s` (a burst's
         pages are not thrashed step to step). The target is the reserve plus, while any block
-        is live, the peak of live pages in the last `keep_peak_s`; an idle cache keeps none."""
+        is live, the peak of live pages in the last `keep_peak_s` (an idle cache keeps only the
+        reserve), never below the floor."""
         now = self.clock()
         live = self._live_pages()
         held = self._recent_peak(live, now) if live else 0
