@@ -12,7 +12,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from elasticserve.core.block_pool import BlockPool, IntegrityError, NoFreeBlocksError
+from elasticserve.core.block_pool import BlockPool, IntegrityError
+from elasticserve.core.host_blocks import HostBlocks
 from elasticserve.core.prefix_hash import hash_block
 
 
@@ -39,15 +40,13 @@ class KVCacheManager:
         num_swap_blocks: int = 0,
         enable_prefix_caching: bool = True,
     ) -> None:
-        if block_size <= 0 or num_swap_blocks < 0:
-            raise ValueError("block_size must be > 0 and num_swap_blocks >= 0")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
         self._pool = pool
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching and pool.enable_caching
         self._seqs: dict[int, _Seq] = {}
-        self._host_ref = [0] * num_swap_blocks
-        # Reversed so pop() hands out low host ids first (easier to read in logs).
-        self._host_free = list(range(num_swap_blocks - 1, -1, -1))
+        self._host = HostBlocks(num_swap_blocks)
 
     @property
     def pool(self) -> BlockPool:
@@ -62,7 +61,7 @@ class KVCacheManager:
     @property
     def num_free_swap_blocks(self) -> int:
         """Free host swap blocks."""
-        return len(self._host_free)
+        return self._host.num_free
 
     @property
     def usage(self) -> float:
@@ -171,7 +170,7 @@ class KVCacheManager:
         seq = self._get(seq_id)
         del self._seqs[seq_id]
         if seq.on_host:
-            self._host_decref(seq.table)
+            self._host.decref(seq.table)
             return
         # Tail first, so the LRU evicts a prefix's deepest blocks before its root.
         for block in reversed(seq.table):
@@ -180,21 +179,17 @@ class KVCacheManager:
     def can_swap_out(self, seq_ids: Sequence[int]) -> bool:
         """Whether the host pool can take every distinct block of ``seq_ids``."""
         seqs = [self._device(s) for s in seq_ids]
-        return len(_distinct(s.table for s in seqs)) <= len(self._host_free)
+        return len(_distinct(s.table for s in seqs)) <= self._host.num_free
 
     def swap_out(self, seq_ids: Sequence[int]) -> list[tuple[int, int]]:
         """Move sequences to host; returns ``(device, host)`` copies. All or nothing."""
         seqs = self._unique(seq_ids, on_host=False)
-        distinct = _distinct(s.table for s in seqs)
-        if len(distinct) > len(self._host_free):
-            raise NoFreeBlocksError(f"need {len(distinct)} swap blocks, {self.num_free_swap_blocks} free")
-        mapping = {block: self._host_free.pop() for block in distinct}
+        mapping = self._host.take(_distinct(s.table for s in seqs))
         for seq in seqs:
             for block in reversed(seq.table):
                 self._pool.free(block)
             seq.table[:] = [mapping[b] for b in seq.table]
-            for host in seq.table:
-                self._host_ref[host] += 1
+            self._host.incref(seq.table)
             # The device copies may be evicted while we are away; the next
             # cache_blocks re-registers whatever device blocks we come back to.
             seq.on_host, seq.num_hashed = True, 0
@@ -220,7 +215,7 @@ class KVCacheManager:
             for _ in range(count - 1):
                 self._pool.incref(mapping[host])
         for seq in seqs:
-            self._host_decref(seq.table)
+            self._host.decref(seq.table)
             seq.table[:] = [mapping[h] for h in seq.table]
             seq.on_host = False
         return list(mapping.items())
@@ -297,12 +292,6 @@ class KVCacheManager:
         seq.num_written = max(seq.num_written, end) if start >= seq.num_written else end
         return copies
 
-    def _host_decref(self, host_blocks: Iterable[int]) -> None:
-        for host in host_blocks:
-            self._host_ref[host] -= 1
-            if self._host_ref[host] == 0:
-                self._host_free.append(host)
-
     def check_integrity(self) -> None:
         """Raise IntegrityError unless ref counts equal table references."""
         pool = self._pool
@@ -320,12 +309,7 @@ class KVCacheManager:
         for b in range(pool.num_blocks):
             if pool.ref_count(b) != device[b]:
                 raise IntegrityError(f"block {b}: ref {pool.ref_count(b)} != {device[b]} refs")
-        free = set(self._host_free)
-        if len(free) != len(self._host_free):
-            raise IntegrityError("host free list holds duplicates")
-        for h, ref in enumerate(self._host_ref):
-            if ref != host[h] or (h in free) != (ref == 0):
-                raise IntegrityError(f"host block {h}: ref {ref}, {host[h]} refs, free={h in free}")
+        self._host.check_integrity(host)
 
 
 def _distinct(tables: Iterable[list[int]]) -> list[int]:
