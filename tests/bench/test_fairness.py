@@ -77,3 +77,17 @@ def test_section_writer_replaces_only_its_own_block(tmp_path: Path) -> None:
 def test_command_line_quotes_what_needs_it() -> None:
     line = docs_section.command_line("elasticserve.sim.cli_sim", ["trace", "--trace", "a b.csv"])
     assert line == ".venv/bin/python -m elasticserve.sim.cli_sim trace --trace 'a b.csv'"
+
+
+def test_ab_commits_overhead_lines_compare_modes_per_side() -> None:
+    from elasticserve.bench.ab_commits import Side, overhead_lines
+
+    def side(name: str, values: list[float]) -> Side:
+        return Side(name, ".", tok_s=values)
+
+    sides = {"elastic": (side("base", [90, 91]), side("head", [50, 51])),
+             "static": (side("base", [100, 100]), side("head", [100, 101]))}
+    lines = overhead_lines(sides)
+    assert any(line.startswith("- base: -9.5%") and "slower" in line for line in lines)
+    assert any(line.startswith("- head: -49.8%") and "slower" in line for line in lines)
+    assert overhead_lines({"elastic": sides["elastic"]}) == []
