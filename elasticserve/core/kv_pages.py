@@ -207,12 +207,23 @@ class ElasticPages:
         return self._peak
 
     def set_limit(self, pages: int) -> None:
-        """A user-set ceiling: preempts (swap or recompute) what does not fit, then shrinks."""
+        """A user-set ceiling between one page and the reserved maximum (`policy.max_pages`,
+        else ValueError): preempts (swap or recompute) what does not fit, then shrinks.
+        Preempted requests wait for the ceiling to rise again (see `can_hold_later`)."""
         assert self.pool is not None
-        self.limit_pages = max(1, min(pages, self.policy.max_pages))
+        if not 1 <= pages <= self.policy.max_pages:
+            raise ValueError(f"the KV ceiling must be between 1 and {self.policy.max_pages} "
+                             f"pages (the reserved maximum), got {pages}")
+        self.limit_pages = pages
         self._preempt_to_rows(self.rows_for(self.limit_pages))
         if self.mapped_pages > self.limit_pages:
             self.set_pages(self.limit_pages)
+
+    def can_hold_later(self, blocks: int) -> bool:
+        """Whether `blocks` would fit once a lowered ceiling is raised back to the reserved
+        maximum: a request that outgrows the current ceiling then waits instead of failing."""
+        return self.limit_pages < self.policy.max_pages and blocks <= self.rows_for(
+            self.policy.max_pages)
 
     def _preempt_to_rows(self, rows: int) -> None:
         assert self.pool is not None

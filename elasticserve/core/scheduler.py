@@ -54,6 +54,9 @@ class Scheduler:
         self.cache = cache
         self.kv = kv
         self.grow = grow  # elastic memory: asked for n more blocks before anyone is preempted
+        # elastic memory under a lowered ceiling: whether n blocks fit once it rises again (a
+        # group that outgrew the current ceiling then waits, preempted, instead of failing)
+        self.can_hold_later: Callable[[int], bool] | None = None
         self.waiting: deque[SequenceGroup] = deque()
         self.running: deque[SequenceGroup] = deque()
         self.swapped: deque[SequenceGroup] = deque()
@@ -147,9 +150,13 @@ class Scheduler:
                 if fit is _NO_BUDGET:
                     break  # stays running, runs next step
                 if not self.running and not kept:
-                    # alone and still short: every block is already ours, so waiting cannot help
-                    self._fail(group, f"sequence outgrew the whole KV cache "
-                                      f"({self.kv.pool.num_blocks} blocks)")
+                    # alone and still short: every block is already ours, so waiting helps only
+                    # if a lowered ceiling may rise again
+                    if self._hold(group, out):
+                        preempted = True
+                    else:
+                        self._fail(group, f"sequence outgrew the whole KV cache "
+                                          f"({self.kv.pool.num_blocks} blocks)")
                     break
                 # running is priority-sorted: its tail is the lowest-priority, latest group, and
                 # never more important than `group`, which came off the head
@@ -293,6 +300,15 @@ class Scheduler:
             seq.status = SequenceStatus.WAITING
         push_front(self.waiting, group)
         self.stats.recomputes += 1
+
+    def _hold(self, group: SequenceGroup, out: SchedulerOutput) -> bool:
+        """Preempt a group that outgrew a lowered ceiling but fits the reserved maximum."""
+        seqs = group.seqs_with(SequenceStatus.RUNNING)
+        need = sum(len(self.kv.block_table(s.seq_id)) for s in seqs) + 1
+        if self.can_hold_later is None or not self.can_hold_later(need):
+            return False
+        self._preempt(group, out)
+        return True
 
     def _fail(self, group: SequenceGroup, msg: str) -> None:
         """End a group that can never run. Every caller has already taken it off its queue

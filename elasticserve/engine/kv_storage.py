@@ -23,6 +23,7 @@ from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.kv_pages import ElasticPages, PageBroker, PagePolicy, Pairs
 from elasticserve.core.scheduler import Scheduler
 from elasticserve.engine.periodic import run_periodically
+from elasticserve.errors import InvalidFieldError
 from elasticserve.memory.backend import MemoryBackend, round_up
 from elasticserve.memory.factory import get_backend
 from elasticserve.memory.vtensor import VirtualTensor
@@ -84,8 +85,10 @@ class KVStorage:
         self.pages.attach(pool, manager)
 
     def bind_scheduler(self, scheduler: Scheduler) -> None:
-        """Resize and reclaim may preempt: they need the scheduler's preempt_to_fit."""
+        """Resize and reclaim may preempt: they need the scheduler's preempt_to_fit; the
+        scheduler holds (not fails) a request that outgrows a lowered ceiling."""
         self.pages.preempt_to_fit = scheduler.preempt_to_fit
+        scheduler.can_hold_later = self.pages.can_hold_later
 
     # ---- PageActions: what mapping and copying mean here ---------------------------------
     def map_pages(self, n: int) -> None:
@@ -129,12 +132,24 @@ class KVStorage:
         """After sleep: map the starting pages again (granted by the broker)."""
         self.pages.start()
 
+    @property
+    def max_bytes(self) -> int:
+        """The reserved maximum: the most a ceiling may be (`kv_cache_max_bytes`, in pages)."""
+        return self.pages.policy.max_pages * self.page_size
+
     def resize(self, nbytes: int, scheduler: Scheduler) -> None:
-        """User-set ceiling: shrinking below what is in use preempts (swap or recompute) first."""
+        """User-set ceiling, from one page up to the reserved maximum (`max_bytes`, set at start
+        by `kv_cache_max_bytes`). Shrinking below what is in use preempts (swap or recompute)
+        first; the preempted requests wait until the ceiling rises again."""
         if not self.elastic:
             raise ValueError("resize_kv_cache needs kv_cache_mode='elastic'; this cache is static")
-        if nbytes <= 0:
-            raise ValueError(f"resize_kv_cache: bytes must be > 0, got {nbytes}")
+        if nbytes < self.page_size:
+            raise InvalidFieldError("nbytes", f"resize_kv_cache: nbytes must be at least one "
+                                    f"page ({self.page_size} bytes), got {nbytes}")
+        if nbytes > self.max_bytes:
+            raise InvalidFieldError(
+                "nbytes", f"resize_kv_cache: nbytes={nbytes} is above the address space reserved "
+                f"at start ({self.max_bytes} bytes); start with a larger kv_cache_max_bytes")
         with self.lock:
             self.bind_scheduler(scheduler)
             self.pages.set_limit(nbytes // self.page_size)

@@ -171,7 +171,8 @@ class LLMEngine:
         if need > self.kv.max_blocks:
             raise PromptTooLargeError(
                 "prompt", f"prompt needs {need} KV blocks but the cache can never hold more than "
-                f"{self.kv.max_blocks} (raise num_kv_blocks or kv_cache_bytes)")
+                f"{self.kv.max_blocks} (raise kv_cache_max_bytes, or num_kv_blocks / kv_cache_bytes "
+                f"for a static cache)")
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

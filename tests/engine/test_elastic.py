@@ -9,6 +9,7 @@ import pytest
 
 from elasticserve import LLM, SamplingParams
 from elasticserve.engine.llm_engine import LLMEngine
+from elasticserve.errors import InvalidFieldError
 from elasticserve.models.make_model import make_model
 from tests.engine.conftest import ARCHS, mixed_prompts
 from tests.helpers import run_until_done, tokens_of
@@ -116,3 +117,43 @@ def test_memory_stats_keys(tiny_llama: str) -> None:
                 "kv_cached_bytes", "pages_mapped", "grow_events", "shrink_events", "compactions"):
         assert key in stats
     assert stats["kv_reserved_bytes"] >= stats["kv_mapped_bytes"] > 0
+
+
+def test_lowered_ceiling_holds_requests_until_it_rises(tiny_llama: str) -> None:
+    # issue 10 item 8: a request that outgrew a lowered ceiling failed ("outgrew the whole KV
+    # cache") although it fits the reserved maximum; it must wait for the ceiling to rise
+    prompts = mixed_prompts(tiny_llama)[:2]
+    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    reference = LLMEngine.from_args(tiny_llama)
+    ref_ids = [reference.add_request({"prompt_token_ids": p}, params) for p in prompts]
+    expected = tokens_of(run_until_done(reference), ref_ids)
+
+    # 16 KiB blocks of 16 tokens: one 64 KiB page holds 64 tokens, less than 100 + prompt
+    llm = LLM(tiny_llama, page_size=64 * 1024, kv_reserve_pages=0, kv_cache_max_bytes=4 * MiB)
+    engine = llm.engine
+    first = engine.add_request({"prompt_token_ids": prompts[0]}, params)
+    engine.step()
+    llm.resize_kv_cache(64 * 1024)
+    second = engine.add_request({"prompt_token_ids": prompts[1]}, params)
+    done: dict = {}
+    for _ in range(150):  # far more steps than a 100-token run takes
+        done.update({o.request_id: o for o in engine.step()})
+        engine.check_integrity()
+    assert not done, {rid: out.error for rid, out in done.items()}
+    assert engine.has_unfinished_requests()
+    assert engine.kv.memory_stats()["kv_mapped_bytes"] <= 64 * 1024
+
+    llm.resize_kv_cache(4 * MiB)  # the reserved maximum itself is allowed
+    done.update(run_until_done(engine, max_steps=400, each_step=engine.check_integrity))
+    assert all(done[rid].error is None for rid in (first, second))
+    assert tokens_of(done, [first, second]) == expected
+
+
+def test_resize_refuses_sizes_outside_the_reserved_range(tiny_llama: str) -> None:
+    llm = LLM(tiny_llama, page_size=64 * 1024, kv_cache_max_bytes=4 * MiB)
+    for nbytes, words in ((4 * MiB + 64 * 1024, "kv_cache_max_bytes"), (1000, "one page"),
+                          (-1, "one page")):
+        with pytest.raises(InvalidFieldError, match=words) as info:
+            llm.resize_kv_cache(nbytes)
+        assert info.value.param == "nbytes"
+    assert llm.memory_stats()["kv_reserved_bytes"] == 4 * MiB  # nothing changed
