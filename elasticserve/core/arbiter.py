@@ -178,6 +178,19 @@ class Arbiter:
             self.stats["wakes"] += 1
             return True
 
+    def cancel_wake(self, name: str) -> None:
+        """Undo ``wake`` (the model's weights failed to load): asleep again, weights not
+        charged; it must hold no KV pages by now."""
+        with self._lock:
+            m = self._get(name)
+            if not m.awake:
+                return
+            if m.kv_pages:
+                raise ArbiterError(f"model {name!r} cancels a wake holding {m.kv_pages} KV pages")
+            m.awake = False
+            self._used -= m.weights_pages
+            self.stats["wakes"] -= 1
+
     # ---- popularity -----------------------------------------------------------------------
     def note_request(self, name: str) -> None:
         """A request arrived for ``name``: update its rate EWMA and last-used time."""

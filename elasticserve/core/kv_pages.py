@@ -56,6 +56,11 @@ class ModelBroker(PageBroker, Protocol):
         """Book the weights and starting pages of a sleeping model; False if no room yet."""
         ...
 
+    def cancel_wake(self) -> None:
+        """Undo a `wake` whose weights then failed to load: the model is asleep again and its
+        weights no longer count (its KV pages were already released)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class PagePolicy:

@@ -105,6 +105,13 @@ class Scheduler:
             self.running = deque(g for g in self.running if not g.is_finished)
         return done
 
+    def fail_all(self, msg: str) -> None:
+        """End every request with an error (the model cannot run any, e.g. its weights failed
+        to load); their blocks are freed and they come out of ``pop_failed``."""
+        for queue in (self.waiting, self.running, self.swapped):
+            while queue:
+                self._fail(queue.popleft(), msg)
+
     def pop_failed(self) -> list[FailedRequest]:
         """Requests failed since the last call (in a step or in ``preempt_to_fit``). They are
         already out of every queue with their blocks freed; the caller only reports them."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.beam_search import beam_step
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
+from elasticserve.engine.protocol import ModelLoadError
 from elasticserve.errors import InvalidFieldError, PromptTooLargeError
 from elasticserve.kernels import native
 from elasticserve.models.hf_config import ModelConfig, load_config
@@ -27,6 +29,7 @@ from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.model_runner import ModelRunner
 
 PromptInput = str | dict[str, Any]
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -178,7 +181,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return outputs of the requests that finished in it."""
         if self.asleep and not self._wake_for_work():
-            return []
+            return self._failed_outputs()
         if self.scheduler.has_unfinished():
             self.last_active = time.monotonic()
         self.kv.before_step(self.scheduler)
@@ -215,6 +218,14 @@ class LLMEngine:
                     if not seq.is_finished and not group.is_beam_search:
                         seq.output_text = self.outputs.decode(group, seq)
         return list(seen.values())
+
+    def _failed_outputs(self) -> list[RequestOutput]:
+        """Final outputs of the groups failed outside a step (a wake that could not load)."""
+        now = time.monotonic()
+        failed = self._failed_groups()
+        for group in failed:
+            self.groups.pop(group.request_id, None)
+        return [self.outputs.request_output(g, now) for g in failed]
 
     def _failed_groups(self) -> list[SequenceGroup]:
         """Groups the scheduler gave up on, in this step or in a resize between steps: it has
@@ -287,27 +298,53 @@ class LLMEngine:
             return pages
 
     def wake(self) -> bool:
-        """Reload the weights and map the starting KV pages; False if the budget has no room."""
+        """Reload the weights and map the starting KV pages; False if the budget has no room.
+
+        Raises ModelLoadError if the weights cannot be loaded: the model is then asleep again
+        with nothing booked (weights and pages given back to the broker), and the next wake
+        tries again."""
         with self.kv.lock:
             if not self.asleep:
                 return True
             if self.broker is not None and not self.broker.wake():
                 return False
             start = time.monotonic()
-            self.model = self._load_model()
-            self.model.use_native_ops(self.runner.native_decode)
-            self.runner.model = self.model
-            self.kv.remap_initial()
+            try:
+                self.model = self._load_model()
+                self.model.use_native_ops(self.runner.native_decode)
+                self.runner.model = self.model
+                self.kv.remap_initial()
+            except Exception as exc:
+                self._cancel_wake()
+                # the cause names server paths: it goes to the log, not to clients
+                logger.exception("waking model %s failed", self.config.model.path)
+                raise ModelLoadError("the model's weights could not be loaded; the server "
+                                     "log has the details") from exc
             self.asleep = False
             self.wakes += 1
             self.wake_latencies_s.append(time.monotonic() - start)
             return True
 
+    def _cancel_wake(self) -> None:
+        """Back to the state sleep() left: no weights, no pages, nothing booked."""
+        self.runner.model = None  # type: ignore[assignment]
+        vars(self).pop("model", None)
+        pages = self.kv.release_all()  # starting pages remap_initial may have mapped
+        if self.broker is not None:
+            if pages:
+                self.broker.release(pages)
+            self.broker.cancel_wake()
+
     def _wake_for_work(self) -> bool:
         if not self.scheduler.has_unfinished():
             return False
-        if self.wake():
-            return True
+        try:
+            if self.wake():
+                return True
+        except ModelLoadError as exc:
+            # the requests waiting on this wake fail (step reports them); later ones try again
+            self.scheduler.fail_all(str(exc))
+            return False
         time.sleep(0.005)  # no room yet: back-pressure, not a busy loop
         return False
 

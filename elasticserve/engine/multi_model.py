@@ -61,6 +61,9 @@ class ModelHost:
     def wake(self) -> bool:
         return self.arbiter.wake(self.spec.name)
 
+    def cancel_wake(self) -> None:
+        self.arbiter.cancel_wake(self.spec.name)
+
     # ---- reclaimer (called under the arbiter's lock, from any thread) -----------------------
     def reclaimable(self) -> tuple[int, int]:
         engine = self.engine

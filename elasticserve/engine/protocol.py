@@ -29,6 +29,13 @@ class EngineDeadError(RuntimeError):
     """The step loop stopped (shut down, or a step raised); no request can be served."""
 
 
+class ModelLoadError(RuntimeError):
+    """A sleeping model's weights could not be loaded again on wake. The model stays asleep
+    with nothing charged to the budget, the requests waiting on it fail with this message,
+    and the next request tries again. The message is safe to show a client (no file paths);
+    the cause is logged on the server."""
+
+
 @dataclass(slots=True)
 class RequestTiming:
     """Per-request progress an observer keeps between outputs (times are time.monotonic())."""
@@ -150,5 +157,6 @@ class ModelPoolClient(Protocol):
         ...
 
     def wake(self, name: str) -> bool:
-        """Wake a model; False when the budget has no room now."""
+        """Wake a model; False when the budget has no room now. Raises ModelLoadError when
+        its weights cannot be loaded (it stays asleep)."""
         ...

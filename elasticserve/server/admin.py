@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from elasticserve.engine.protocol import ModelPoolClient
+from elasticserve.engine.protocol import ModelLoadError, ModelPoolClient
 from elasticserve.server.errors import APIError, from_value_error
 
 
@@ -65,7 +65,10 @@ def add_admin_routes(app: FastAPI, pool: ModelPoolClient, token: str) -> None:
     async def wake(name: str, request: Request) -> JSONResponse:
         check(request)
         known(name)
-        woke = await asyncio.to_thread(pool.wake, name)
+        try:
+            woke = await asyncio.to_thread(pool.wake, name)
+        except ModelLoadError as exc:  # still asleep, nothing booked; a later wake retries
+            raise APIError(503, f"{name!r} stays asleep: {exc}", code="model_load_failed") from exc
         if not woke:
             raise APIError(503, f"no room in the budget to wake {name!r} now", code="no_memory")
         return JSONResponse({"model": name, "state": "awake"})

@@ -75,6 +75,9 @@ class _Budget:
     def wake(self) -> bool:
         return True
 
+    def cancel_wake(self) -> None:
+        pass
+
 
 def test_a_broker_books_weights_and_pages(tiny_llama: str) -> None:
     budget: ModelBroker = _Budget()

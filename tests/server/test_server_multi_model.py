@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -212,3 +213,37 @@ def test_limits_the_budget_refuses_are_400_naming_max_bytes(
     assert error["param"] == "max_bytes" and "min_bytes <= max_bytes" in error["message"]
     after = pool.arbiter.snapshot().models["a"]
     assert (after.min_bytes, after.max_bytes) == (before.min_bytes, before.max_bytes)
+
+
+def test_a_failed_wake_fails_its_requests_and_the_next_wake_retries(
+        served: tuple[str, ModelPool]) -> None:
+    # issue 10 item 5: a corrupt checkpoint on wake killed the model for good (503 naming the
+    # server's file, still 503 after the file was restored, one page and a request leaked)
+    url, pool = served
+    _wait_quiet(pool)
+    assert httpx.post(f"{url}/admin/models/b/sleep", headers=AUTH).status_code == 200
+    used = httpx.get(f"{url}/admin/memory", headers=AUTH).json()["budget"]["used_pages"]
+    weights = os.path.join(pool.engines["b"].config.model.path, "model.safetensors")
+    good = open(weights, "rb").read()  # noqa: SIM115 - tiny file
+    try:
+        with open(weights, "wb") as f:
+            f.write(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+        body = {"model": "b", "prompt": "def f():", "max_tokens": 4}
+        resp = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert resp.status_code >= 500, resp.text
+        message = resp.json()["error"]["message"]
+        assert "could not be loaded" in message and weights not in message
+        assert "safetensors" not in message and os.sep + "tmp" not in message
+        wake = httpx.post(f"{url}/admin/models/b/wake", headers=AUTH)
+        assert wake.status_code == 503 and weights not in wake.text, wake.text
+        report = httpx.get(f"{url}/admin/memory", headers=AUTH).json()
+        b = report["models"]["b"]
+        assert (b["state"], b["waiting"], b["running"], b["kv_pages"]) == ("asleep", 0, 0, 0)
+        assert report["budget"]["used_pages"] == used  # nothing stayed booked
+        pool.check_integrity()
+    finally:
+        with open(weights, "wb") as f:
+            f.write(good)
+    out = _complete(url, "b", "def f():", max_tokens=4)  # the next request wakes it for real
+    assert out["choices"][0]["text"] and not pool.engines["b"].asleep
+    _wait_quiet(pool)
