@@ -27,7 +27,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from elasticserve.core.arbiter_reclaim import ModelEntry, best_yield, fair_share, victims
+from elasticserve.core.arbiter_reclaim import (
+    ModelEntry,
+    best_yield,
+    claimed_by_others,
+    fair_share,
+    note_claim,
+    victims,
+)
 from elasticserve.core.arbiter_types import (
     ArbiterError,
     ArbiterPolicy,
@@ -133,20 +140,30 @@ class Arbiter:
             raise ValueError(f"need 0 <= at_least <= pages, got {at_least}, {pages}")
         with self._lock:
             m = self._awake_model(name)
-            m.last_used = self._clock()
+            m.last_used = now = self._clock()
             want = min(pages, m.max_pages - m.kv_pages)
             if want < need:
                 self.stats["denied"] += 1
                 return 0
-            if self.free_pages < need:
-                self._reclaim(m, need - self.free_pages, m.kv_pages + need)
-            if self.free_pages < need:
+            if self._available(m, now) < need:
+                self._reclaim(m, need - self._available(m, now), m.kv_pages + need)
+            available = self._available(m, now)
+            if available < need:
                 self.stats["denied"] += 1
+                note_claim(m, need, now)
                 return 0
-            grant = min(want, self.free_pages)
+            grant = min(want, available)
+            if not m.kv_pages:
+                m.held_since = now
             m.kv_pages += grant
             self._used += grant
+            m.claim_since = None
             return grant
+
+    def _available(self, m: ModelEntry, now: float) -> int:
+        """Free pages ``m`` may take: those not kept for models starved before it."""
+        return self.free_pages - claimed_by_others(self._models.values(), m, now,
+                                                   self.policy.starved_claim_ttl_s)
 
     def release(self, name: str, pages: int) -> None:
         """The model unmapped ``pages`` KV pages on its own (shrink, shutdown)."""
@@ -168,10 +185,10 @@ class Arbiter:
             m = self._get(name)
             if m.awake:
                 return True
-            m.last_used = self._clock()
-            if self.free_pages < m.weights_pages:
-                self._reclaim(m, m.weights_pages - self.free_pages, m.min_pages)
-            if self.free_pages < m.weights_pages:
+            m.last_used = now = self._clock()
+            if self._available(m, now) < m.weights_pages:
+                self._reclaim(m, m.weights_pages - self._available(m, now), m.min_pages)
+            if self._available(m, now) < m.weights_pages:
                 return False
             m.awake = True
             self._used += m.weights_pages
@@ -232,8 +249,8 @@ class Arbiter:
         now = self._clock()
         others = sorted((m for m in self._models.values() if m is not req and m.awake),
                         key=lambda m: (m.priority, self._decayed_rate(m, now), m.last_used))
-        return victims(others, req, tier, req_after, fair_share(self._models.values(),
-                       self.budget_pages), self.policy.fair_share)
+        fair = fair_share(self._models.values(), self.budget_pages)
+        return victims(others, req, tier, req_after, fair, self.policy, now)
 
     def _take(self, m: ModelEntry, tier: ReclaimTier, n: int) -> int:
         """Run one reclaim call on ``m`` and book what it returned."""
@@ -260,7 +277,7 @@ class Arbiter:
             raise ArbiterError(f"{m.name!r} released {freed} KV pages on sleep, holds {m.kv_pages}")
         total = m.kv_pages + m.weights_pages
         self._used -= total
-        m.kv_pages, m.awake = 0, False
+        m.kv_pages, m.awake, m.claim_since = 0, False, None
         self.stats[ReclaimTier.SLEEP.value] += total
         self.stats["sleeps"] += 1
         return total

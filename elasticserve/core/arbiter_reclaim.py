@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from elasticserve.core.arbiter_types import Reclaimer, ReclaimTier
+from elasticserve.core.arbiter_types import ArbiterPolicy, Reclaimer, ReclaimTier
 
 
 @dataclass(slots=True)
@@ -32,10 +32,15 @@ class ModelEntry:
     last_used: float = 0.0
     rate: float = 0.0  # EWMA of the request rate, as of rate_t
     rate_t: float = 0.0
+    held_since: float = 0.0  # when its KV pages last went from none to some
+    # a starved model (no KV page, a request denied): since when, for how many, last asked
+    claim_since: float | None = None
+    claim_pages: int = 0
+    claim_at: float = 0.0
 
 
 def victims(others: list[ModelEntry], req: ModelEntry, tier: ReclaimTier, req_after: int,
-            fair: int, fair_share_on: bool) -> list[tuple[ModelEntry, int]]:
+            fair: int, policy: ArbiterPolicy, now: float) -> list[tuple[ModelEntry, int]]:
     """Candidates of one tier among ``others`` (already in reclaim order), each with an upper
     bound on the pages it yields. ``req`` will hold ``req_after`` KV pages if served."""
     out: list[tuple[ModelEntry, int]] = []
@@ -44,7 +49,7 @@ def victims(others: list[ModelEntry], req: ModelEntry, tier: ReclaimTier, req_af
             cap = m.kv_pages + m.weights_pages \
                 if m.priority <= req.priority and m.reclaimer.is_idle() else 0
         else:
-            cap = m.kv_pages - floor(req, m, tier, req_after, fair, fair_share_on)
+            cap = m.kv_pages - floor(req, m, tier, req_after, fair, policy, now)
             if tier is not ReclaimTier.PREEMPT:
                 free, cached = m.reclaimer.reclaimable()
                 cap = min(cap, free if tier is ReclaimTier.FREE else cached)
@@ -54,15 +59,24 @@ def victims(others: list[ModelEntry], req: ModelEntry, tier: ReclaimTier, req_af
 
 
 def floor(req: ModelEntry, m: ModelEntry, tier: ReclaimTier, req_after: int, fair: int,
-          fair_share_on: bool) -> int:
+          policy: ArbiterPolicy, now: float) -> int:
     """KV pages of victim ``m`` that this request may not take in ``tier``."""
     if m.priority < req.priority or m.reclaimer.is_idle():
         return m.min_pages
+    fair_share_on = policy.fair_share
     within = fair_share_on and req_after <= fair
     if tier is ReclaimTier.PREEMPT:
         # a busy peer is preempted only for a requester within its fair share, and only
         # down to that share; a higher-priority model never is
-        return max(m.min_pages, fair) if within and m.priority == req.priority else m.kv_pages
+        if m.priority != req.priority or not fair_share_on:
+            return m.kv_pages
+        if within:
+            return max(m.min_pages, fair)
+        if req.kv_pages == 0 and now - m.held_since >= policy.min_hold_s:
+            # the share rounds to no page (fewer KV pages than busy models): a model with none
+            # takes its turn once the holder has had its time slice, else it starves for good
+            return m.min_pages
+        return m.kv_pages
     if fair_share_on and not within and m.reclaimer.is_starved():
         # The requester is above its share and the peer has a queue: the peer keeps its
         # share, free pages too - they are about to serve that queue, and taking them makes
@@ -87,3 +101,22 @@ def best_yield(plans: Mapping[ReclaimTier, list[tuple[ModelEntry, int]]]) -> int
             prior = best.get(m.name, 0)
             best[m.name] = prior + cap if tier is ReclaimTier.CACHED else max(prior, cap)
     return sum(best.values())
+
+
+def claimed_by_others(models: Iterable[ModelEntry], m: ModelEntry, now: float,
+                      ttl_s: float) -> int:
+    """Free pages kept for starved models that asked before ``m`` (all of them if ``m`` has
+    no claim): freed pages go to the longest-starved model first, not to whoever asks next."""
+    return sum(o.claim_pages for o in models
+               if o is not m and o.claim_since is not None and o.awake and not o.kv_pages
+               and now - o.claim_at <= ttl_s
+               and (m.claim_since is None or o.claim_since < m.claim_since))
+
+
+def note_claim(m: ModelEntry, pages: int, now: float) -> None:
+    """``m`` was denied ``pages``: if it holds no KV page, it claims the next freed ones."""
+    if m.kv_pages:
+        return
+    if m.claim_since is None:
+        m.claim_since = now
+    m.claim_pages, m.claim_at = pages, now

@@ -33,6 +33,12 @@ class ArbiterPolicy:
     # equal-priority models above budget/awake-models may be preempted by one below it
     fair_share: bool = True
     popularity_tau_s: float = 60.0  # time constant of the request-rate EWMA
+    # With fewer KV pages than busy models (a tiny budget), models with none take turns: with
+    # fair_share, a model holding no KV page may preempt an equal-priority one that has held
+    # its pages this long (the time slice), and pages freed for it are kept for it.
+    min_hold_s: float = 0.5
+    # a starved model's claim on freed pages lapses if it stops asking this long
+    starved_claim_ttl_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,6 +92,9 @@ class ElasticPages:
         self.limit_pages = policy.max_pages
         self.grow_events = self.shrink_events = self.compactions = 0
         self.reclaim_debt = 0  # pages a broker asked for while a step held the cache
+        # pages a broker asked for by preemption while a step held the cache (not summed: a
+        # starved neighbour asks again every step for the same pages)
+        self.preempt_debt = 0
         self.pool: BlockPool | None = None
         self.manager: KVCacheManager | None = None
         self.preempt_to_fit: Callable[[int], Pairs] | None = None
@@ -183,6 +186,12 @@ class ElasticPages:
         if self.reclaim_debt:
             self.reclaim_debt = max(0, self.reclaim_debt - self.set_pages(
                 self.mapped_pages - self.reclaim_debt))
+        if self.preempt_debt:
+            # a free-page shrink never goes below live blocks: this debt preempts
+            owed, self.preempt_debt = self.preempt_debt, 0
+            paid = self.preempt(owed)
+            if paid and self.broker is not None:
+                self.broker.release(paid)
         if memory_pressure:
             self._over_since = None
         else:

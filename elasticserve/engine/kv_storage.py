@@ -198,9 +198,13 @@ class KVStorage:
     def preempt(self, n: int) -> int:
         return self.pages.preempt(n)
 
-    def owe_pages(self, n: int) -> None:
-        """A broker wanted `n` pages while a step held the lock: unmap them after that step."""
-        self.pages.reclaim_debt += n
+    def owe_pages(self, n: int, preempt: bool = False) -> None:
+        """A broker wanted `n` pages while a step held the lock: unmap them after that step
+        (free pages only, or with `preempt` by preempting requests as needed)."""
+        if preempt:
+            self.pages.preempt_debt = max(self.pages.preempt_debt, n)
+        else:
+            self.pages.reclaim_debt += n
 
     # ---- observability --------------------------------------------------------------------
     def check_integrity(self) -> None:

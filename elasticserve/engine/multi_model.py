@@ -78,7 +78,7 @@ class ModelHost:
         return self._locked(n, lambda kv: kv.drop_cached(n))
 
     def preempt(self, n: int) -> int:
-        return self._locked(n, lambda kv: kv.preempt(n))
+        return self._locked(n, lambda kv: kv.preempt(n), preempt=True)
 
     def sleep(self) -> int | None:
         engine = self.engine
@@ -93,14 +93,16 @@ class ModelHost:
         engine = self.engine
         return engine is not None and bool(engine.scheduler.waiting or engine.scheduler.swapped)
 
-    def _locked(self, n: int, action: Callable[[KVStorage], int]) -> int:
+    def _locked(self, n: int, action: Callable[[KVStorage], int], preempt: bool = False) -> int:
         engine = self.engine
         if engine is None or engine.asleep:
             return 0
         kv = engine.kv
         got = kv.try_locked(lambda: action(kv))
         if got is None:
-            kv.owe_pages(n)  # mid-step: it pays at the end of the step
+            # mid-step: it pays at the end of the step (or in the reclaimer's next pass), and
+            # the arbiter keeps those pages for a starved requester (Arbiter._available)
+            kv.owe_pages(n, preempt=preempt)
             return 0
         self.pages_reclaimed += got
         return got
