@@ -102,6 +102,11 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
         self._fail_all(EngineDeadError(f"engine {self.name!r} was shut down"))
+        if self._thread is None or not self._thread.is_alive():
+            # nobody steps it any more: free what the unfinished requests hold (their streams
+            # just got the error), so the engine's pages and blocks all come back
+            for request_id in list(self.engine.groups):
+                self.engine.abort_request(request_id)
 
     @property
     def is_alive(self) -> bool:

@@ -110,6 +110,9 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                    help="decode attention: the C kernel where it builds (auto), always, or never")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests queued beyond the batch before new ones get 503")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long in-flight requests may finish before they "
+                        "are aborted (default 30)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="server and engine log level (default info)")
@@ -125,6 +128,7 @@ def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]
     from elasticserve.engine.async_engine import AsyncEngine
     from elasticserve.engine.multi_model import ModelPool
     from elasticserve.server.api_server import build_app
+    from elasticserve.server.shutdown import GracefulServer
 
     pool = ModelPool(model_specs(args), args.memory, engine_args(args),
                      policy=args.memory_policy, idle_sleep_s=args.idle_sleep_s)
@@ -134,7 +138,8 @@ def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]
     app = build_app(engines, pool=pool, admin_token=args.admin_token)
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.log_level)
-    return uvicorn.Server(config), engines
+    server = GracefulServer(config, engines, args.shutdown_timeout, on_close=pool.close)
+    return server, engines
 
 
 def run_server(server: Any, args: argparse.Namespace) -> None:
@@ -157,12 +162,11 @@ def run_server(server: Any, args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve until interrupted (Ctrl-C / SIGTERM), then stop the engines."""
+    """Serve until SIGTERM / SIGINT, drain (server/shutdown.py), stop the engines, exit 0."""
     logging.basicConfig(level=args.log_level.upper())
-    server, engines = make_server(args)
+    server, _ = make_server(args)
     try:
         run_server(server, args)
     finally:
-        for engine in engines.values():
-            engine.shutdown()
+        server.close()  # engines shut down, the pool's pages released
     return 0
