@@ -30,6 +30,7 @@ from collections.abc import Callable
 from elasticserve.core.arbiter_reclaim import (
     ModelEntry,
     best_yield,
+    check_books,
     claimed_by_others,
     fair_share,
     note_claim,
@@ -320,17 +321,7 @@ class Arbiter:
     def check_integrity(self) -> None:
         """Raise ArbiterError unless grants + weights == used <= budget and limits hold."""
         with self._lock:
-            total = sum(m.kv_pages + (m.weights_pages if m.awake else 0)
-                        for m in self._models.values())
-            if total != self._used or self._used > self.budget_pages:
-                raise ArbiterError(f"used={self._used}, grants+weights={total}, "
-                                   f"budget={self.budget_pages}")
-            for m in self._models.values():
-                if not 0 <= m.kv_pages <= m.max_pages or m.min_pages > m.max_pages:
-                    raise ArbiterError(f"{m.name!r}: kv={m.kv_pages} outside "
-                                       f"[0, {m.max_pages}] (min {m.min_pages})")
-                if not m.awake and m.kv_pages:
-                    raise ArbiterError(f"{m.name!r} is asleep but holds {m.kv_pages} KV pages")
+            check_books(list(self._models.values()), self._used, self.budget_pages)
 
     # ---- helpers --------------------------------------------------------------------------
     def _pages_up(self, nbytes: int) -> int:

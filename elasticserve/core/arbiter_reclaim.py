@@ -1,5 +1,5 @@
-"""Who gives pages back, and how many: the arbiter's victim selection. Torch-free, lock-free
-(the arbiter calls these under its lock).
+"""Who gives pages back, and how many: the arbiter's victim selection, claims of starved
+models, and its books' check. Torch-free, lock-free (the arbiter calls these under its lock).
 
 Tiers (``ReclaimTier``), cheapest first: ``FREE`` (mapped, unused pages), ``CACHED`` (pages
 holding only cached prefix blocks), ``PREEMPT`` (swap or recompute running requests), ``SLEEP``
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from elasticserve.core.arbiter_types import ArbiterPolicy, Reclaimer, ReclaimTier
+from elasticserve.core.arbiter_types import ArbiterError, ArbiterPolicy, Reclaimer, ReclaimTier
 
 
 @dataclass(slots=True)
@@ -120,3 +120,16 @@ def note_claim(m: ModelEntry, pages: int, now: float) -> None:
     if m.claim_since is None:
         m.claim_since = now
     m.claim_pages, m.claim_at = pages, now
+
+
+def check_books(models: list[ModelEntry], used: int, budget_pages: int) -> None:
+    """Raise ArbiterError unless grants + weights == used <= budget and limits hold."""
+    total = sum(m.kv_pages + (m.weights_pages if m.awake else 0) for m in models)
+    if total != used or used > budget_pages:
+        raise ArbiterError(f"used={used}, grants+weights={total}, budget={budget_pages}")
+    for m in models:
+        if not 0 <= m.kv_pages <= m.max_pages or m.min_pages > m.max_pages:
+            raise ArbiterError(f"{m.name!r}: kv={m.kv_pages} outside "
+                               f"[0, {m.max_pages}] (min {m.min_pages})")
+        if not m.awake and m.kv_pages:
+            raise ArbiterError(f"{m.name!r} is asleep but holds {m.kv_pages} KV pages")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.beam_search import beam_step
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
-from elasticserve.engine.protocol import ModelLoadError
+from elasticserve.engine.sleep_wake import SleepWake
 from elasticserve.errors import InvalidFieldError, PromptTooLargeError
 from elasticserve.kernels import native
 from elasticserve.models.hf_config import ModelConfig, load_config
@@ -29,10 +28,9 @@ from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.model_runner import ModelRunner
 
 PromptInput = str | dict[str, Any]
-logger = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(SleepWake):
     """Owns one model, its tokenizer, its KV storage, a scheduler and a runner."""
 
     def __init__(self, args: EngineArgs, broker: ModelBroker | None = None) -> None:
@@ -279,74 +277,6 @@ class LLMEngine:
         if group.prompt_logprobs is None:
             group.prompt_logprobs = [None]
         group.prompt_logprobs.extend(entries)
-
-    # ---- sleep and wake -------------------------------------------------------------------
-    def sleep(self) -> int:
-        """Give every KV page back and drop the weights (re-read from the checkpoint on wake).
-
-        Running requests are preempted (swap or recompute) and resume after the wake. Returns
-        the KV pages unmapped; the caller (the arbiter's reclaim or an admin) accounts them.
-        """
-        with self.kv.lock:
-            if self.asleep:
-                return 0
-            pages = self.kv.release_all()
-            self.runner.model = None  # type: ignore[assignment]
-            del self.model
-            self.asleep = True
-            self.sleeps += 1
-            return pages
-
-    def wake(self) -> bool:
-        """Reload the weights and map the starting KV pages; False if the budget has no room.
-
-        Raises ModelLoadError if the weights cannot be loaded: the model is then asleep again
-        with nothing booked (weights and pages given back to the broker), and the next wake
-        tries again."""
-        with self.kv.lock:
-            if not self.asleep:
-                return True
-            if self.broker is not None and not self.broker.wake():
-                return False
-            start = time.monotonic()
-            try:
-                self.model = self._load_model()
-                self.model.use_native_ops(self.runner.native_decode)
-                self.runner.model = self.model
-                self.kv.remap_initial()
-            except Exception as exc:
-                self._cancel_wake()
-                # the cause names server paths: it goes to the log, not to clients
-                logger.exception("waking model %s failed", self.config.model.path)
-                raise ModelLoadError("the model's weights could not be loaded; the server "
-                                     "log has the details") from exc
-            self.asleep = False
-            self.wakes += 1
-            self.wake_latencies_s.append(time.monotonic() - start)
-            return True
-
-    def _cancel_wake(self) -> None:
-        """Back to the state sleep() left: no weights, no pages, nothing booked."""
-        self.runner.model = None  # type: ignore[assignment]
-        vars(self).pop("model", None)
-        pages = self.kv.release_all()  # starting pages remap_initial may have mapped
-        if self.broker is not None:
-            if pages:
-                self.broker.release(pages)
-            self.broker.cancel_wake()
-
-    def _wake_for_work(self) -> bool:
-        if not self.scheduler.has_unfinished():
-            return False
-        try:
-            if self.wake():
-                return True
-        except ModelLoadError as exc:
-            # the requests waiting on this wake fail (step reports them); later ones try again
-            self.scheduler.fail_all(str(exc))
-            return False
-        time.sleep(0.005)  # no room yet: back-pressure, not a busy loop
-        return False
 
     # ---- introspection --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -65,10 +65,14 @@ def add_admin_routes(app: FastAPI, pool: ModelPoolClient, token: str) -> None:
     async def wake(name: str, request: Request) -> JSONResponse:
         check(request)
         known(name)
-        try:
-            woke = await asyncio.to_thread(pool.wake, name)
-        except ModelLoadError as exc:  # still asleep, nothing booked; a later wake retries
-            raise APIError(503, f"{name!r} stays asleep: {exc}", code="model_load_failed") from exc
-        if not woke:
-            raise APIError(503, f"no room in the budget to wake {name!r} now", code="no_memory")
+        await _wake(pool, name)
         return JSONResponse({"model": name, "state": "awake"})
+
+
+async def _wake(pool: ModelPoolClient, name: str) -> None:
+    try:
+        woke = await asyncio.to_thread(pool.wake, name)
+    except ModelLoadError as exc:  # still asleep, nothing booked; a later wake retries
+        raise APIError(503, f"{name!r} stays asleep: {exc}", code="model_load_failed") from exc
+    if not woke:
+        raise APIError(503, f"no room in the budget to wake {name!r} now", code="no_memory")
