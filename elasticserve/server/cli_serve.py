@@ -36,6 +36,17 @@ def parse_size(text: str) -> int:
     return size
 
 
+def parse_seconds(text: str) -> float:
+    """A duration >= 0 in seconds. For argparse `type=`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"not a duration in seconds >= 0: {text!r}")
+    return value
+
+
 def parse_model_specs(specs: list[str]) -> dict[str, str]:
     """['llama=models/a', 'models/b'] -> {'llama': 'models/a', 'b': 'models/b'}."""
     models: dict[str, str] = {}
@@ -110,7 +121,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                    help="decode attention: the C kernel where it builds (auto), always, or never")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests queued beyond the batch before new ones get 503")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--shutdown-timeout", type=parse_seconds, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish before they "
                         "are aborted (default 30)")
     p.add_argument("--log-level", default="info",

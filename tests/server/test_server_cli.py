@@ -96,3 +96,11 @@ def test_serve_process_finds_the_port_the_child_bound(tmp_path):
     with serve_process(["--model", f"m={model}", "--memory", "64MiB"], start_timeout_s=60) as url:
         assert not url.endswith(":0")
         assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["m"]
+
+
+def test_shutdown_timeout_is_seconds_at_least_0():
+    assert _parse().shutdown_timeout == 30.0
+    assert _parse("--shutdown-timeout", "0").shutdown_timeout == 0.0
+    for bad in ("-1", "soon", "nan"):
+        with pytest.raises(SystemExit):
+            _parse("--shutdown-timeout", bad)
