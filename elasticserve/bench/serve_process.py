@@ -28,7 +28,9 @@ def serve_process(argv: list[str], port: int | None = None,
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile("w+") as log:
         port_file = os.path.join(tmp, "port")
         cmd = [sys.executable, "-m", "elasticserve.cli", "serve", *argv, "--host", "127.0.0.1",
-               "--port", str(port or 0), "--port-file", port_file, "--log-level", "warning"]
+               "--port", str(port or 0), "--port-file", port_file, "--log-level", "warning",
+               # SIGTERM drains in-flight requests this long: well inside the wait below
+               "--shutdown-timeout", "5"]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + start_timeout_s
