@@ -218,6 +218,6 @@ def test_a_starved_model_gets_a_page_while_the_neighbours_burst_runs(
             engine.shutdown()  # frees what the cancelled requests held
     print(f"a's first token after {took:.3f} s")
     # the bound (docs/SERVING.md): b's time slice (min_hold_s) + one b step + a's retry
-    bound = pool.arbiter.policy.min_hold_s + 2.0  # generous: a shared 2-core machine
+    bound = pool.arbiter.policy.min_hold_s + 3.0  # generous: a shared, loaded 2-core machine
     assert took < bound and b_busy, f"a's first token after {took:.2f} s (b busy: {b_busy})"
     pool.check_integrity()
