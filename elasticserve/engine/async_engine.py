@@ -101,11 +101,14 @@ class AsyncEngine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._cv:  # requests still open, and aborts the step thread did not apply
+            open_ids = [*self._streams,
+                        *(c.request_id for c in self._commands if isinstance(c, _Abort))]
         self._fail_all(EngineDeadError(f"engine {self.name!r} was shut down"))
         if self._thread is None or not self._thread.is_alive():
             # nobody steps it any more: free what the unfinished requests hold (their streams
             # just got the error), so the engine's pages and blocks all come back
-            for request_id in list(self.engine.groups):
+            for request_id in open_ids:
                 self.engine.abort_request(request_id)
 
     @property
