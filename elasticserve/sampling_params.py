@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from elasticserve.errors import InvalidFieldError
 
@@ -57,6 +59,59 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
         raise InvalidFieldError(name, f"{name} must be in [{lo}, {hi}], got {value}")
 
 
+@dataclass(slots=True, frozen=True)
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's ``StructuredOutputsParams``); set exactly one.
+
+    ``json``: a JSON schema (dict or JSON text); ``json_object``: any JSON object; ``regex``;
+    ``choice``: exactly one of these strings; ``grammar``: a Lark grammar (llguidance's dialect).
+    The engine compiles it when the request is validated (a bad schema is an
+    ``InvalidFieldError`` on ``structured_outputs``) and masks every sampled token with it.
+    """
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object is True else []
+        if len(kinds) != 1:
+            raise InvalidFieldError(
+                "structured_outputs",
+                f"structured_outputs needs exactly one of json, json_object, regex, choice, "
+                f"grammar; got {kinds or 'none'}")
+        _check_bool("json_object", self.json_object)
+        if isinstance(self.json, str):
+            try:
+                schema = json.loads(self.json)
+            except ValueError as exc:
+                raise InvalidFieldError("structured_outputs", f"json is not valid JSON: {exc}") \
+                    from exc
+            object.__setattr__(self, "json", schema)
+        if self.json is not None and not isinstance(self.json, dict):
+            raise InvalidFieldError("structured_outputs",
+                                    f"json must be a JSON schema object, got {self.json!r:.80}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise InvalidFieldError("structured_outputs", f"{name} must be a non-empty string")
+        if self.choice is not None and not (
+                isinstance(self.choice, list | tuple) and self.choice
+                and all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidFieldError("structured_outputs",
+                                    "choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: json, json_object, regex, choice or grammar."""
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Sampling parameters for one request (vLLM-compatible names and defaults).
@@ -96,12 +151,14 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
         self._normalize_stops()
         self._resolve_best_of()
         self._check_ranges()
+        self._check_structured()
         if self.top_k == -1:
             self.top_k = 0
         if self.is_greedy and not self.use_beam_search:
@@ -194,6 +251,19 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 _check_range(name, value, 0, MAX_LOGPROBS)
+
+    def _check_structured(self) -> None:
+        spec = self.structured_outputs
+        if spec is None:
+            return
+        if not isinstance(spec, StructuredOutputsParams):
+            raise InvalidFieldError(
+                "structured_outputs", "structured_outputs must be StructuredOutputsParams, "
+                f"got {type(spec).__name__}")
+        if self.use_beam_search:
+            # beams would each need a grammar state forked and dropped with the beam
+            raise InvalidFieldError(
+                "structured_outputs", "structured_outputs is not supported with beam search")
 
     @property
     def is_greedy(self) -> bool:

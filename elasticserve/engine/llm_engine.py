@@ -26,6 +26,7 @@ from elasticserve.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutp
 from elasticserve.request import Sequence, SequenceGroup
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.model_runner import ModelRunner
+from elasticserve.worker.structured import GrammarCompiler
 
 PromptInput = str | dict[str, Any]
 
@@ -47,6 +48,8 @@ class LLMEngine(SleepWake):
         self.tokenizer = Tokenizer.from_dir(self.config.model.path)
         self.model = self._load_model()
         self.model_config = self.model.config
+        # structured outputs: the runner's matchers and validate() share its compiled grammars
+        self.grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         if broker is not None:
             broker.attach_model(self.weights_bytes)
         self.kv = KVStorage(self.cache_config, self.config.memory, self.model_config,
@@ -77,7 +80,8 @@ class LLMEngine(SleepWake):
             self.model, self.kv.tensor, self.kv.swap_tensor, cache.block_size,
             self.tokenizer.eos_token_ids,
             native_decode=native.use_native(self.config.model.attention_backend, self.kv.tensor,
-                                            self._param_dtype()))
+                                            self._param_dtype()),
+            grammar=self.grammar)
         # the fused element-wise ops come with the native backend (same library, same checks)
         self.model.use_native_ops(self.runner.native_decode)
 
@@ -125,6 +129,8 @@ class LLMEngine(SleepWake):
                                     f"got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         self._check_fits(token_ids, params)
+        if params.structured_outputs is not None:
+            self.grammar.compile(params.structured_outputs)  # a bad schema fails here, not mid-step
         return text, token_ids
 
     def resize_kv_cache(self, nbytes: int) -> None:

@@ -21,9 +21,27 @@ from tokenizers import ByteLevelBPETokenizer
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 0, 1, 2
+# ChatML; with `tools`, a system turn lists them and says how to call one (the JSON array the
+# server's tool_choice="required" grammar forces and its "auto" parser reads), and an
+# assistant's earlier tool_calls are shown in that same format. Without tools: plain ChatML.
 CHATML_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ 'You may call these tools. To call tools, answer with only a JSON array: '"
+    " + '[{\"name\": <function name>, \"parameters\": <arguments object>}]\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    "{{ '</tools><|im_end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\\n' + (message['content'] or '') + '[' }}"
+    "{% for call in message['tool_calls'] %}{% if not loop.first %}{{ ', ' }}{% endif %}"
+    "{{ '{\"name\": ' + (call['function']['name'] | tojson) + ', \"parameters\": '"
+    " + (call['function']['arguments'] | tojson) + '}' }}{% endfor %}"
+    "{{ ']<|im_end|>\\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )

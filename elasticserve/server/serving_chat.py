@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from elasticserve.engine.protocol import EngineClient
 from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
+from elasticserve.server.chat_tools import ToolPlan, ToolStream, finish_reason, plan
 from elasticserve.server.errors import APIError, from_value_error
 from elasticserve.server.protocol import (
     AssistantMessage,
@@ -48,35 +49,46 @@ _RENAMES = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "t
 
 async def create_chat_completion(engine: EngineClient, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
-    params = _sampling_params(req)
+    params, tools = _sampling_params(req)
+    # the grammar's field: a bad schema came from the tools or from response_format
+    renames = {**_RENAMES, "structured_outputs": "response_format" if tools.mode in
+               ("none", "auto") else "tools"}
     prompt = await asyncio.to_thread(_render, engine, req)  # a long chat takes a while
-    prepared = await prepare(engine, [prompt], params, _RENAMES)
+    prepared = await prepare(engine, [prompt], params, renames)
     request_id = random_id("chatcmpl")
     started = submit(engine, prepared, params, request_id, stream=req.stream)
     outputs = merge(engine, started)
     prompt_tokens = len(prepared[0].token_ids)
     if req.stream:
-        body = _stream(engine, req, params, prompt_tokens, outputs, request_id)
+        body = _stream(engine, req, params, tools, prompt_tokens, outputs, request_id)
         return StreamingResponse(body, media_type="text/event-stream")
-    resp = await until_disconnect(raw, _collect(engine, req, prompt_tokens, outputs, request_id))
+    work = _collect(engine, req, tools, prompt_tokens, outputs, request_id)
+    resp = await until_disconnect(raw, work)
     return Response(resp.model_dump_json(), media_type="application/json")
 
 
-def _sampling_params(req: ChatCompletionRequest) -> SamplingParams:
+def _sampling_params(req: ChatCompletionRequest) -> tuple[SamplingParams, ToolPlan]:
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", "logit_bias")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+    structured, tools = plan(req)
     try:
-        return req.sampling_params()
+        params = req.sampling_params()
+        if structured is not None:
+            params.structured_outputs = structured
+            params = params.clone()  # validated again, with the grammar (not with beams)
     except ValueError as exc:
         raise from_value_error(exc, _RENAMES) from exc
+    return params, tools
 
 
 def _render(engine: EngineClient, req: ChatCompletionRequest) -> dict[str, Any]:
     tokenizer = engine.tokenizer
     try:
-        text = str(tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True))
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        text = str(tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True,
+                                                 tools=tools))
     except Exception as exc:  # noqa: BLE001 - a template rejects a conversation by raising
         raise APIError(400, f"messages cannot be rendered by the chat template: {exc}",
                        "messages") from exc
@@ -84,8 +96,8 @@ def _render(engine: EngineClient, req: ChatCompletionRequest) -> dict[str, Any]:
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
 
-async def _collect(engine: EngineClient, req: ChatCompletionRequest, prompt_tokens: int,
-                   outputs: AsyncIterator[tuple[int, RequestOutput]],
+async def _collect(engine: EngineClient, req: ChatCompletionRequest, tools: ToolPlan,
+                   prompt_tokens: int, outputs: AsyncIterator[tuple[int, RequestOutput]],
                    request_id: str) -> ChatCompletionResponse:
     final: RequestOutput | None = None
     async for _, out in outputs:
@@ -95,16 +107,19 @@ async def _collect(engine: EngineClient, req: ChatCompletionRequest, prompt_toke
     for comp in final.outputs:
         delta = ChoiceDelta(comp.index, comp.text, comp.token_ids, comp.logprobs, 0,
                             comp.finish_reason, comp.stop_reason)
-        choices.append(ChatChoice(index=comp.index, message=AssistantMessage(content=comp.text),
+        calls = tools.calls(comp.text)
+        message = AssistantMessage(content=None if calls else comp.text, tool_calls=calls)
+        choices.append(ChatChoice(index=comp.index, message=message,
                                   logprobs=_logprobs(engine, req, delta),
-                                  finish_reason=comp.finish_reason, stop_reason=comp.stop_reason))
+                                  finish_reason=finish_reason(comp.finish_reason, calls),
+                                  stop_reason=comp.stop_reason))
     completion = sum(len(c.token_ids) for c in final.outputs)
     return ChatCompletionResponse(id=request_id, model=req.model, choices=choices,
                                   usage=UsageInfo.of(prompt_tokens, completion))
 
 
 async def _stream(engine: EngineClient, req: ChatCompletionRequest, params: SamplingParams,
-                  prompt_tokens: int, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                  tools: ToolPlan, prompt_tokens: int, outputs: AsyncIterator[tuple[int, RequestOutput]],
                   request_id: str) -> AsyncIterator[str]:
     created = int(time.time())
 
@@ -113,6 +128,7 @@ async def _stream(engine: EngineClient, req: ChatCompletionRequest, params: Samp
                                        choices=choices, usage=usage))
 
     tracker = DeltaTracker(params.n, params.stop_strings)
+    calls = ToolStream(tools)
     completion = 0
     try:
         yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -120,10 +136,7 @@ async def _stream(engine: EngineClient, req: ChatCompletionRequest, params: Samp
         async for _, out in outputs:
             if out.finished:
                 completion = sum(len(c.token_ids) for c in out.outputs)
-            choices = [ChatStreamChoice(index=d.index, delta=DeltaMessage(content=d.text),
-                                        logprobs=_logprobs(engine, req, d),
-                                        finish_reason=d.finish_reason, stop_reason=d.stop_reason)
-                       for d in tracker.update(0, out)]
+            choices = [_stream_choice(engine, req, calls, d) for d in tracker.update(0, out)]
             if choices:
                 yield chunk(choices)
         if req.include_usage:
@@ -133,6 +146,17 @@ async def _stream(engine: EngineClient, req: ChatCompletionRequest, params: Samp
     finally:
         await outputs.aclose()  # type: ignore[attr-defined]
     yield sse("[DONE]")
+
+
+def _stream_choice(engine: EngineClient, req: ChatCompletionRequest, calls: ToolStream,
+                   d: ChoiceDelta) -> ChatStreamChoice:
+    content, tool_calls = calls.update(d.index, d.text, d.finish_reason is not None)
+    reason = d.finish_reason
+    if reason == "stop" and calls.made_calls(d.index):
+        reason = "tool_calls"
+    return ChatStreamChoice(index=d.index, delta=DeltaMessage(content=content, tool_calls=tool_calls),
+                            logprobs=_logprobs(engine, req, d), finish_reason=reason,
+                            stop_reason=d.stop_reason)
 
 
 def _logprobs(engine: EngineClient, req: ChatCompletionRequest,

@@ -11,6 +11,7 @@ from elasticserve.models.llama import CausalLM
 from elasticserve.outputs import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.sampler import Sampler, SamplingRow, prompt_logprobs
+from elasticserve.worker.structured import GrammarCompiler, GrammarStates, allowed_tokens
 
 
 class ModelRunner:
@@ -22,7 +23,9 @@ class ModelRunner:
     """
 
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
-                 block_size: int, eos_token_ids: Collection[int], native_decode: bool = False) -> None:
+                 block_size: int, eos_token_ids: Collection[int], native_decode: bool = False,
+                 grammar: GrammarCompiler | None = None) -> None:
+        """``grammar``: compiles structured-outputs constraints (None: requests with one fail)."""
         self.model = model
         self.kv_cache = kv_cache
         self.swap_cache = swap_cache
@@ -31,12 +34,15 @@ class ModelRunner:
         self.native_decode = native_decode  # decode attention by the C kernel (kernels/native.py)
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
+        self.grammars = GrammarStates(grammar) if grammar is not None else None
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.apply_block_ops(out)
         for seq_id in out.finished_seq_ids:
             self._generators.pop(seq_id, None)
+        if self.grammars is not None:
+            self.grammars.drop(out.finished_seq_ids)
         result = ModelRunnerOutput()
         if not out.scheduled:
             return result
@@ -78,12 +84,14 @@ class ModelRunner:
         row_index: list[int] = []
         rows: list[SamplingRow] = []
         seq_ids: list[int] = []
+        parents: list[int] = []
         for i, item in enumerate(scheduled):
             last = meta.query_start_loc[i + 1] - 1
             for j, sid in enumerate(item.sample_seq_ids):
                 row_index.append(last)
                 rows.append(self._row(item, sid, j))
                 seq_ids.append(sid)
+                parents.append(item.seq_id)
         if not rows:
             return
         unique = sorted(set(row_index))
@@ -91,8 +99,28 @@ class ModelRunner:
         if len(unique) != len(row_index):
             where = {r: k for k, r in enumerate(unique)}
             logits = logits[[where[r] for r in row_index]]
-        for sid, sample in zip(seq_ids, self.sampler(logits, rows), strict=True):
+        self._mask(rows, parents, seq_ids, logits.shape[1])
+        samples = self.sampler(logits, rows)
+        for row, sid, sample in zip(rows, seq_ids, samples, strict=True):
             result.samples[sid] = sample
+            if row.allowed is not None and self.grammars is not None:
+                self.grammars.advance(sid, sample.token_id)
+
+    def _mask(self, rows: list[SamplingRow], parents: list[int], seq_ids: list[int],
+              vocab: int) -> None:
+        """Give every constrained row its grammar's mask; children's matchers are copied from
+        the parent's before anyone advances."""
+        idx = [i for i, r in enumerate(rows) if r.params.structured_outputs is not None]
+        if not idx:
+            return
+        if self.grammars is None:
+            raise RuntimeError("structured_outputs needs a runner built with a grammar compiler")
+        matchers = [self.grammars.for_row(seq_ids[i], parents[i],
+                                          rows[i].params.structured_outputs)  # type: ignore[arg-type]
+                    for i in idx]
+        masks = allowed_tokens(matchers, self.grammars.compiler.lltokenizer.vocab_size, vocab)
+        for k, i in enumerate(idx):
+            rows[i].allowed = masks[k]
 
     def _row(self, item: ScheduledSeq, seq_id: int, fork_index: int) -> SamplingRow:
         params = item.params

@@ -1,6 +1,7 @@
 """Batched next-token sampling over a [B, V] logits tensor.
 
-Per row: banned tokens -> -inf, repetition penalty, presence/frequency penalties,
+Per row: banned tokens -> -inf, repetition penalty, presence/frequency penalties, the
+structured-outputs grammar mask (tokens it forbids -> -inf),
 then argmax (greedy), top candidates (beam search) or random sampling with
 temperature, top_k, top_p, min_p and a draw from the row's generator.
 
@@ -47,6 +48,7 @@ class SamplingRow:
     generator: torch.Generator | None  # seeded by the caller when params.seed is set
     banned_token_ids: frozenset[int]  # e.g. EOS/stop ids while below min_tokens
     num_candidates: int = 0  # beam search: return this many candidates instead of sampling
+    allowed: Tensor | None = None  # [V] bool: structured outputs' grammar mask (None: no grammar)
 
 
 def _needs_penalties(row: SamplingRow) -> bool:
@@ -102,6 +104,26 @@ def apply_penalties(logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
         r, t = keys // out.shape[1], keys % out.shape[1]
         pres = torch.tensor([x.params.presence_penalty for x in rows])
         out.index_put_((r, t), -pres[r], accumulate=True)
+    return out
+
+
+def apply_allowed(logits: Tensor, processed: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
+    """Grammar masks: tokens a row's grammar forbids -> -inf. Rows without one cost nothing.
+
+    A row left with no token (min_tokens banned the only one its grammar allows, EOS) follows
+    its grammar alone: the grammar's structure wins over min_tokens. ``processed`` is written
+    in place when it is already a copy of ``logits``.
+    """
+    idx = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not idx:
+        return processed
+    out = logits.clone() if processed is logits else processed
+    allowed = torch.stack([rows[i].allowed for i in idx])  # type: ignore[misc]
+    sub = out[idx].masked_fill_(~allowed, -math.inf)
+    dead = torch.isneginf(sub).all(-1)
+    if bool(dead.any()):
+        sub[dead] = logits[idx][dead].masked_fill(~allowed[dead], -math.inf)
+    out[idx] = sub
     return out
 
 
@@ -242,7 +264,7 @@ class Sampler:
             raise ValueError(f"logits must be [len(rows), V], got {tuple(logits.shape)}")
         # Sampling runs on CPU (a no-op for CPU float32; accelerator logits are copied).
         logits = logits.to("cpu", torch.float32)
-        processed = apply_penalties(logits, rows)
+        processed = apply_allowed(logits, apply_penalties(logits, rows), rows)
         tokens = [-1] * len(rows)
         # top_k == 1 keeps only the max, so it is an argmax without the draw.
         sampled = [i for i, r in enumerate(rows) if r.num_candidates == 0]
