@@ -6,7 +6,7 @@ imported without pulling in torch.
 
 from typing import Any
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput"]
 __version__ = "0.1.0"
 
 
@@ -19,6 +19,10 @@ def __getattr__(name: str) -> Any:
         from elasticserve.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from elasticserve.sampling_params import StructuredOutputsParams
+
+        return StructuredOutputsParams
     if name == "RequestOutput":
         from elasticserve.outputs import RequestOutput
 
