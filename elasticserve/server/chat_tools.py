@@ -37,6 +37,7 @@ class ToolPlan:
     mode: str = "none"
     name: str | None = None
     functions: frozenset[str] = field(default_factory=frozenset)
+    single: bool = False  # parallel_tool_calls=false: several calls are not a tool call
 
     def calls(self, text: str) -> list[ToolCall] | None:
         """The tool calls ``text`` holds, or None when it is to be returned as content."""
@@ -44,7 +45,8 @@ class ToolPlan:
             assert self.name is not None
             return [_call(self.name, text)] if _is_json_object(text) else None
         if self.mode in ("required", "auto"):
-            return parse_tool_calls(text, self.functions)
+            calls = parse_tool_calls(text, self.functions)
+            return None if calls is None or (self.single and len(calls) > 1) else calls
         return None
 
 
@@ -59,8 +61,9 @@ def plan(req: ChatCompletionRequest) -> tuple[StructuredOutputsParams | None, To
     if choice != "none" and not tools:
         raise APIError(400, f"tool_choice={_show(choice)} needs tools", "tool_choice")
     functions = frozenset(names)
+    single = req.parallel_tool_calls is False
     if choice in ("none", "auto"):
-        return _response_format(req), ToolPlan(str(choice), None, functions)
+        return _response_format(req), ToolPlan(str(choice), None, functions, single)
     if req.response_format is not None and req.response_format.type != "text":
         raise APIError(400, "response_format cannot be combined with a tool_choice that forces "
                        "a tool call", "response_format")
@@ -78,7 +81,7 @@ def plan(req: ChatCompletionRequest) -> tuple[StructuredOutputsParams | None, To
     array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": variants}}
     if req.parallel_tool_calls is False:
         array["maxItems"] = 1
-    return _structured(array, "tools"), ToolPlan("required", None, functions)
+    return _structured(array, "tools"), ToolPlan("required", None, functions, single)
 
 
 def _response_format(req: ChatCompletionRequest) -> StructuredOutputsParams | None:
