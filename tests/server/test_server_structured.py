@@ -10,7 +10,7 @@ import httpx
 import pytest
 from pydantic import BaseModel, Field
 
-from elasticserve.server.chat_tools import parse_tool_calls
+from elasticserve.server.chat_tools import ToolPlan, ToolStream, parse_tool_calls
 from elasticserve.server.protocol import ChatCompletionRequest
 from tests.json_schema_check import check
 
@@ -154,6 +154,26 @@ def test_auto_parser_reads_our_format_and_hermes_blocks():
     assert json.loads(parse_tool_calls(hermes, names)[0].function.arguments) == {"tz": "CET"}
     for text in ('{"name": "other", "parameters": {}}', "hello", '[{"name": "get_time"}, 3]'):
         assert parse_tool_calls(text, names) is None
+
+
+def test_auto_stream_holds_back_only_what_may_be_a_call():
+    plan = ToolPlan("auto", None, frozenset({"get_time"}))
+    stream = ToolStream(plan)
+    assert stream.update(0, "  Hel", False) == ("  Hel", None)  # plain text goes out at once
+    assert stream.update(0, "lo", True) == ("lo", None)
+    assert not stream.made_calls(0)
+    pieces = ['[{"name": "get_time", ', '"parameters": {"tz": ', '"UTC"}}]']
+    assert [stream.update(1, p, False) for p in pieces[:2]] == [(None, None)] * 2
+    content, calls = stream.update(1, pieces[2], True)
+    assert content is None and calls is not None and stream.made_calls(1)
+    assert (calls[0].index, calls[0].function.name, json.loads(calls[0].function.arguments)) \
+        == (0, "get_time", {"tz": "UTC"})
+    # held, then not a call after all: everything held comes out as content
+    assert stream.update(2, '{"a": 1', False) == (None, None)
+    assert stream.update(2, "}", True) == ('{"a": 1}', None)
+    single = ToolPlan("auto", None, frozenset({"get_time"}), single=True)
+    two = '[{"name": "get_time", "parameters": {}}, {"name": "get_time", "parameters": {}}]'
+    assert single.calls(two) is None and plan.calls(two) is not None
 
 
 def test_tool_messages_reach_the_chat_template(client, engines):
