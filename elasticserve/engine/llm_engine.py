@@ -23,10 +23,9 @@ from elasticserve.models.llama import CausalLM
 from elasticserve.models.loader import load_model
 from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
-from elasticserve.request import Sequence, SequenceGroup
+from elasticserve.request import Sequence, SequenceGroup, next_seq_id
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.model_runner import ModelRunner
-from elasticserve.worker.structured import GrammarCompiler
 
 PromptInput = str | dict[str, Any]
 
@@ -48,8 +47,6 @@ class LLMEngine(SleepWake):
         self.tokenizer = Tokenizer.from_dir(self.config.model.path)
         self.model = self._load_model()
         self.model_config = self.model.config
-        # structured outputs: the runner's matchers and validate() share its compiled grammars
-        self.grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         if broker is not None:
             broker.attach_model(self.weights_bytes)
         self.kv = KVStorage(self.cache_config, self.config.memory, self.model_config,
@@ -78,10 +75,9 @@ class LLMEngine(SleepWake):
         self.kv.bind_scheduler(self.scheduler)
         self.runner = ModelRunner(
             self.model, self.kv.tensor, self.kv.swap_tensor, cache.block_size,
-            self.tokenizer.eos_token_ids,
+            self.tokenizer,
             native_decode=native.use_native(self.config.model.attention_backend, self.kv.tensor,
-                                            self._param_dtype()),
-            grammar=self.grammar)
+                                            self._param_dtype()))
         # the fused element-wise ops come with the native backend (same library, same checks)
         self.model.use_native_ops(self.runner.native_decode)
 
@@ -129,8 +125,7 @@ class LLMEngine(SleepWake):
                                     f"got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         self._check_fits(token_ids, params)
-        if params.structured_outputs is not None:
-            self.grammar.compile(params.structured_outputs)  # a bad schema fails here, not mid-step
+        self.runner.check_structured(params)  # a bad grammar fails here, not in a step
         return text, token_ids
 
     def resize_kv_cache(self, nbytes: int) -> None:
@@ -262,8 +257,6 @@ class LLMEngine(SleepWake):
                 self.outputs.finalize_text(group, seq)
 
     def _fork(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
-        from elasticserve.request import next_seq_id
-
         return self.scheduler.fork_seq(group, parent, next_seq_id(), index)
 
     def _advance(self, group: SequenceGroup, seq_id: int, sample_ids: list[int],

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import torch
 
 from elasticserve.kernels.attention import AttentionMetadata
 from elasticserve.models.llama import CausalLM
+from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.sampler import Sampler, SamplingRow, prompt_logprobs
@@ -23,26 +22,24 @@ class ModelRunner:
     """
 
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
-                 block_size: int, eos_token_ids: Collection[int], native_decode: bool = False,
-                 grammar: GrammarCompiler | None = None) -> None:
-        """``grammar``: compiles structured-outputs constraints (None: requests with one fail)."""
+                 block_size: int, tokenizer: Tokenizer, native_decode: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.swap_cache = swap_cache
         self.block_size = block_size
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
         self.native_decode = native_decode  # decode attention by the C kernel (kernels/native.py)
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
-        self.grammars = GrammarStates(grammar) if grammar is not None else None
+        # structured outputs: compiled grammars (shared with validation) and per-sequence matchers
+        self.grammars = GrammarStates(GrammarCompiler(tokenizer, model.config.vocab_size))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.apply_block_ops(out)
         for seq_id in out.finished_seq_ids:
             self._generators.pop(seq_id, None)
-        if self.grammars is not None:
-            self.grammars.drop(out.finished_seq_ids)
+        self.grammars.drop(out.finished_seq_ids)
         result = ModelRunnerOutput()
         if not out.scheduled:
             return result
@@ -103,8 +100,13 @@ class ModelRunner:
         samples = self.sampler(logits, rows)
         for row, sid, sample in zip(rows, seq_ids, samples, strict=True):
             result.samples[sid] = sample
-            if row.allowed is not None and self.grammars is not None:
+            if row.allowed is not None:
                 self.grammars.advance(sid, sample.token_id)
+
+    def check_structured(self, params: SamplingParams) -> None:
+        """Compile a request's structured-outputs constraint; raises InvalidFieldError."""
+        if params.structured_outputs is not None:
+            self.grammars.compiler.compile(params.structured_outputs)
 
     def _mask(self, rows: list[SamplingRow], parents: list[int], seq_ids: list[int],
               vocab: int) -> None:
@@ -113,8 +115,6 @@ class ModelRunner:
         idx = [i for i, r in enumerate(rows) if r.params.structured_outputs is not None]
         if not idx:
             return
-        if self.grammars is None:
-            raise RuntimeError("structured_outputs needs a runner built with a grammar compiler")
         matchers = [self.grammars.for_row(seq_ids[i], parents[i],
                                           rows[i].params.structured_outputs)  # type: ignore[arg-type]
                     for i in idx]

@@ -132,7 +132,7 @@ def test_abort_frees_the_grammar_state_and_blocks(engine: LLMEngine) -> None:
     rid = engine.add_request("abort me", params)
     for _ in range(5):
         engine.step()
-    assert engine.runner.grammars is not None and len(engine.runner.grammars.matchers) == 2
+    assert len(engine.runner.grammars.matchers) == 2
     engine.abort_request(rid)
     engine.step()  # the runner learns of finished sequences with the next step
     assert engine.runner.grammars.matchers == {}
