@@ -84,19 +84,35 @@ def _check_calls(calls) -> None:
         check(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-@pytest.mark.parametrize("parallel", [None, False])
-def test_tool_choice_required_returns_valid_tool_calls(client, engines, wait_idle, parallel):
-    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+def test_tool_choice_required_returns_valid_tool_calls(client, engines, wait_idle):
     resp = client.chat.completions.create(model="tiny", messages=CHAT, tools=TOOLS,
-                                          tool_choice="required", max_tokens=400, temperature=0,
-                                          **extra)
+                                          tool_choice="required", parallel_tool_calls=False,
+                                          max_tokens=400, temperature=0)
     choice = resp.choices[0]
-    assert choice.finish_reason == "tool_calls"
+    assert choice.finish_reason == "tool_calls", choice.message.content
     assert choice.message.content is None
     _check_calls(choice.message.tool_calls)
-    if parallel is False:
-        assert len(choice.message.tool_calls) == 1
+    assert len(choice.message.tool_calls) == 1
     wait_idle(engines["tiny"])
+
+
+def test_parallel_tool_calls_are_allowed_by_default(client):
+    # the array has no bound: the greedy random model keeps calling until max_tokens cuts it
+    # (then the text comes back as content, as an incomplete JSON); every call it made so far
+    # is valid
+    resp = client.chat.completions.create(model="tiny", messages=CHAT, tools=TOOLS,
+                                          tool_choice="required", max_tokens=150, temperature=0)
+    choice = resp.choices[0]
+    if choice.finish_reason == "tool_calls":
+        _check_calls(choice.message.tool_calls)
+        return
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    text = choice.message.content
+    closed = text[:text.rindex("}},") + 2] + "]"  # the calls completed before the cut
+    calls = json.loads(closed)
+    assert len(calls) >= 2
+    for call in calls:
+        check(call["parameters"], SCHEMAS[call["name"]])
 
 
 def _reassemble(chunks) -> tuple[dict[int, dict[str, str]], list[str | None]]:
@@ -117,7 +133,7 @@ def _reassemble(chunks) -> tuple[dict[int, dict[str, str]], list[str | None]]:
     "required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_streamed_tool_calls_reassemble_to_the_same_calls(client, tool_choice):
     kwargs = dict(model="tiny-b", messages=CHAT, tools=TOOLS, tool_choice=tool_choice,
-                  max_tokens=400, temperature=0)
+                  parallel_tool_calls=False, max_tokens=400, temperature=0)
     whole = client.chat.completions.create(**kwargs).choices[0]
     calls, reasons = _reassemble(client.chat.completions.create(stream=True, **kwargs))
     assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == \
