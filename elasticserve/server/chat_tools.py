@@ -53,6 +53,7 @@ class ToolPlan:
 def plan(req: ChatCompletionRequest) -> tuple[StructuredOutputsParams | None, ToolPlan]:
     """The grammar for the request's output (None: free text) and how to read it back.
     Raises APIError 400 naming the field for what is inconsistent or unsupported."""
+    _refuse_deprecated(req)
     tools = req.tools or []
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
     names = [t.function.name for t in tools]
@@ -82,6 +83,13 @@ def plan(req: ChatCompletionRequest) -> tuple[StructuredOutputsParams | None, To
     if req.parallel_tool_calls is False:
         array["maxItems"] = 1
     return _structured(array, "tools"), ToolPlan("required", None, functions, single)
+
+
+def _refuse_deprecated(req: ChatCompletionRequest) -> None:
+    for old in ("functions", "function_call"):
+        if getattr(req, old) is not None:
+            raise APIError(400, f"{old} is deprecated and not supported; use tools and "
+                           "tool_choice", old)
 
 
 def _response_format(req: ChatCompletionRequest) -> StructuredOutputsParams | None:

@@ -160,6 +160,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
+    # OpenAI's deprecated predecessors of tools: refused by name, not silently ignored
+    functions: list[Any] | None = None
+    function_call: Any = None
 
     def conversation(self) -> list[dict[str, Any]]:
         """The messages as chat templates take them (tool calls' arguments as objects)."""

@@ -226,6 +226,9 @@ def test_tool_messages_reach_the_chat_template(client, engines):
      "response_format"),
     ({"tools": TOOLS + TOOLS[:1]}, "tools"),
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0].type"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
 ])
 def test_bad_structured_fields_are_400_naming_the_field(base_url, engines, wait_idle, extra,
                                                         param):
