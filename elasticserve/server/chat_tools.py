@@ -23,6 +23,7 @@ from elasticserve.server.protocol_tools import (
     DeltaToolCall,
     FunctionCall,
     NamedToolChoice,
+    ResponseFormat,
     ToolCall,
 )
 
@@ -64,7 +65,7 @@ def plan(req: ChatCompletionRequest) -> tuple[StructuredOutputsParams | None, To
     functions = frozenset(names)
     single = req.parallel_tool_calls is False
     if choice in ("none", "auto"):
-        return _response_format(req), ToolPlan(str(choice), None, functions, single)
+        return response_format_params(req.response_format), ToolPlan(str(choice), None, functions, single)
     if req.response_format is not None and req.response_format.type != "text":
         raise APIError(400, "response_format cannot be combined with a tool_choice that forces "
                        "a tool call", "response_format")
@@ -92,8 +93,8 @@ def _refuse_deprecated(req: ChatCompletionRequest) -> None:
                            "tool_choice", old)
 
 
-def _response_format(req: ChatCompletionRequest) -> StructuredOutputsParams | None:
-    fmt = req.response_format
+def response_format_params(fmt: ResponseFormat | None) -> StructuredOutputsParams | None:
+    """The grammar of a ``response_format`` (chat and completions); None for text."""
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":

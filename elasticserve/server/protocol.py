@@ -110,6 +110,7 @@ class CompletionRequest(SamplingFields):
     logprobs: StrictInt | None = None
     echo: StrictBool = False
     suffix: str | None = None
+    response_format: ResponseFormat | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""

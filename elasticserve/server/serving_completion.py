@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from elasticserve.engine.protocol import EngineClient, TokenizerLike
 from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
+from elasticserve.server.chat_tools import response_format_params
 from elasticserve.server.errors import APIError, from_value_error
 from elasticserve.server.protocol import (
     CompletionChoice,
@@ -37,11 +38,14 @@ from elasticserve.server.serving import (
     until_disconnect,
 )
 
+# a grammar comes from response_format
+_RENAMES = {"structured_outputs": "response_format"}
+
 
 async def create_completion(engine: EngineClient, req: CompletionRequest,
                             raw: Request) -> Response:
     params = _sampling_params(req)
-    prepared = await prepare(engine, req.prompts(), params)
+    prepared = await prepare(engine, req.prompts(), params, _RENAMES)
     request_id = random_id("cmpl")
     started = submit(engine, prepared, params, request_id, stream=req.stream)
     outputs = merge(engine, started)
@@ -59,10 +63,14 @@ def _sampling_params(req: CompletionRequest) -> SamplingParams:
         raise APIError(400, "suffix is not supported", "suffix")
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", "logit_bias")
+    structured = response_format_params(req.response_format)
     try:
         params = req.sampling_params()
+        if structured is not None:
+            params.structured_outputs = structured
+            params = params.clone()  # validated again, with the grammar
     except ValueError as exc:
-        raise from_value_error(exc) from exc
+        raise from_value_error(exc, _RENAMES) from exc
     if req.stream and params.actual_best_of > params.n:
         # the best n are only known at the end, so nothing could be streamed
         raise APIError(400, "best_of must equal n when streaming", "best_of")

@@ -67,6 +67,19 @@ def test_json_schema_response_format_over_http(base_url, stream):
     check(json.loads(text), schema)
 
 
+def test_completions_take_response_format_too(client, base_url):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}
+    resp = client.completions.create(model="tiny", prompt="def main():", max_tokens=50,
+                                      temperature=0, extra_body={"response_format": fmt})
+    assert json.loads(resp.choices[0].text) in ({"ok": True}, {"ok": False})
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such"}}}
+    r = httpx.post(f"{base_url}/v1/completions", timeout=30,
+                   json={"model": "tiny", "prompt": "x", "response_format": bad})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
 def test_json_object_starts_an_object(client):
     resp = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=40,
                                           temperature=0, response_format={"type": "json_object"})
