@@ -104,3 +104,23 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What one engine step did, for metrics; plain data (a worker process would send one per
+    step). Times are ``time.monotonic()`` on the engine's host."""
+
+    scheduled_at: float  # the step began scheduling (a request's first one ends its queueing)
+    finished_at: float  # its tokens were sampled and processed (the tokens' timestamp)
+    num_batched_tokens: int  # tokens the forward pass computed: prefill chunks + decodes
+    num_prompt_tokens: int  # prompt lengths of the requests whose first token came this step
+    prefix_cache_queries: int  # tokens looked up in the prefix cache by admissions this step
+    prefix_cache_hits: int  # of those, tokens found cached
+    # every request scheduled this step -> tokens sampled for it (0 for a mid-prompt chunk;
+    # one per sequence of an n > 1 or beam request)
+    new_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_generation_tokens(self) -> int:
+        return sum(self.new_tokens.values())

@@ -91,6 +91,7 @@ class ElasticPages:
         self.mapped_pages = 0
         self.limit_pages = policy.max_pages
         self.grow_events = self.shrink_events = self.compactions = 0
+        self.pages_granted = 0  # every page ever mapped (granted by the broker, if any)
         self.reclaim_debt = 0  # pages a broker asked for while a step held the cache
         # pages a broker asked for by preemption while a step held the cache (not summed: a
         # starved neighbour asks again every step for the same pages)
@@ -140,6 +141,7 @@ class ElasticPages:
         self.actions.map_pages(n)
         self.mapped_pages += n
         self.grow_events += 1
+        self.pages_granted += n
         if self.pool is not None:
             self.pool.resize(self.rows_for(self.mapped_pages))
 

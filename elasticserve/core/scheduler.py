@@ -41,6 +41,7 @@ class SchedulerStats:
     swap_ins: int = 0
     recomputes: int = 0
     prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0  # tokens admissions looked up (vLLM's prefix cache queries)
     blocked_on_memory: int = 0
     failed: int = 0  # requests ended with FinishReason.ERROR
 
@@ -218,6 +219,9 @@ class Scheduler:
                 return
             self.waiting.popleft()
             push_back(self.running, group)
+            # counted once admitted (an unadmitted lookup is undone and retried), as its hits
+            if self.kv.enable_prefix_caching and group.params.prompt_logprobs is None:
+                self.stats.prefix_query_tokens += sum(len(s.token_ids) for s in seqs)
 
     def _unadmit(self, seqs: list[Sequence], fit: Fit) -> None:
         for seq in seqs:

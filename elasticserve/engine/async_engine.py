@@ -148,6 +148,15 @@ class AsyncEngine:
         return {**self.engine.kv.memory_stats(),
                 "pages_reclaimed": broker.pages_reclaimed if broker is not None else 0}
 
+    def config_info(self) -> dict[str, str]:
+        cache, kv = self.engine.cache_config, self.engine.kv
+        return {"block_size": str(cache.block_size), "kv_cache_mode": cache.kv_cache_mode,
+                "cache_dtype": str(kv.tensor.dtype).removeprefix("torch."),
+                "enable_prefix_caching": str(cache.enable_prefix_caching),
+                "preemption_mode": cache.preemption_mode, "swap_space_bytes": str(cache.swap_space),
+                "kv_cache_min_bytes": str(cache.kv_cache_min_bytes),
+                "page_size": str(kv.page_size)}
+
     # ---- requests (any thread / the event loop) -------------------------------------------
     def validate(self, prompt: EnginePrompt, params: SamplingParams
                  ) -> tuple[str | None, list[int]]:
@@ -159,16 +168,19 @@ class AsyncEngine:
 
     def generate(self, prompt: EnginePrompt, params: SamplingParams,
                  request_id: str | None = None, priority: int = 0,
-                 stream: bool = False) -> AsyncIterator[RequestOutput]:
+                 stream: bool = False, arrival_time: float | None = None
+                 ) -> AsyncIterator[RequestOutput]:
         """Submit now and return the request's outputs: with `stream`, progress every step that
         adds tokens, always the final one last. Must be called on the event loop.
 
         Raises EngineOverloadedError / EngineDeadError right away, so a server can answer 503
         before it starts a response; an error from the engine's add_request (ValueError) comes
         from the iterator. Closing or cancelling the iterator early aborts the request, which
-        frees its KV blocks; the iterator must therefore be consumed or closed."""
+        frees its KV blocks; the iterator must therefore be consumed or closed. Latency metrics
+        count from `arrival_time` (time.monotonic(); default now)."""
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        queue = self._submit(request_id, prompt, params, priority, stream)
+        timing = RequestTiming(time.monotonic() if arrival_time is None else arrival_time)
+        queue = self._submit(request_id, prompt, params, priority, stream, timing)
         return self._iterate(request_id, queue)
 
     async def _iterate(self, request_id: str,
@@ -190,7 +202,8 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def _submit(self, request_id: str, prompt: EnginePrompt, params: SamplingParams,
-                priority: int, stream: bool) -> asyncio.Queue[RequestOutput | BaseException]:
+                priority: int, stream: bool, timing: RequestTiming
+                ) -> asyncio.Queue[RequestOutput | BaseException]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.start()
@@ -203,7 +216,7 @@ class AsyncEngine:
                 raise EngineOverloadedError(
                     f"engine {self.name!r} has {len(self._streams)} requests in flight "
                     f"(limit {self.max_in_flight}); retry later")
-            self._streams[request_id] = _Stream(loop, queue, RequestTiming(time.monotonic()))
+            self._streams[request_id] = _Stream(loop, queue, timing)
             self._commands.append(_Add(request_id, prompt, params, priority, stream))
             self._cv.notify()
         return queue
@@ -225,7 +238,9 @@ class AsyncEngine:
                     return
                 self._apply(commands)
                 if self.engine.has_unfinished_requests():
-                    self._deliver(self.engine.step())
+                    outputs = self.engine.step()
+                    self._observe_step()
+                    self._deliver(outputs)
         except BaseException as exc:  # noqa: BLE001 - a dead loop must fail every waiter
             logger.exception("step loop of engine %r crashed", self.name)
             with self._cv:
@@ -255,6 +270,20 @@ class AsyncEngine:
                                         priority=cmd.priority, stream=cmd.stream)
             except Exception as exc:  # noqa: BLE001 - bad input goes back to its caller
                 self._send(cmd.request_id, exc, final=True)
+
+    def _observe_step(self) -> None:
+        """Hand the step's stats to the observer before its outputs go out, so the metrics
+        already count every token a client has been handed."""
+        stats = self.engine.step_stats.pop()
+        if stats is None or self.observer is None:
+            return
+        with self._cv:
+            timings = {rid: stream.timing for rid in stats.new_tokens
+                       if (stream := self._streams.get(rid)) is not None}
+        try:
+            self.observer.on_step(stats, timings)
+        except Exception:  # noqa: BLE001 - metrics must never stop serving
+            logger.exception("step observer failed")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()

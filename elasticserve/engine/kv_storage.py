@@ -223,6 +223,7 @@ class KVStorage:
             "kv_cached_bytes": self.pool.num_cached_free * self.block_bytes,
             "pages_mapped": self.vt.mapped_pages,
             "grow_events": self.pages.grow_events, "shrink_events": self.pages.shrink_events,
+            "pages_granted": self.pages.pages_granted,
             "compactions": self.pages.compactions,
         }
 

@@ -16,6 +16,7 @@ from elasticserve.engine.beam_search import beam_step
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
 from elasticserve.engine.sleep_wake import SleepWake
+from elasticserve.engine.step_stats import StepRecorder
 from elasticserve.errors import InvalidFieldError, PromptTooLargeError
 from elasticserve.kernels import native
 from elasticserve.models.hf_config import ModelConfig, load_config
@@ -58,6 +59,7 @@ class LLMEngine(SleepWake):
         # (start_pos, num_new) per scheduled sequence and the runner's seconds, per step, when
         # set to a list: what the simulator's CPU cost model is fitted to
         self.step_trace: list[tuple[tuple[tuple[int, int], ...], float]] | None = None
+        self.step_stats = StepRecorder()  # each step's numbers for metrics (AsyncEngine pops)
         self.asleep = False
         self.sleeps = self.wakes = 0
         self.wake_latencies_s: list[float] = []
@@ -185,6 +187,7 @@ class LLMEngine(SleepWake):
             self.last_active = time.monotonic()
         self.kv.before_step(self.scheduler)
         try:
+            began = time.monotonic()
             out = self.scheduler.schedule()
             start = time.perf_counter()
             result = self.runner.execute(out)
@@ -197,6 +200,7 @@ class LLMEngine(SleepWake):
         finally:
             self.kv.after_step(self.scheduler)
         now = time.monotonic()
+        self.step_stats.record(out, self.scheduler.stats, began, now)
         outputs = [self.outputs.request_output(g, now) for g in self._streaming(out, finished)]
         for group in finished:
             self.groups.pop(group.request_id, None)
@@ -245,6 +249,7 @@ class LLMEngine(SleepWake):
                 continue
             if group.first_token_time is None:
                 group.first_token_time = now
+                self.step_stats.first_prompt_tokens += len(group.prompt_token_ids)
             if group.is_beam_search:
                 beam_groups[group.request_id] = group
                 continue

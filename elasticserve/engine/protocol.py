@@ -10,11 +10,11 @@ errors below and `elasticserve.errors`) is plain data that pickles.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from elasticserve.outputs import RequestOutput
+from elasticserve.outputs import RequestOutput, StepStats
 from elasticserve.sampling_params import SamplingParams
 
 # text, or {"prompt_token_ids": ids} with the text they came from under "prompt" (if any)
@@ -38,17 +38,32 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(slots=True)
 class RequestTiming:
-    """Per-request progress an observer keeps between outputs (times are time.monotonic())."""
+    """One request's life as an observer tracks it (times are time.monotonic()).
 
-    submitted: float
+    `arrival` is when the server received the request (the caller's `arrival_time`), so TTFT
+    and end-to-end latency include tokenizing and queueing; the engine client keeps the rest up
+    to date through its observer's `on_step`."""
+
+    arrival: float
+    scheduled: float | None = None  # its first step began (the end of its queueing)
+    first_token: float | None = None
     last_token: float | None = None
-    num_tokens: int = 0
+    num_tokens: int = 0  # tokens generated so far, every sequence of the request
 
 
 class OutputObserver(Protocol):
-    """Gets every output on the engine thread, e.g. to feed metrics. Must be quick."""
+    """Gets every step's stats and every output on the engine's thread, e.g. to feed metrics.
+    Both must be quick; an exception is logged and ignored."""
 
-    def on_output(self, output: RequestOutput, timing: RequestTiming, now: float) -> None: ...
+    def on_step(self, stats: StepStats, timings: Mapping[str, RequestTiming]) -> None:
+        """After every step, before its outputs are delivered: `timings` holds the requests of
+        `stats.new_tokens` that still have a consumer (aborted ones are missing); the observer
+        updates them (first scheduled, first and last token, token count)."""
+        ...
+
+    def on_output(self, output: RequestOutput, timing: RequestTiming, now: float) -> None:
+        """Every output delivered to a consumer; a finished one ends the request's metrics."""
+        ...
 
 
 class TokenizerLike(Protocol):
@@ -100,9 +115,11 @@ class EngineClient(Protocol):
 
     def generate(self, prompt: EnginePrompt, params: SamplingParams,
                  request_id: str | None = None, priority: int = 0,
-                 stream: bool = False) -> AsyncIterator[RequestOutput]:
+                 stream: bool = False, arrival_time: float | None = None
+                 ) -> AsyncIterator[RequestOutput]:
         """Submit now and return the request's outputs (with `stream`, progress as tokens come;
-        always the final one last). Call on the event loop.
+        always the final one last). Call on the event loop. `arrival_time` (time.monotonic())
+        is when the server received the request; latency metrics count from it (default: now).
 
         Raises EngineOverloadedError / EngineDeadError right away; errors of the request
         itself come from the iterator. Closing the iterator early aborts the request."""
@@ -114,12 +131,17 @@ class EngineClient(Protocol):
 
     def stats(self) -> dict[str, Any]:
         """Scheduler counters: num_running, num_waiting, num_swapped, preemptions, sleeps,
-        wakes (at least). May be one step old."""
+        wakes, blocks_used, blocks_total (at least). May be one step old."""
         ...
 
     def memory_stats(self) -> dict[str, int]:
         """KV memory: kv_mapped_bytes, kv_used_bytes, grow_events, shrink_events,
-        pages_reclaimed (at least). May be one step old."""
+        pages_granted, pages_reclaimed (at least). May be one step old."""
+        ...
+
+    def config_info(self) -> dict[str, str]:
+        """Fixed cache settings as strings (block_size, kv_cache_mode, ...): the labels of the
+        `cache_config_info` metric."""
         ...
 
     def shutdown(self, timeout: float = 10.0) -> None:

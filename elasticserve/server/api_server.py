@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from elasticserve.engine.protocol import EngineClient, ModelPoolClient
 from elasticserve.server.admin import add_admin_routes
 from elasticserve.server.errors import APIError, install_error_handlers
-from elasticserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from elasticserve.server.metrics import CONTENT_TYPE, ArrivalTimeMiddleware, ServerMetrics
 from elasticserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,6 +44,8 @@ def build_app(engines: Mapping[str, EngineClient], title: str = "elasticserve",
     _add_generation_routes(app, engines, pool)
     if pool is not None and admin_token:
         add_admin_routes(app, pool, admin_token)
+    # added last, so it is outermost: latencies count from the first byte of a request
+    app.add_middleware(ArrivalTimeMiddleware)
     return app
 
 

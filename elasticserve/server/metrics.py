@@ -1,57 +1,103 @@
-"""Prometheus metrics with vLLM-like names, one `model` label per served engine.
+"""Prometheus metrics with vLLM's names and semantics (prefix `elasticserve:`), one
+`model_name` label per served engine, plus the elastic memory's own.
 
 Each app owns its CollectorRegistry (not prometheus-client's global one), so a process (or a
-test session) can build several apps. Gauges are read from the engines at scrape time;
-latencies and token counts are recorded from the outputs on each engine's step thread.
+test session) can build several apps. Gauges and the memory counters are read from the engines
+at scrape time (`_EngineCollector`); token counters and latency histograms are recorded by a
+`ModelObserver` (server/metrics_observer.py) on each engine's step thread, every step.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 
+from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from elasticserve.engine.protocol import EngineClient, RequestTiming
-from elasticserve.outputs import RequestOutput
+from elasticserve.engine.protocol import EngineClient
+from elasticserve.server.metrics_observer import ModelObserver
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                60.0, 120.0, 240.0)
-# (metric name, help, EngineClient.stats() key or memory_stats() key, source)
-_GAUGES = (
-    ("elasticserve:num_requests_running", "Requests in the running batch.", "num_running", "stats"),
-    ("elasticserve:num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting", "stats"),
-    ("elasticserve:num_requests_swapped", "Requests swapped out to host memory.", "num_swapped",
-     "stats"),
-    ("elasticserve:kv_mapped_bytes", "KV cache bytes backed by memory.", "kv_mapped_bytes", "mem"),
-    ("elasticserve:kv_used_bytes", "KV cache bytes held by live blocks.", "kv_used_bytes", "mem"),
-)
+LABEL = "model_name"  # vLLM's label, so vLLM dashboards and alerts work unchanged
+# vLLM's bucket boundaries (vllm/v1/metrics/loggers.py)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def one_two_five(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's token-count buckets)."""
+    out: list[int] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 class ServerMetrics:
-    """The registry of one app, and the observers its engines report outputs to."""
+    """The registry of one app, and the observers its engines report steps and outputs to."""
 
     def __init__(self, engines: Mapping[str, EngineClient]) -> None:
-        self.registry = CollectorRegistry()
-        reg = self.registry
-        self.ttft = Histogram("elasticserve:time_to_first_token_seconds",
-                              "Time from submission to the first generated token.", ["model"],
-                              buckets=_LATENCY_BUCKETS, registry=reg)
-        self.itl = Histogram("elasticserve:inter_token_latency_seconds",
-                             "Time between successive generated tokens of a request.", ["model"],
-                             buckets=_LATENCY_BUCKETS, registry=reg)
-        self.e2e = Histogram("elasticserve:e2e_request_latency_seconds",
-                             "Time from submission to the end of a finished request.", ["model"],
-                             buckets=_E2E_BUCKETS, registry=reg)
-        self.prompt_tokens = Counter("elasticserve:prompt_tokens",
-                                     "Prompt tokens of finished requests.", ["model"], registry=reg)
-        self.generation_tokens = Counter("elasticserve:generation_tokens",
-                                         "Generated tokens of finished requests.", ["model"],
-                                         registry=reg)
+        self.registry = reg = CollectorRegistry()
+        longest = max((e.max_model_len for e in engines.values()), default=1)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"elasticserve:{name}", doc, [LABEL], buckets=buckets, registry=reg)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"elasticserve:{name}", doc, [LABEL, *labels], registry=reg)
+
+        self.ttft = histogram("time_to_first_token_seconds",
+                              "From the request's arrival at the server to its first token.",
+                              TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds",
+                             "Time between successive tokens of a request.", ITL_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds",
+                              "Same as inter_token_latency_seconds (vLLM's older name).",
+                              ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds",
+                             "From arrival at the server to the end of a finished request.",
+                             REQUEST_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds",
+                               "From arrival at the server to the request's first step.",
+                               REQUEST_BUCKETS)
+        self.prefill = histogram("request_prefill_time_seconds",
+                                 "From the request's first step to its first token.",
+                                 REQUEST_BUCKETS)
+        self.decode = histogram("request_decode_time_seconds",
+                                "From the request's first token to its last.", REQUEST_BUCKETS)
+        self.inference = histogram("request_inference_time_seconds",
+                                   "From the request's first step to its last token.",
+                                   REQUEST_BUCKETS)
+        self.request_prompt = histogram("request_prompt_tokens",
+                                        "Prompt tokens of each finished request.",
+                                        one_two_five(longest))
+        self.request_generation = histogram("request_generation_tokens",
+                                            "Generated tokens returned by each finished request.",
+                                            one_two_five(longest))
+        self.iteration = histogram("iteration_tokens_total",
+                                   "Tokens computed per engine step (prefill chunks + decodes).",
+                                   ITERATION_BUCKETS)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started "
+                                     "generating (counted at their first token).")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens, counted every "
+                                         "step.")
+        self.success = counter("request_success", "Requests finished without error.",
+                               ("finished_reason",))
+        self.prefix_queries = counter("prefix_cache_queries",
+                                      "Tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Tokens found in the prefix cache.")
         reg.register(_EngineCollector(engines))
         for name, engine in engines.items():
             engine.observer = ModelObserver(self, name)
@@ -60,71 +106,83 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-class ModelObserver:
-    """Records one model's latencies and token counts; runs on that engine's step thread."""
+ARRIVAL_KEY = "elasticserve.arrival_time"
 
-    def __init__(self, metrics: ServerMetrics, model: str) -> None:
-        self.ttft = metrics.ttft.labels(model=model)
-        self.itl = metrics.itl.labels(model=model)
-        self.e2e = metrics.e2e.labels(model=model)
-        self.prompt_tokens = metrics.prompt_tokens.labels(model=model)
-        self.generation_tokens = metrics.generation_tokens.labels(model=model)
 
-    def on_output(self, output: RequestOutput, timing: RequestTiming, now: float) -> None:
-        length = max((len(c.token_ids) for c in output.outputs), default=0)
-        new = length - timing.num_tokens
-        if new > 0:
-            if timing.last_token is None:
-                first = output.metrics.get("first_token_time", now)
-                self.ttft.observe(max(0.0, first - timing.submitted))
-                prev, new = first, new - 1  # the first token has no gap before it
-            else:
-                prev = timing.last_token
-            # a non-streamed request reports all its tokens at once: spread the time evenly
-            for _ in range(new):
-                self.itl.observe(max(0.0, now - prev) / new)
-            timing.num_tokens, timing.last_token = length, now
-        if output.finished:
-            self.e2e.observe(max(0.0, now - timing.submitted))
-            self.prompt_tokens.inc(len(output.prompt_token_ids))
-            self.generation_tokens.inc(sum(len(c.token_ids) for c in output.outputs))
+class ArrivalTimeMiddleware:
+    """Stamps each HTTP request's arrival (time.monotonic()) before its body is read, so TTFT
+    and end-to-end latency include reading, tokenizing and queueing it (`arrival_time`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[ARRIVAL_KEY] = time.monotonic()
+        await self.app(scope, receive, send)
+
+
+def arrival_time(request: Request) -> float:
+    """When the server received `request` (now, if the middleware is not installed)."""
+    stamp = request.scope.get(ARRIVAL_KEY)
+    return stamp if isinstance(stamp, float) else time.monotonic()
+
+
+# read from the engines at scrape time: (metric name, help, stats()/memory_stats() key, source)
+_GAUGES = (
+    ("num_requests_running", "Requests in the running batch.", "num_running", "stats"),
+    ("num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting", "stats"),
+    ("num_requests_swapped", "Requests swapped out to host memory.", "num_swapped", "stats"),
+    ("kv_mapped_bytes", "KV cache bytes backed by memory.", "kv_mapped_bytes", "mem"),
+    ("kv_used_bytes", "KV cache bytes held by live blocks.", "kv_used_bytes", "mem"),
+)
+# the elastic memory's life, per model: pages granted (a grow maps them), pages taken back by
+# the arbiter, sleeps and wakes
+_COUNTERS = (
+    ("num_preemptions", "Requests preempted for lack of KV memory.", "preemptions", "stats"),
+    ("kv_grow_events", "Times the KV cache mapped more pages.", "grow_events", "mem"),
+    ("kv_shrink_events", "Times the KV cache unmapped pages.", "shrink_events", "mem"),
+    ("kv_pages_granted", "KV pages mapped (granted by the budget, if shared).", "pages_granted",
+     "mem"),
+    ("kv_pages_reclaimed", "KV pages the arbiter took back for other models.",
+     "pages_reclaimed", "mem"),
+    ("model_sleeps", "Times the model was put to sleep.", "sleeps", "stats"),
+    ("model_wakes", "Times the model was woken.", "wakes", "stats"),
+)
 
 
 class _EngineCollector(Collector):
-    """Gauges and the preemption counter, read live from the engines at scrape time."""
+    """Gauges and the memory counters, read live from the engines at scrape time. A key an
+    engine does not report is left out rather than failing the scrape."""
 
     def __init__(self, engines: Mapping[str, EngineClient]) -> None:
         self.engines = engines
 
     def collect(self) -> Iterator[Metric]:
-        gauges = [GaugeMetricFamily(name, doc, labels=["model"]) for name, doc, _, _ in _GAUGES]
-        preemptions = CounterMetricFamily("elasticserve:num_preemptions",
-                                          "Requests preempted for lack of KV memory.",
-                                          labels=["model"])
-        counters = [CounterMetricFamily(name, doc, labels=["model"])
-                    for _, name, doc, _ in _COUNTERS]
+        gauges: list[tuple[GaugeMetricFamily | CounterMetricFamily, str, str]] = [
+            (GaugeMetricFamily(f"elasticserve:{n}", doc, labels=[LABEL]), key, source)
+            for n, doc, key, source in _GAUGES]
+        counters: list[tuple[GaugeMetricFamily | CounterMetricFamily, str, str]] = [
+            (CounterMetricFamily(f"elasticserve:{n}", doc, labels=[LABEL]), key, source)
+            for n, doc, key, source in _COUNTERS]
+        usage = GaugeMetricFamily("elasticserve:kv_cache_usage_perc",
+                                  "Fraction of the KV cache's blocks in use (1 = full; elastic: "
+                                  "of the blocks mapped now).", labels=[LABEL])
+        info = GaugeMetricFamily("elasticserve:cache_config_info",
+                                 "The KV cache's settings, as labels (value 1).")
         for model, engine in self.engines.items():
             sources = {"stats": engine.stats(), "mem": engine.memory_stats()}
-            for gauge, (_, _, key, source) in zip(gauges, _GAUGES, strict=True):
-                gauge.add_metric([model], float(sources[source][key]))
-            preemptions.add_metric([model], float(sources["stats"]["preemptions"]))
-            for family, (key, _, _, source) in zip(counters, _COUNTERS, strict=True):
-                family.add_metric([model], float(sources[source][key]))
-        yield from gauges
-        yield preemptions
-        yield from counters
-
-
-# the elastic memory's life, per model: pages granted (grow events map them), pages taken
-# back by the arbiter, sleeps and wakes: (stats key, metric name, help, source as in _GAUGES)
-_COUNTERS = (
-    ("grow_events", "elasticserve:kv_grow_events", "Times the KV cache mapped more pages.",
-     "mem"),
-    ("shrink_events", "elasticserve:kv_shrink_events", "Times the KV cache unmapped pages.",
-     "mem"),
-    ("pages_reclaimed", "elasticserve:kv_pages_reclaimed",
-     "KV pages the arbiter took back for other models.", "mem"),
-    ("sleeps", "elasticserve:model_sleeps", "Times the model was put to sleep.", "stats"),
-    ("wakes", "elasticserve:model_wakes", "Times the model was woken.", "stats"),
-)
+            for family, key, source in (*gauges, *counters):
+                value = sources[source].get(key)
+                if value is not None:
+                    family.add_metric([model], float(value))
+            used, total = sources["stats"].get("blocks_used"), sources["stats"].get("blocks_total")
+            if used is not None and total is not None:
+                usage.add_metric([model], used / total if total else 0.0)
+            # each engine may report its own settings, so samples carry their own label names
+            info.add_sample(info.name, {LABEL: model, **engine.config_info()}, 1.0)
+        yield from (family for family, _, _ in gauges)
+        yield usage
+        yield info
+        yield from (family for family, _, _ in counters)
 

@@ -60,13 +60,16 @@ async def prepare(engine: EngineClient, prompts: Sequence[Prompt], params: Sampl
 
 
 def submit(engine: EngineClient, prepared: list[Prepared], params: SamplingParams, base_id: str,
-           stream: bool) -> list[tuple[str, AsyncIterator[RequestOutput]]]:
-    """Queue every prompt as its own engine request; all or none (an overload aborts the rest)."""
+           stream: bool, arrival_time: float | None = None
+           ) -> list[tuple[str, AsyncIterator[RequestOutput]]]:
+    """Queue every prompt as its own engine request; all or none (an overload aborts the rest).
+    `arrival_time`: when the server received the HTTP request (metrics count from it)."""
     started: list[tuple[str, AsyncIterator[RequestOutput]]] = []
     try:
         for i, p in enumerate(prepared):
             rid = f"{base_id}-{i}"
-            started.append((rid, engine.generate(p.engine_input(), params, rid, stream=stream)))
+            started.append((rid, engine.generate(p.engine_input(), params, rid, stream=stream,
+                                                 arrival_time=arrival_time)))
     except BaseException:
         for rid, _ in started:
             engine.abort(rid)

@@ -15,6 +15,7 @@ from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.server.chat_tools import ToolPlan, ToolStream, finish_reason, plan
 from elasticserve.server.errors import APIError, from_value_error
+from elasticserve.server.metrics import arrival_time
 from elasticserve.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -56,7 +57,8 @@ async def create_chat_completion(engine: EngineClient, req: ChatCompletionReques
     prompt = await asyncio.to_thread(_render, engine, req)  # a long chat takes a while
     prepared = await prepare(engine, [prompt], params, renames)
     request_id = random_id("chatcmpl")
-    started = submit(engine, prepared, params, request_id, stream=req.stream)
+    started = submit(engine, prepared, params, request_id, stream=req.stream,
+                     arrival_time=arrival_time(raw))
     outputs = merge(engine, started)
     prompt_tokens = len(prepared[0].token_ids)
     if req.stream:

@@ -14,6 +14,7 @@ from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.server.chat_tools import response_format_params
 from elasticserve.server.errors import APIError, from_value_error
+from elasticserve.server.metrics import arrival_time
 from elasticserve.server.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -47,7 +48,8 @@ async def create_completion(engine: EngineClient, req: CompletionRequest,
     params = _sampling_params(req)
     prepared = await prepare(engine, req.prompts(), params, _RENAMES)
     request_id = random_id("cmpl")
-    started = submit(engine, prepared, params, request_id, stream=req.stream)
+    started = submit(engine, prepared, params, request_id, stream=req.stream,
+                     arrival_time=arrival_time(raw))
     outputs = merge(engine, started)
     if req.stream:
         body = _stream(engine, req, params, prepared, outputs, request_id)

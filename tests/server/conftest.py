@@ -67,7 +67,7 @@ def finished_count(app: FastAPI) -> Callable[[str], float]:
 
     def count(model: str) -> float:
         value = app.state.metrics.registry.get_sample_value(
-            "elasticserve:e2e_request_latency_seconds_count", {"model": model})
+            "elasticserve:e2e_request_latency_seconds_count", {"model_name": model})
         return value or 0.0
 
     return count

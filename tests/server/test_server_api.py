@@ -158,15 +158,15 @@ def test_metrics_have_every_family_per_model(client, base_url):
     for name in ("num_requests_running", "num_requests_waiting", "num_requests_swapped",
                  "kv_mapped_bytes", "kv_used_bytes", "num_preemptions_total",
                  "prompt_tokens_total", "generation_tokens_total"):
-        assert f'elasticserve:{name}{{model="tiny-b"}}' in text, name
+        assert f'elasticserve:{name}{{model_name="tiny-b"}}' in text, name
     for name in ("time_to_first_token_seconds", "inter_token_latency_seconds",
                  "e2e_request_latency_seconds"):
-        assert f'elasticserve:{name}_count{{model="tiny-b"}}' in text, name
+        assert f'elasticserve:{name}_count{{model_name="tiny-b"}}' in text, name
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
                    if line and not line.startswith("#"))
-    assert float(samples['elasticserve:generation_tokens_total{model="tiny-b"}']) >= 4
-    assert float(samples['elasticserve:e2e_request_latency_seconds_count{model="tiny-b"}']) >= 1
-    assert float(samples['elasticserve:kv_mapped_bytes{model="tiny-b"}']) > 0
+    assert float(samples['elasticserve:generation_tokens_total{model_name="tiny-b"}']) >= 4
+    assert float(samples['elasticserve:e2e_request_latency_seconds_count{model_name="tiny-b"}']) >= 1
+    assert float(samples['elasticserve:kv_mapped_bytes{model_name="tiny-b"}']) > 0
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-b"])

@@ -19,7 +19,7 @@ from elasticserve.engine.protocol import (
     RequestTiming,
 )
 from elasticserve.errors import PromptTooLargeError
-from elasticserve.outputs import CompletionOutput, RequestOutput
+from elasticserve.outputs import CompletionOutput, RequestOutput, StepStats
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.server.api_server import build_app
 from tests.uvicorn_server import serve_in_thread
@@ -68,11 +68,12 @@ class ShoutingEngine:
 
     async def generate(self, prompt: EnginePrompt, params: SamplingParams,
                        request_id: str | None = None, priority: int = 0,
-                       stream: bool = False) -> AsyncIterator[RequestOutput]:
+                       stream: bool = False, arrival_time: float | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         text, ids = self.validate(prompt, params)
         rid = request_id or "r"
         self.submitted.append(rid)
-        timing = RequestTiming(time.monotonic())
+        timing = RequestTiming(arrival_time if arrival_time is not None else time.monotonic())
         answer = self.tokenizer.decode(ids).splitlines()[-1].upper()
         for end in range(1, len(answer) + 1):
             done = end == len(answer)
@@ -80,7 +81,12 @@ class ShoutingEngine:
                                     "stop" if done else None)
             out = RequestOutput(rid, text, ids, None, [comp], finished=done)
             if self.observer is not None:
-                self.observer.on_output(out, timing, time.monotonic())
+                # one "step" per character: the plain data a worker-process client would relay
+                now = time.monotonic()
+                step = StepStats(now, now, len(ids) if end == 1 else 1,
+                                 len(ids) if end == 1 else 0, 0, 0, {rid: 1})
+                self.observer.on_step(step, {rid: timing})
+                self.observer.on_output(out, timing, now)
             if stream or done:
                 yield out
 
@@ -93,7 +99,10 @@ class ShoutingEngine:
 
     def memory_stats(self) -> dict[str, int]:
         return {"kv_mapped_bytes": 4096, "kv_used_bytes": 0, "grow_events": 1,
-                "shrink_events": 0, "pages_reclaimed": 0}
+                "shrink_events": 0, "pages_granted": 1, "pages_reclaimed": 0}
+
+    def config_info(self) -> dict[str, str]:
+        return {"block_size": "1", "kv_cache_mode": "none"}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.running = False
@@ -127,8 +136,12 @@ def test_a_completion_goes_through_the_fake(url: str, fake: ShoutingEngine) -> N
     assert fake.submitted[-1].startswith(body["id"])
     # the server's metrics observed the fake's outputs
     metrics = httpx.get(f"{url}/metrics").text
-    count = re.search(r'e2e_request_latency_seconds_count\{model="shout"\} (\S+)', metrics)
+    count = re.search(r'e2e_request_latency_seconds_count\{model_name="shout"\} (\S+)', metrics)
     assert count is not None and float(count.group(1)) >= 1
+    # ... and its steps: every generated character counted, one first token, four gaps
+    assert 'elasticserve:generation_tokens_total{model_name="shout"} 5.0' in metrics
+    assert 'elasticserve:time_to_first_token_seconds_count{model_name="shout"} 1.0' in metrics
+    assert 'elasticserve:inter_token_latency_seconds_count{model_name="shout"} 4.0' in metrics
 
 
 def test_a_streamed_chat_uses_the_clients_tokenizer(url: str) -> None:
@@ -155,8 +168,10 @@ def test_info_routes_and_metrics_read_only_the_protocol(url: str, fake: Shouting
     assert [(m["id"], m["max_model_len"]) for m in models] == [("shout", 64)]
     assert httpx.get(f"{url}/health").status_code == 200
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'elasticserve:kv_mapped_bytes{model="shout"} 4096.0' in metrics
-    assert 'elasticserve:kv_grow_events_total{model="shout"} 1.0' in metrics
+    assert 'elasticserve:kv_mapped_bytes{model_name="shout"} 4096.0' in metrics
+    assert 'elasticserve:kv_grow_events_total{model_name="shout"} 1.0' in metrics
+    assert ('elasticserve:cache_config_info{block_size="1",kv_cache_mode="none",'
+            'model_name="shout"} 1.0') in metrics
     fake.shutdown()
     try:
         assert httpx.get(f"{url}/health").status_code == 503

@@ -198,7 +198,7 @@ def test_metrics_show_memory_life(served: tuple[str, ModelPool]) -> None:
     for name in ("elasticserve:kv_grow_events_total", "elasticserve:model_wakes_total",
                  "elasticserve:kv_pages_reclaimed_total", "elasticserve:kv_mapped_bytes",
                  "elasticserve:num_requests_running", "elasticserve:time_to_first_token_seconds"):
-        assert f'{name}{{model="a"}}' in text or f"{name}_bucket" in text, name
+        assert f'{name}{{model_name="a"}}' in text or f"{name}_bucket" in text, name
 
 
 def test_limits_the_budget_refuses_are_400_naming_max_bytes(
