@@ -97,3 +97,9 @@ def test_panels_use_the_datasource_variable_and_do_not_overlap(dashboard: dict[s
                 for y in range(pos["y"], pos["y"] + pos["h"])}
         assert not mine & cells and pos["x"] + pos["w"] <= 24, panel["title"]
         cells |= mine
+
+
+def test_queries_select_models_by_vllms_label(dashboard: dict[str, Any]) -> None:
+    # the server labels every per-model series model_name (vLLM's label), not model
+    for where, expr in queries(dashboard):
+        assert not re.search(r"\bmodel\b(?!_)", expr), f"{where}: {expr}"

@@ -50,6 +50,7 @@ class ShoutingEngine:
         self.tokenizer = CharTokenizer()
         self.running = False
         self.submitted: list[str] = []
+        self.arrivals: list[tuple[float | None, float]] = []  # (arrival_time, generate called)
 
     def start(self) -> None:
         self.running = True
@@ -73,6 +74,7 @@ class ShoutingEngine:
         text, ids = self.validate(prompt, params)
         rid = request_id or "r"
         self.submitted.append(rid)
+        self.arrivals.append((arrival_time, time.monotonic()))
         timing = RequestTiming(arrival_time if arrival_time is not None else time.monotonic())
         answer = self.tokenizer.decode(ids).splitlines()[-1].upper()
         for end in range(1, len(answer) + 1):
@@ -134,6 +136,9 @@ def test_a_completion_goes_through_the_fake(url: str, fake: ShoutingEngine) -> N
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
     assert fake.submitted[-1].startswith(body["id"])
+    # the server passed on when it received the request: latencies count from there
+    arrival, called = fake.arrivals[-1]
+    assert arrival is not None and arrival <= called
     # the server's metrics observed the fake's outputs
     metrics = httpx.get(f"{url}/metrics").text
     count = re.search(r'e2e_request_latency_seconds_count\{model_name="shout"\} (\S+)', metrics)
