@@ -111,7 +111,7 @@ class StepStats:
     """What one engine step did, for metrics; plain data (a worker process would send one per
     step). Times are ``time.monotonic()`` on the engine's host."""
 
-    scheduled_at: float  # the step began scheduling (a request's first one ends its queueing)
+    scheduled_at: float  # the step's batch was scheduled (a request's first one ends its queue)
     finished_at: float  # its tokens were sampled and processed (the tokens' timestamp)
     num_batched_tokens: int  # tokens the forward pass computed: prefill chunks + decodes
     num_prompt_tokens: int  # prompt lengths of the requests whose first token came this step

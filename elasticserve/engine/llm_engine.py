@@ -187,8 +187,7 @@ class LLMEngine(SleepWake):
             self.last_active = time.monotonic()
         self.kv.before_step(self.scheduler)
         try:
-            began = time.monotonic()
-            out = self.scheduler.schedule()
+            out, began = self.scheduler.schedule(), time.monotonic()
             start = time.perf_counter()
             result = self.runner.execute(out)
             if self.step_trace is not None and out.scheduled:
@@ -249,7 +248,6 @@ class LLMEngine(SleepWake):
                 continue
             if group.first_token_time is None:
                 group.first_token_time = now
-                self.step_stats.first_prompt_tokens += len(group.prompt_token_ids)
             if group.is_beam_search:
                 beam_groups[group.request_id] = group
                 continue

@@ -15,23 +15,26 @@ class StepRecorder:
     """Turns a step's SchedulerOutput and the scheduler's running totals into a StepStats."""
 
     def __init__(self) -> None:
-        # prompt tokens of requests whose first token came this step (the engine adds them)
-        self.first_prompt_tokens = 0
         self._pending: StepStats | None = None
         self._prefix_seen = (0, 0)  # the scheduler's (queries, hits) totals at the last step
 
     def record(self, out: SchedulerOutput, totals: SchedulerStats, began: float,
                now: float) -> None:
         new_tokens: dict[str, int] = {}
+        prompt_tokens = 0
         for item in out.scheduled:
             rid = item.request_id
             # one token per sampled sequence (n > 1 forks sample several from one row)
             new_tokens[rid] = new_tokens.get(rid, 0) + len(item.sample_seq_ids)
+            # a chunk that ends at the prompt's end and samples gives the request its first
+            # token (a recomputed one re-prefills past its prompt: not counted again)
+            if item.sample_seq_ids and item.start_pos + len(item.token_ids) == item.prompt_len:
+                prompt_tokens += item.prompt_len
         queries, hits = totals.prefix_query_tokens, totals.prefix_hit_tokens
         seen_q, seen_h = self._prefix_seen
-        self._pending = StepStats(began, now, out.num_batched_tokens, self.first_prompt_tokens,
+        self._pending = StepStats(began, now, out.num_batched_tokens, prompt_tokens,
                                   max(0, queries - seen_q), max(0, hits - seen_h), new_tokens)
-        self._prefix_seen, self.first_prompt_tokens = (queries, hits), 0
+        self._prefix_seen = (queries, hits)
 
     def pop(self) -> StepStats | None:
         """The last step's stats, once (None when no step ran since the last call)."""

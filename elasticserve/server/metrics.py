@@ -49,58 +49,57 @@ class ServerMetrics:
     """The registry of one app, and the observers its engines report steps and outputs to."""
 
     def __init__(self, engines: Mapping[str, EngineClient]) -> None:
-        self.registry = reg = CollectorRegistry()
-        longest = max((e.max_model_len for e in engines.values()), default=1)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(f"elasticserve:{name}", doc, [LABEL], buckets=buckets, registry=reg)
-
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(f"elasticserve:{name}", doc, [LABEL, *labels], registry=reg)
-
-        self.ttft = histogram("time_to_first_token_seconds",
-                              "From the request's arrival at the server to its first token.",
-                              TTFT_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds",
-                             "Time between successive tokens of a request.", ITL_BUCKETS)
-        self.tpot = histogram("time_per_output_token_seconds",
-                              "Same as inter_token_latency_seconds (vLLM's older name).",
-                              ITL_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds",
-                             "From arrival at the server to the end of a finished request.",
-                             REQUEST_BUCKETS)
-        self.queue = histogram("request_queue_time_seconds",
-                               "From arrival at the server to the request's first step.",
-                               REQUEST_BUCKETS)
-        self.prefill = histogram("request_prefill_time_seconds",
-                                 "From the request's first step to its first token.",
-                                 REQUEST_BUCKETS)
-        self.decode = histogram("request_decode_time_seconds",
-                                "From the request's first token to its last.", REQUEST_BUCKETS)
-        self.inference = histogram("request_inference_time_seconds",
-                                   "From the request's first step to its last token.",
-                                   REQUEST_BUCKETS)
-        self.request_prompt = histogram("request_prompt_tokens",
-                                        "Prompt tokens of each finished request.",
-                                        one_two_five(longest))
-        self.request_generation = histogram("request_generation_tokens",
-                                            "Generated tokens returned by each finished request.",
-                                            one_two_five(longest))
-        self.iteration = histogram("iteration_tokens_total",
-                                   "Tokens computed per engine step (prefill chunks + decodes).",
-                                   ITERATION_BUCKETS)
-        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started "
-                                     "generating (counted at their first token).")
-        self.generation_tokens = counter("generation_tokens", "Generated tokens, counted every "
-                                         "step.")
-        self.success = counter("request_success", "Requests finished without error.",
-                               ("finished_reason",))
-        self.prefix_queries = counter("prefix_cache_queries",
-                                      "Tokens looked up in the prefix cache.")
-        self.prefix_hits = counter("prefix_cache_hits", "Tokens found in the prefix cache.")
-        reg.register(_EngineCollector(engines))
+        self.registry = CollectorRegistry()
+        self._latency_histograms()
+        self._token_metrics(max((e.max_model_len for e in engines.values()), default=1))
+        self.registry.register(_EngineCollector(engines))
         for name, engine in engines.items():
             engine.observer = ModelObserver(self, name)
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(f"elasticserve:{name}", doc, [LABEL], buckets=buckets,
+                         registry=self.registry)
+
+    def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(f"elasticserve:{name}", doc, [LABEL, *labels], registry=self.registry)
+
+    def _latency_histograms(self) -> None:
+        h = self._histogram
+        self.ttft = h("time_to_first_token_seconds",
+                      "From the request's arrival at the server to its first token.", TTFT_BUCKETS)
+        self.itl = h("inter_token_latency_seconds",
+                     "Time between successive tokens of a request.", ITL_BUCKETS)
+        self.tpot = h("time_per_output_token_seconds",
+                      "Same as inter_token_latency_seconds (vLLM's older name).", ITL_BUCKETS)
+        self.e2e = h("e2e_request_latency_seconds",
+                     "From arrival at the server to the end of a finished request.",
+                     REQUEST_BUCKETS)
+        self.queue = h("request_queue_time_seconds",
+                       "From arrival at the server to the request's first step.", REQUEST_BUCKETS)
+        self.prefill = h("request_prefill_time_seconds",
+                         "From the request's first step to its first token.", REQUEST_BUCKETS)
+        self.decode = h("request_decode_time_seconds",
+                        "From the request's first token to its last.", REQUEST_BUCKETS)
+        self.inference = h("request_inference_time_seconds",
+                           "From the request's first step to its last token.", REQUEST_BUCKETS)
+
+    def _token_metrics(self, longest: int) -> None:
+        h, c = self._histogram, self._counter
+        self.request_prompt = h("request_prompt_tokens",
+                                "Prompt tokens of each finished request.", one_two_five(longest))
+        self.request_generation = h("request_generation_tokens",
+                                    "Generated tokens returned by each finished request.",
+                                    one_two_five(longest))
+        self.iteration = h("iteration_tokens_total",
+                           "Tokens computed per engine step (prefill chunks + decodes).",
+                           ITERATION_BUCKETS)
+        self.prompt_tokens = c("prompt_tokens", "Prompt tokens of requests that started "
+                               "generating (counted at their first token).")
+        self.generation_tokens = c("generation_tokens", "Generated tokens, counted every step.")
+        self.success = c("request_success", "Requests finished without error.",
+                         ("finished_reason",))
+        self.prefix_queries = c("prefix_cache_queries", "Tokens looked up in the prefix cache.")
+        self.prefix_hits = c("prefix_cache_hits", "Tokens found in the prefix cache.")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
