@@ -151,7 +151,7 @@ class AsyncEngine:
     def config_info(self) -> dict[str, str]:
         cache, kv = self.engine.cache_config, self.engine.kv
         return {"block_size": str(cache.block_size), "kv_cache_mode": cache.kv_cache_mode,
-                "cache_dtype": str(kv.tensor.dtype).removeprefix("torch."),
+                "cache_dtype": str(kv.vt.dtype).removeprefix("torch."),
                 "enable_prefix_caching": str(cache.enable_prefix_caching),
                 "preemption_mode": cache.preemption_mode, "swap_space_bytes": str(cache.swap_space),
                 "kv_cache_min_bytes": str(cache.kv_cache_min_bytes),
