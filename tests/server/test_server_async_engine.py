@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from elasticserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from elasticserve.engine.step_stats import StepRecorder
 from elasticserve.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
@@ -117,6 +118,7 @@ class StubEngine:
     def __init__(self, fail: bool) -> None:
         self.fail = fail
         self.requests: set[str] = set()
+        self.step_stats = StepRecorder()  # no step is ever recorded: pop() gives None
 
     def add_request(self, prompt: object, params: object, request_id: str, priority: int,
                     stream: bool) -> str:
