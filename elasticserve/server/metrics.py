@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from elasticserve.engine.protocol import EngineClient
+from elasticserve.server.metrics_batch import BatchHistogramCollector
 from elasticserve.server.metrics_observer import ModelObserver
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -67,10 +68,13 @@ class ServerMetrics:
         h = self._histogram
         self.ttft = h("time_to_first_token_seconds",
                       "From the request's arrival at the server to its first token.", TTFT_BUCKETS)
-        self.itl = h("inter_token_latency_seconds",
-                     "Time between successive tokens of a request.", ITL_BUCKETS)
-        self.tpot = h("time_per_output_token_seconds",
-                      "Same as inter_token_latency_seconds (vLLM's older name).", ITL_BUCKETS)
+        # many per step: batched (metrics_batch.py), and exported under vLLM's older name too
+        self.itl = BatchHistogramCollector(
+            {"elasticserve:inter_token_latency_seconds":
+             "Time between successive tokens of a request.",
+             "elasticserve:time_per_output_token_seconds":
+             "Same as inter_token_latency_seconds (vLLM's older name)."}, LABEL, ITL_BUCKETS)
+        self.registry.register(self.itl)
         self.e2e = h("e2e_request_latency_seconds",
                      "From arrival at the server to the end of a finished request.",
                      REQUEST_BUCKETS)

@@ -25,7 +25,8 @@ class ModelObserver:
     def __init__(self, metrics: ServerMetrics, model: str) -> None:
         self.model = model
         m = metrics
-        self.ttft, self.itl, self.tpot = (h.labels(model) for h in (m.ttft, m.itl, m.tpot))
+        self.ttft = m.ttft.labels(model)
+        self.itl = m.itl.labels(model)
         self.e2e, self.queue, self.prefill, self.decode, self.inference = (
             h.labels(model) for h in (m.e2e, m.queue, m.prefill, m.decode, m.inference))
         self.request_prompt = m.request_prompt.labels(model)
@@ -46,6 +47,7 @@ class ModelObserver:
             self.prefix_queries.inc(stats.prefix_cache_queries)
             self.prefix_hits.inc(stats.prefix_cache_hits)
         generated = 0
+        gaps: list[float] = []
         now = stats.finished_at
         for rid, new in stats.new_tokens.items():
             generated += new  # aborted requests' tokens were computed too: they count
@@ -60,13 +62,13 @@ class ModelObserver:
                 timing.first_token = now
                 self.ttft.observe(max(0.0, now - timing.arrival))
             elif timing.last_token is not None:
-                gap = max(0.0, now - timing.last_token)
-                self.itl.observe(gap)
-                self.tpot.observe(gap)
+                gaps.append(max(0.0, now - timing.last_token))
             timing.last_token = now
             timing.num_tokens += new
         if generated:
             self.generation_tokens.inc(generated)
+        if gaps:
+            self.itl.observe_many(gaps)
 
     def on_output(self, output: RequestOutput, timing: RequestTiming, now: float) -> None:
         if not output.finished:
