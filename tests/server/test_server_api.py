@@ -157,10 +157,15 @@ def test_metrics_have_every_family_per_model(client, base_url):
     text = httpx.get(f"{base_url}/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "num_requests_swapped",
                  "kv_mapped_bytes", "kv_used_bytes", "num_preemptions_total",
-                 "prompt_tokens_total", "generation_tokens_total"):
+                 "prompt_tokens_total", "generation_tokens_total", "kv_cache_usage_perc",
+                 "kv_pages_granted_total", "prefix_cache_queries_total",
+                 "prefix_cache_hits_total"):
         assert f'elasticserve:{name}{{model_name="tiny-b"}}' in text, name
     for name in ("time_to_first_token_seconds", "inter_token_latency_seconds",
-                 "e2e_request_latency_seconds"):
+                 "time_per_output_token_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_inference_time_seconds",
+                 "request_prompt_tokens", "request_generation_tokens", "iteration_tokens_total"):
         assert f'elasticserve:{name}_count{{model_name="tiny-b"}}' in text, name
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
                    if line and not line.startswith("#"))
