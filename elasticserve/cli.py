@@ -11,7 +11,7 @@ from typing import Any
 
 # what `--model` defaults to (models.make_model.DEFAULT_MODEL_DIR, which a test checks): that
 # module imports torch, and `top`, `--help` and `--version` should start without it
-DEFAULT_MODEL_HELP = "models/tiny-llama"
+DEFAULT_MODEL_HELP = "models/demo-llama"
 
 
 def version() -> str:
@@ -28,15 +28,31 @@ def version() -> str:
 
 
 def _ensure_model(path: str | None) -> str:
-    from elasticserve.models.make_model import DEFAULT_MODEL_DIR, ensure_model
+    """The model directory to run: ``path`` (a random tiny model is made there if it is
+    missing), or the default demo model, trained on first use."""
+    if path is None:
+        from elasticserve.models.train import ensure_trained_model
 
-    return ensure_model(path or DEFAULT_MODEL_DIR)
+        return ensure_trained_model()
+    from elasticserve.models.make_model import ensure_model
+
+    return ensure_model(path)
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
-    from elasticserve.models.make_model import make_model
+    from dataclasses import replace
 
-    out = make_model(args.arch, args.size, args.out, seed=args.seed)
+    from elasticserve.models.make_model import make_model
+    from elasticserve.models.train import DEMO_RECIPE, make_trained_model
+
+    train_s = args.train_seconds
+    if train_s is None:
+        train_s = DEMO_RECIPE.max_seconds if args.size == "demo" else 0.0
+    if train_s > 0:
+        recipe = replace(DEMO_RECIPE, max_seconds=train_s, seed=args.seed)
+        out = make_trained_model(args.arch, args.size, args.out, recipe)
+    else:
+        out = make_model(args.arch, args.size, args.out, seed=args.seed)
     print(out)
     return 0
 
@@ -93,13 +109,18 @@ def _forward(module: str, argv: list[str]) -> int:
 
 def _add_offline_parsers(sub: Any) -> None:
     """make-model, generate and demo: the engine without a server."""
-    mk = sub.add_parser("make-model", help="write a seeded random model in Hugging Face format")
+    mk = sub.add_parser("make-model", help="write a seeded random (or briefly trained) model in "
+                                           "Hugging Face format")
     mk.add_argument("--arch", choices=["llama", "qwen2", "qwen3", "mistral"], default="llama",
                     help="architecture (default %(default)s)")
-    mk.add_argument("--size", choices=["tiny", "small", "widekv"], default="tiny",
-                    help="preset size (default %(default)s)")
+    mk.add_argument("--size", choices=["tiny", "small", "widekv", "demo"], default="tiny",
+                    help="preset size (default %(default)s); demo is trained unless "
+                         "--train-seconds 0")
     mk.add_argument("--out", required=True, help="directory to write the model to")
-    mk.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    mk.add_argument("--seed", type=int, default=0, help="weights (and training) seed (default 0)")
+    mk.add_argument("--train-seconds", type=float, default=None, metavar="S",
+                    help="train on the Python stdlib for at most S seconds (the demo recipe's "
+                         "steps; 0: random weights). Default: trained for --size demo only")
     mk.set_defaults(func=_cmd_make_model)
     model_help = f"model directory (default {DEFAULT_MODEL_HELP}, made when missing)"
     kv_help = "elastic: KV pages mapped on demand; static: preallocated (default elastic)"
@@ -112,7 +133,7 @@ def _add_offline_parsers(sub: Any) -> None:
     gen.add_argument("--kv-cache-mode", choices=["elastic", "static"], default="elastic",
                      help=kv_help)
     gen.set_defaults(func=_cmd_generate)
-    demo = sub.add_parser("demo", help="a batch of requests on the default tiny model")
+    demo = sub.add_parser("demo", help="a batch of requests on the default demo model")
     demo.add_argument("--model", default=None, help=model_help)
     demo.add_argument("--requests", type=int, default=64, help="requests in the batch")
     demo.add_argument("--max-tokens", type=int, default=64,

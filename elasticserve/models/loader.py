@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from elasticserve.models.llama import CausalLM, TensorSlot
 from elasticserve.models.registry import model_class
 
 INDEX_FILE = "model.safetensors.index.json"
+log = logging.getLogger(__name__)
 
 
 def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -34,6 +37,7 @@ def load_model(
     """
     if not os.path.isdir(model_dir):
         raise ValueError(f"{model_dir}: model directory not found")
+    start = time.monotonic()
     config = load_config(model_dir)
     dev = torch.device(device)
     cls = model_class(config, os.path.join(model_dir, "config.json"))
@@ -43,6 +47,9 @@ def load_model(
     _load_weights(model, model_dir)
     model.eval()
     model.requires_grad_(False)
+    # a server logs at INFO: start-up and every wake (which reloads) say what loading cost
+    log.info("loaded %s (%.1fM parameters) in %.2f s", model_dir,
+             sum(p.numel() for p in model.parameters()) / 1e6, time.monotonic() - start)
     return model
 
 

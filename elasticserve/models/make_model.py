@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import sysconfig
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import ByteLevelBPETokenizer
+
+from elasticserve.models.progress import Progress
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 0, 1, 2
@@ -78,6 +79,9 @@ SIZES = {
     # cheap to run but with a large KV per token (16 KiB in fp32): memory tests that must map
     # hundreds of MiB of KV without hours of CPU prefill
     "widekv": SizeSpec(512, 64, 2, 16, 16, 128, 2048, head_dim=64),
+    # the default served model, trained briefly (models/train.py) so it writes Python-like text:
+    # a larger vocabulary puts more characters in each token the run sees
+    "demo": SizeSpec(1024, 192, 4, 6, 2, 512, 2048),  # ~2M params
 }
 
 
@@ -92,7 +96,7 @@ def make_model(
 ) -> str:
     """Write config, weights, tokenizer and generation config to ``out_dir``; return it.
 
-    arch: llama | mistral | qwen2 | qwen3; size: tiny | small; config_style: "hf5"
+    arch: llama | mistral | qwen2 | qwen3; size: a `SIZES` key; config_style: "hf5"
     (rope_parameters, dtype) or "hf4" (rope_theta/rope_scaling, torch_dtype);
     num_shards > 1 writes a sharded checkpoint with model.safetensors.index.json.
     """
@@ -241,7 +245,7 @@ def _tokenizer_config(s: SizeSpec) -> dict:
     }
 
 
-def _corpus() -> list[str]:
+def stdlib_corpus() -> list[str]:
     """Sorted top-level stdlib modules, capped so training takes well under a second."""
     stdlib = sysconfig.get_paths()["stdlib"]
     texts, total = [], 0
@@ -262,7 +266,7 @@ def trained_tokenizer_json(vocab_size: int) -> str:
     """tokenizer.json text of a byte-level BPE with ``vocab_size`` ids (cached per process)."""
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(
-        _corpus(),
+        stdlib_corpus(),
         vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=list(SPECIAL_TOKENS),
@@ -279,7 +283,9 @@ def _write_json(out_dir: str, name: str, data: dict) -> None:
         f.write("\n")
 
 
-DEFAULT_MODEL_DIR = os.path.join("models", "tiny-llama")
+# the model `serve`, `generate` and `demo` use without --model: the demo size, trained on first
+# use (models/train.py `ensure_trained_model`)
+DEFAULT_MODEL_DIR = os.path.join("models", "demo-llama")
 
 
 def ensure_model(path: str | None = None, arch: str = "llama", size: str = "tiny",
@@ -288,6 +294,6 @@ def ensure_model(path: str | None = None, arch: str = "llama", size: str = "tiny
     can be downloaded here, so the CLI, the server and the benchmarks make their own."""
     path = path or os.path.join("models", f"{size}-{arch}")
     if not os.path.exists(os.path.join(path, "config.json")):
-        print(f"making a {size} {arch} model in {path} ...", file=sys.stderr)
-        make_model(arch, size, path, seed=seed)
+        with Progress(f"making a random {size} {arch} model in {path}"):
+            make_model(arch, size, path, seed=seed)
     return path

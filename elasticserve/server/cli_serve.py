@@ -18,7 +18,7 @@ from elasticserve.engine.args import EngineArgs
 if TYPE_CHECKING:
     from elasticserve.engine.protocol import EngineClient
 
-DEFAULT_MODEL_NAME = "tiny-llama"
+DEFAULT_MODEL_NAME = "demo-llama"  # served from models/demo-llama, trained on first start
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
           "tib": 2**40}
@@ -81,11 +81,11 @@ def parse_priorities(specs: list[str]) -> dict[str, int]:
 
 def model_specs(args: argparse.Namespace) -> list[Any]:
     from elasticserve.engine.multi_model import ModelSpec
-    from elasticserve.models.make_model import DEFAULT_MODEL_DIR, ensure_model
+    from elasticserve.models.train import ensure_trained_model
 
     models = parse_model_specs(args.model)
     if not models:
-        models = {DEFAULT_MODEL_NAME: ensure_model(DEFAULT_MODEL_DIR)}
+        models = {DEFAULT_MODEL_NAME: ensure_trained_model()}
     priorities = parse_priorities(args.priority)
     unknown = set(priorities) - set(models)
     if unknown:
@@ -98,7 +98,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     """Add `serve` to the CLI's subparsers (`sub` is what `add_subparsers()` returned)."""
     p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
-                   help="a model to serve under NAME (repeatable); default: the tiny model")
+                   help="a model to serve under NAME (repeatable); default: the demo model "
+                        "(models/demo-llama, trained on first start)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000,
                    help="port to bind; 0 picks a free one (see --port-file)")

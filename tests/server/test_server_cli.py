@@ -57,13 +57,19 @@ def test_defaults_bind_loopback_with_one_shared_budget():
 
 
 def test_default_model_is_made_and_served(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # the default model lands in ./models/tiny-llama
+    from elasticserve.models import train
+
+    monkeypatch.chdir(tmp_path)  # the default model lands in ./models/demo-llama
+    # the demo recipe's shape with a few steps: the real one trains for up to a minute
+    monkeypatch.setattr(train, "DEMO_RECIPE", train.TrainRecipe(steps=2, batch_size=2))
     port_file = tmp_path / "port"
     # port 0: the server binds a port the kernel picks and reports it; no probe-then-close race
     args = _parse("--port", "0", "--port-file", str(port_file), "--log-level", "warning",
                   "--memory", "64MiB")
     server, engines = make_server(args)
-    assert (tmp_path / "models" / "tiny-llama" / "config.json").exists()
+    assert train.trained_with(str(tmp_path / "models" / "demo-llama"),
+                              train.recipe_key(train.DEMO_RECIPE, "llama", "demo"))
+    assert "training the demo llama model for models/demo-llama" in capsys.readouterr().err
     thread = threading.Thread(target=run_server, args=(server, args), daemon=True)
     thread.start()
     try:
@@ -76,8 +82,8 @@ def test_default_model_is_made_and_served(tmp_path, monkeypatch, capsys):
         # the same port, in the line a caller without --port-file parses
         assert f"elasticserve: listening on http://127.0.0.1:{port}\n" in capsys.readouterr().out
         url = f"http://127.0.0.1:{port}"
-        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["tiny-llama"]
-        resp = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "x",
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["demo-llama"]
+        resp = httpx.post(f"{url}/v1/completions", json={"model": "demo-llama", "prompt": "x",
                                                           "max_tokens": 2}, timeout=30)
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] >= 1
     finally:
