@@ -40,8 +40,9 @@ ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false ELASTICSERVE_CACHE=/data/.cach
     PYTHONUNBUFFERED=1
 
 EXPOSE 8000
-# asks the default port: a server started with another --port needs its own healthcheck
-HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+# asks the default port: a server started with another --port needs its own healthcheck. The
+# start period covers the first start without --model, which trains the demo model (<= 90 s)
+HEALTHCHECK --interval=10s --timeout=5s --start-period=150s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 # arguments of `docker run IMAGE ...` are `elasticserve serve` options (--model, --memory, ...);
 # the admin token comes from $ELASTICSERVE_ADMIN_TOKEN, never from the command line

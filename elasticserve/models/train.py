@@ -90,8 +90,7 @@ def ensure_trained_model(path: str = DEFAULT_MODEL_DIR, arch: str = "llama",
 
 def make_trained_model(arch: str, size: str, out_dir: str, recipe: TrainRecipe) -> str:
     """`make_model` then `train_checkpoint` on the Python stdlib, built beside ``out_dir`` and
-    moved into place when done, so an interrupted run never leaves a half-trained model where
-    `ensure_trained_model` would take it for a finished one."""
+    moved in when done: an interrupted run never leaves a half-trained model in ``out_dir``."""
     out_dir = os.path.normpath(out_dir)
     parent, name = os.path.split(out_dir)
     tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
@@ -100,12 +99,25 @@ def make_trained_model(arch: str, size: str, out_dir: str, recipe: TrainRecipe) 
         label = (f"training the {size} {arch} model for {out_dir} "
                  f"(once, cached; at most {recipe.max_seconds:.0f} s)")
         train_checkpoint(tmp, recipe, stdlib_corpus(), recipe_key(recipe, arch, size), label)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _move_into(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _move_into(src: str, out_dir: str) -> None:
+    """Move a finished model's files into ``out_dir``, recipe file last: a run stopped half
+    way leaves no recipe file, so the next `ensure_trained_model` retrains. Other files in
+    ``out_dir`` are kept (it may be a user's directory), except old weights and their index,
+    which the loader would otherwise read with the new ones."""
+    os.makedirs(out_dir, exist_ok=True)
+    stale = [RECIPE_FILE, *(f for f in os.listdir(out_dir)
+                            if f.startswith("model") and ".safetensors" in f)]
+    for name in stale:
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    for name in sorted(os.listdir(src), key=lambda f: f == RECIPE_FILE):
+        os.replace(os.path.join(src, name), os.path.join(out_dir, name))
 
 
 def train_checkpoint(model_dir: str, recipe: TrainRecipe, texts: Sequence[str], key: dict,

@@ -16,18 +16,22 @@ from transformers import AutoModelForCausalLM
 from elasticserve.cli import main
 from elasticserve.models import train
 from elasticserve.models.loader import load_model
+from elasticserve.models.make_model import make_model
 from elasticserve.models.progress import Progress
 from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.models.train import (
     RECIPE_FILE,
     TrainRecipe,
     ensure_trained_model,
+    make_trained_model,
     recipe_key,
     trained_with,
 )
 
 # a few seconds on the tiny size: enough steps for the held-out loss to fall clearly
 QUICK = TrainRecipe(steps=60, batch_size=8, seq_len=64, lr=1e-2, warmup_steps=5, max_seconds=30)
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+         "generation_config.json")
 PROMPTS = ("def ", "import os\n", "class Queue:\n    def __init__(self")
 
 
@@ -95,6 +99,16 @@ def test_interrupted_training_leaves_no_model(tmp_path, monkeypatch: pytest.Monk
     with pytest.raises(KeyboardInterrupt):
         ensure_trained_model(str(tmp_path / "m"), "llama", "tiny", QUICK)
     assert os.listdir(tmp_path) == []  # neither the model nor its partial build
+
+
+def test_training_into_a_used_directory_keeps_other_files(tmp_path) -> None:
+    out = tmp_path / "m"
+    make_model("llama", "tiny", str(out), num_shards=2)  # old weights in two shards + index
+    (out / "notes.txt").write_text("mine")
+    make_trained_model("llama", "tiny", str(out), replace(QUICK, steps=2))
+    assert sorted(os.listdir(out)) == sorted([*FILES, RECIPE_FILE, "notes.txt"])
+    assert (out / "notes.txt").read_text() == "mine"
+    assert load_model(str(out)).config.num_hidden_layers == 2
 
 
 def test_make_model_cli_trains_for_the_seconds_given(tmp_path, capsys) -> None:
