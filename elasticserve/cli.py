@@ -43,6 +43,7 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from elasticserve.models.make_model import make_model
+    from elasticserve.models.progress import Progress
     from elasticserve.models.train import DEMO_RECIPE, make_trained_model
 
     train_s = args.train_seconds
@@ -52,7 +53,8 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
         recipe = replace(DEMO_RECIPE, max_seconds=train_s, seed=args.seed)
         out = make_trained_model(args.arch, args.size, args.out, recipe)
     else:
-        out = make_model(args.arch, args.size, args.out, seed=args.seed)
+        with Progress(f"making a random {args.size} {args.arch} model in {args.out}"):
+            out = make_model(args.arch, args.size, args.out, seed=args.seed)
     print(out)
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -71,7 +72,8 @@ def test_trained_checkpoint_greedy_matches_transformers(trained: str,
 
 
 def test_cached_checkpoint_is_reused_and_a_new_recipe_retrains(
-        trained: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        trained: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained = str(shutil.copytree(trained, tmp_path / "m"))  # mtimes kept (copy2)
     calls: list[str] = []
     real = train.train_checkpoint
 
