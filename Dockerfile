@@ -41,7 +41,7 @@ ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false ELASTICSERVE_CACHE=/data/.cach
 
 EXPOSE 8000
 # asks the default port: a server started with another --port needs its own healthcheck. The
-# start period covers the first start without --model, which trains the demo model (<= 90 s)
+# start period covers the first start without --model, which trains the demo model (<= 60 s)
 HEALTHCHECK --interval=10s --timeout=5s --start-period=150s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 # arguments of `docker run IMAGE ...` are `elasticserve serve` options (--model, --memory, ...);
