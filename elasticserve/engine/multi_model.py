@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -27,7 +26,6 @@ from elasticserve.engine.periodic import run_periodically
 from elasticserve.errors import InvalidFieldError
 
 MemoryPolicy = Literal["arbiter", "static"]
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +59,7 @@ class ModelHost:
         self.arbiter.release(self.spec.name, pages)
 
     def wake(self) -> bool:
-        granted = self.arbiter.wake(self.spec.name)
-        if granted:  # the engine re-reads the weights next; the loader logs what that took
-            log.info("waking %s: reloading its weights from %s", self.spec.name, self.spec.path)
-        return granted
+        return self.arbiter.wake(self.spec.name)
 
     def cancel_wake(self) -> None:
         self.arbiter.cancel_wake(self.spec.name)

@@ -82,6 +82,7 @@ class SleepWake:
             self.asleep = False
             self.wakes += 1
             self.wake_latencies_s.append(time.monotonic() - start)
+            logger.info("woke %s in %.2f s", self.config.model.path, self.wake_latencies_s[-1])
             return True
 
     def _cancel_wake(self) -> None:
