@@ -22,3 +22,14 @@ class InvalidFieldError(ValueError):
 
 class PromptTooLargeError(InvalidFieldError):
     """The request can never fit: longer than max_model_len, or than the whole KV cache."""
+
+
+def check_unicode(param: str, text: str) -> None:
+    """Raise InvalidFieldError unless `text` is valid Unicode: JSON's "\\ud800" escapes decode to
+    lone surrogates, which no tokenizer (and no UTF-8 encoder) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidFieldError(
+            param, f"{param} is not valid Unicode: lone surrogate {text[exc.start]!r} at "
+                   f"character {exc.start}") from None

@@ -73,6 +73,9 @@ class ModelRunnerOutput:
     samples: dict[int, SampleResult] = field(default_factory=dict)
     # seq_id -> for each prompt token of the chunk after the first: {token: logprob} (top-k + actual)
     prompt_logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)
+    # request_id -> why: requests whose own data made their sampling fail this step (the rest
+    # of the batch is unaffected); the engine ends them with FinishReason.ERROR
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -17,7 +18,8 @@ from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
 from elasticserve.engine.sleep_wake import SleepWake
 from elasticserve.engine.step_stats import StepRecorder
-from elasticserve.errors import InvalidFieldError, PromptTooLargeError
+from elasticserve.engine.validation import PromptInput, check_fits, tokenize_prompt
+from elasticserve.errors import InvalidFieldError
 from elasticserve.kernels import native
 from elasticserve.models.hf_config import ModelConfig, load_config
 from elasticserve.models.llama import CausalLM
@@ -28,7 +30,7 @@ from elasticserve.request import Sequence, SequenceGroup, next_seq_id
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.model_runner import ModelRunner
 
-PromptInput = str | dict[str, Any]
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine(SleepWake):
@@ -125,8 +127,9 @@ class LLMEngine(SleepWake):
         if not isinstance(params, SamplingParams):
             raise InvalidFieldError("sampling_params", "sampling_params must be SamplingParams, "
                                     f"got {type(params).__name__}")
-        text, token_ids = self._tokenize(prompt)
-        self._check_fits(token_ids, params)
+        text, token_ids = tokenize_prompt(self.tokenizer, prompt, self.model_config.vocab_size)
+        check_fits(token_ids, params, self.scheduler_config, self.cache_config.block_size,
+                   self.kv.max_blocks)
         self.runner.check_structured(params)  # a bad grammar fails here, not in a step
         return text, token_ids
 
@@ -144,43 +147,13 @@ class LLMEngine(SleepWake):
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidFieldError("prompt", "prompt must not be empty")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                raise InvalidFieldError("prompt_token_ids",
-                                        "prompt_token_ids must be a list of integers")
-            if not ids:
-                raise InvalidFieldError("prompt_token_ids", "prompt_token_ids must not be empty")
-            vocab = self.model_config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidFieldError(
-                    "prompt_token_ids",
-                    f"prompt_token_ids has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-            return prompt.get("prompt"), list(ids)
-        raise InvalidFieldError("prompt", "prompt must be a string or a dict with 'prompt_token_ids'")
-
-    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
-        max_len = self.scheduler_config.max_model_len
-        if len(token_ids) >= max_len:
-            raise PromptTooLargeError(
-                "prompt", f"prompt is {len(token_ids)} tokens, which does not leave room to "
-                f"generate within max_model_len={max_len}")
-        need = -(-(len(token_ids) + 1) // self.cache_config.block_size) * params.actual_best_of
-        if need > self.kv.max_blocks:
-            raise PromptTooLargeError(
-                "prompt", f"prompt needs {need} KV blocks but the cache can never hold more than "
-                f"{self.kv.max_blocks} (raise kv_cache_max_bytes, or num_kv_blocks / kv_cache_bytes "
-                f"for a static cache)")
-
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return outputs of the requests that finished in it."""
+        """Run one scheduler step; return outputs of the requests that finished in it.
+
+        A failure caused by one request's data (its sampling, detokenizing, stop checks,
+        logprobs) ends that request with FinishReason.ERROR and frees its blocks; the others
+        carry on. Only a failure of the step itself (schedule, forward pass) raises."""
         if self.asleep and not self._wake_for_work():
             return self._failed_outputs()
         if self.scheduler.has_unfinished():
@@ -194,31 +167,52 @@ class LLMEngine(SleepWake):
                 chunks = tuple((s.start_pos, len(s.token_ids)) for s in out.scheduled)
                 self.step_trace.append((chunks, time.perf_counter() - start))
             self.scheduler.on_step_done(out)
+            for request_id, msg in result.failed.items():
+                self.scheduler.fail_request(request_id, msg)
             self._process(out, result)
+            streaming = self._streaming(out)
             finished = self.scheduler.pop_finished_groups() + self._failed_groups()
         finally:
             self.kv.after_step(self.scheduler)
         now = time.monotonic()
         self.step_stats.record(out, self.scheduler.stats, began, now)
-        outputs = [self.outputs.request_output(g, now) for g in self._streaming(out, finished)]
+        outputs = [self._output(g, now) for g in streaming if not g.is_finished]
         for group in finished:
             self.groups.pop(group.request_id, None)
-            outputs.append(self.outputs.request_output(group, now))
+            outputs.append(self._output(group, now))
         return outputs
 
-    def _streaming(self, out: SchedulerOutput, finished: list[SequenceGroup]) -> list[SequenceGroup]:
-        """Streaming groups that sampled this step and did not finish."""
-        done = {g.request_id for g in finished}
+    def _output(self, group: SequenceGroup, now: float) -> RequestOutput:
+        try:
+            return self.outputs.request_output(group, now)
+        except Exception as exc:  # noqa: BLE001 - this request's output only
+            self.groups.pop(group.request_id, None)  # final now: nothing more will be sent
+            return self.outputs.error_output(group, self._fail(group, "building its output", exc),
+                                             now)
+
+    def _fail(self, group: SequenceGroup, what: str, exc: Exception) -> str:
+        """End `group` after its own processing raised: FinishReason.ERROR, blocks freed."""
+        logger.exception("request %s failed while %s", group.request_id, what)
+        msg = f"{what} failed: {type(exc).__name__}: {exc}"
+        if self.scheduler.fail_request(group.request_id, msg) is None:
+            group.error = msg  # already out of the queues (finished this step)
+        return msg
+
+    def _streaming(self, out: SchedulerOutput) -> list[SequenceGroup]:
+        """Streaming groups that sampled this step, their text brought up to date."""
         seen: dict[str, SequenceGroup] = {}
         for item in out.scheduled:
             group = self.groups.get(item.request_id)
-            if group is None or not group.stream or not item.sample_seq_ids or group.request_id in done:
+            if group is None or not group.stream or not item.sample_seq_ids \
+                    or group.is_finished or group.request_id in seen:
                 continue
-            if group.request_id not in seen:
-                seen[group.request_id] = group
-                for seq in group.seqs:
-                    if not seq.is_finished and not group.is_beam_search:
-                        seq.output_text = self.outputs.decode(group, seq)
+            seen[group.request_id] = group
+            if group.is_beam_search:
+                continue
+            try:
+                self.outputs.refresh_text(group)
+            except Exception as exc:  # noqa: BLE001 - this request only
+                self._fail(group, "detokenizing", exc)
         return list(seen.values())
 
     def _failed_outputs(self) -> list[RequestOutput]:
@@ -227,7 +221,7 @@ class LLMEngine(SleepWake):
         failed = self._failed_groups()
         for group in failed:
             self.groups.pop(group.request_id, None)
-        return [self.outputs.request_output(g, now) for g in failed]
+        return [self._output(g, now) for g in failed]
 
     def _failed_groups(self) -> list[SequenceGroup]:
         """Groups the scheduler gave up on, in this step or in a resize between steps: it has
@@ -240,24 +234,30 @@ class LLMEngine(SleepWake):
         beam_groups: dict[str, SequenceGroup] = {}
         for item in out.scheduled:
             group = self.groups.get(item.request_id)
-            if group is None:
-                continue
-            if item.seq_id in result.prompt_logprobs:
-                self._add_prompt_logprobs(group, result.prompt_logprobs[item.seq_id])
-            if not item.sample_seq_ids:
-                continue
-            if group.first_token_time is None:
-                group.first_token_time = now
-            if group.is_beam_search:
-                beam_groups[group.request_id] = group
-                continue
-            self._advance(group, item.seq_id, item.sample_seq_ids, result)
+            if group is None or group.error is not None:
+                continue  # gone, or failed earlier in this step
+            try:
+                if item.seq_id in result.prompt_logprobs:
+                    self.outputs.add_prompt_logprobs(group, result.prompt_logprobs[item.seq_id])
+                if not item.sample_seq_ids:
+                    continue
+                if group.first_token_time is None:
+                    group.first_token_time = now
+                if group.is_beam_search:
+                    beam_groups[group.request_id] = group
+                    continue
+                self._advance(group, item.seq_id, item.sample_seq_ids, result)
+            except Exception as exc:  # noqa: BLE001 - one request's data fails that request
+                self._fail(group, "processing its output", exc)
         for group in beam_groups.values():
-            beam_step(group, result.samples, self.tokenizer.eos_token_ids,
-                      lambda g, parent, index: self._fork(g, parent, index),
-                      self.scheduler.finish_seq)
-            for seq in group.seqs:
-                self.outputs.finalize_text(group, seq)
+            try:
+                beam_step(group, result.samples, self.tokenizer.eos_token_ids,
+                          lambda g, parent, index: self._fork(g, parent, index),
+                          self.scheduler.finish_seq)
+                for seq in group.seqs:
+                    self.outputs.finalize_text(group, seq)
+            except Exception as exc:  # noqa: BLE001 - one request's data fails that request
+                self._fail(group, "a beam search step", exc)
 
     def _fork(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
         return self.scheduler.fork_seq(group, parent, next_seq_id(), index)
@@ -275,10 +275,6 @@ class LLMEngine(SleepWake):
                 self.outputs.finalize_text(group, seq)
                 self.scheduler.finish_seq(seq, status)
 
-    def _add_prompt_logprobs(self, group: SequenceGroup, entries: list[dict[int, float]]) -> None:
-        if group.prompt_logprobs is None:
-            group.prompt_logprobs = [None]
-        group.prompt_logprobs.extend(entries)
 
     # ---- introspection --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -65,6 +65,17 @@ class OutputProcessor:
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=group.params.skip_special_tokens)
 
+    def refresh_text(self, group: SequenceGroup) -> None:
+        """Bring every live sequence's text up to date (streaming reports it every step)."""
+        for seq in group.seqs:
+            if not seq.is_finished:
+                seq.output_text = self.decode(group, seq)
+
+    def add_prompt_logprobs(self, group: SequenceGroup, entries: list[dict[int, float]]) -> None:
+        if group.prompt_logprobs is None:
+            group.prompt_logprobs = [None]  # the first prompt token has no logprob
+        group.prompt_logprobs.extend(entries)
+
     def finalize_text(self, group: SequenceGroup, seq: Sequence) -> None:
         if seq.stop_reason is None or not isinstance(seq.stop_reason, str):
             seq.output_text = self.decode(group, seq)
@@ -87,6 +98,14 @@ class OutputProcessor:
             prompt_token_ids=group.prompt_token_ids, prompt_logprobs=group.prompt_logprobs,
             outputs=outputs, finished=group.is_finished,
             num_cached_tokens=group.num_cached_prompt_tokens, error=group.error, metrics=metrics)
+
+    def error_output(self, group: SequenceGroup, message: str, now: float) -> RequestOutput:
+        """The final output of a request whose own output could not be built."""
+        return RequestOutput(
+            request_id=group.request_id, prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids, prompt_logprobs=None, outputs=[],
+            finished=True, error=message,
+            metrics={"arrival_time": group.arrival_time, "finished_time": now})
 
     def _ranked(self, group: SequenceGroup) -> list[Sequence]:
         params = group.params

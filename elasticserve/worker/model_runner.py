@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from elasticserve.kernels.attention import AttentionMetadata
 from elasticserve.models.llama import CausalLM
 from elasticserve.models.tokenizer import Tokenizer
-from elasticserve.outputs import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
+from elasticserve.outputs import ModelRunnerOutput, SampleResult, ScheduledSeq, SchedulerOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.sampler import Sampler, SamplingRow, prompt_logprobs
 from elasticserve.worker.structured import GrammarCompiler, GrammarStates, allowed_tokens
+
+logger = logging.getLogger(__name__)
+# torch.Generator.manual_seed takes [-2**63, 2**64); any Python int is reduced into it
+_SEED_MODULUS = 2**64
 
 
 class ModelRunner:
@@ -82,13 +88,21 @@ class ModelRunner:
         rows: list[SamplingRow] = []
         seq_ids: list[int] = []
         parents: list[int] = []
+        owners: list[str] = []  # the request of each row
         for i, item in enumerate(scheduled):
+            if not item.sample_seq_ids:
+                continue
+            try:  # a request's own data (its seed, its token lists) must not fail the batch
+                item_rows = [self._row(item, sid, j) for j, sid in enumerate(item.sample_seq_ids)]
+            except Exception as exc:  # noqa: BLE001 - reported as that request's failure
+                _fail(result, item.request_id, "preparing its sampling", exc)
+                continue
             last = meta.query_start_loc[i + 1] - 1
-            for j, sid in enumerate(item.sample_seq_ids):
-                row_index.append(last)
-                rows.append(self._row(item, sid, j))
-                seq_ids.append(sid)
-                parents.append(item.seq_id)
+            row_index.extend([last] * len(item_rows))
+            rows.extend(item_rows)
+            seq_ids.extend(item.sample_seq_ids)
+            owners.extend([item.request_id] * len(item_rows))
+            parents.extend([item.seq_id] * len(item_rows))
         if not rows:
             return
         unique = sorted(set(row_index))
@@ -97,11 +111,19 @@ class ModelRunner:
             where = {r: k for k, r in enumerate(unique)}
             logits = logits[[where[r] for r in row_index]]
         self._mask(rows, parents, seq_ids, logits.shape[1])
-        samples = self.sampler(logits, rows)
-        for row, sid, sample in zip(rows, seq_ids, samples, strict=True):
+        try:
+            samples: list[SampleResult | None] = list(self.sampler(logits, rows))
+        except Exception:  # noqa: BLE001 - find the request(s) it came from
+            samples = self._sample_each_request(logits, rows, owners, result)
+        for row, sid, rid, sample in zip(rows, seq_ids, owners, samples, strict=True):
+            if sample is None or rid in result.failed:
+                continue
             result.samples[sid] = sample
             if row.allowed is not None:
-                self.grammars.advance(sid, sample.token_id)
+                try:  # the request's own grammar
+                    self.grammars.advance(sid, sample.token_id)
+                except Exception as exc:  # noqa: BLE001 - reported as that request's failure
+                    _fail(result, rid, "advancing its grammar", exc)
 
     def check_structured(self, params: SamplingParams) -> None:
         """Compile a request's structured-outputs constraint; raises InvalidFieldError."""
@@ -121,6 +143,24 @@ class ModelRunner:
         masks = allowed_tokens(matchers, self.grammars.compiler.lltokenizer.vocab_size, vocab)
         for k, i in enumerate(idx):
             rows[i].allowed = masks[k]
+
+    def _sample_each_request(self, logits: torch.Tensor, rows: list[SamplingRow],
+                             owners: list[str], result: ModelRunnerOutput
+                             ) -> list[SampleResult | None]:
+        """The batch failed: sample each request's rows alone, so that only the requests whose
+        rows fail are failed (None for their rows). Only on this error path."""
+        samples: list[SampleResult | None] = [None] * len(rows)
+        by_request: dict[str, list[int]] = {}
+        for k, rid in enumerate(owners):
+            by_request.setdefault(rid, []).append(k)
+        for rid, idx in by_request.items():
+            try:
+                for k, sample in zip(idx, self.sampler(logits[idx], [rows[k] for k in idx]),
+                                     strict=True):
+                    samples[k] = sample
+            except Exception as exc:  # noqa: BLE001 - reported as that request's failure
+                _fail(result, rid, "sampling", exc)
+        return samples
 
     def _row(self, item: ScheduledSeq, seq_id: int, fork_index: int) -> SamplingRow:
         params = item.params
@@ -147,29 +187,42 @@ class ModelRunner:
             return None
         gen = self._generators.get(seq_id)
         if gen is None:
-            # children of one request draw from distinct, reproducible streams
-            gen = torch.Generator().manual_seed(seed + 1_000_003 * fork_index)
+            # children of one request draw from distinct, reproducible streams; any int is a
+            # valid seed (as in vLLM's SamplingParams), so reduce it into the generator's range
+            gen = torch.Generator().manual_seed((seed + 1_000_003 * fork_index) % _SEED_MODULUS)
             self._generators[seq_id] = gen
         return gen
 
     def _prompt_logprobs(self, scheduled: list[ScheduledSeq], meta: AttentionMetadata,
                          hidden: torch.Tensor, result: ModelRunnerOutput) -> None:
         for i, item in enumerate(scheduled):
-            if item.prompt_logprobs is None:
+            if item.prompt_logprobs is None or item.request_id in result.failed:
                 continue
-            start = meta.query_start_loc[i]
-            prompt = item.all_token_ids[:item.prompt_len]
-            # position p predicts prompt token p + 1
-            last_pos = min(item.start_pos + len(item.token_ids), len(prompt) - 1)
-            count = last_pos - item.start_pos
-            if count <= 0:
-                result.prompt_logprobs[item.seq_id] = []
+            try:
+                entries = self._prompt_logprobs_of(item, meta.query_start_loc[i], hidden)
+            except Exception as exc:  # noqa: BLE001 - reported as that request's failure
+                _fail(result, item.request_id, "computing prompt logprobs", exc)
                 continue
-            logits = self.model.compute_logits(hidden[start:start + count])
-            targets = prompt[item.start_pos + 1: item.start_pos + 1 + count]
-            entries = prompt_logprobs(logits, targets, item.prompt_logprobs)
-            result.prompt_logprobs[item.seq_id] = [
-                {**dict(top), tok: lp} for tok, (lp, top) in zip(targets, entries, strict=True)]
+            result.prompt_logprobs[item.seq_id] = entries
+
+    def _prompt_logprobs_of(self, item: ScheduledSeq, start: int, hidden: torch.Tensor
+                            ) -> list[dict[int, float]]:
+        assert item.prompt_logprobs is not None
+        prompt = item.all_token_ids[:item.prompt_len]
+        # position p predicts prompt token p + 1
+        last_pos = min(item.start_pos + len(item.token_ids), len(prompt) - 1)
+        count = last_pos - item.start_pos
+        if count <= 0:
+            return []
+        logits = self.model.compute_logits(hidden[start:start + count])
+        targets = prompt[item.start_pos + 1: item.start_pos + 1 + count]
+        entries = prompt_logprobs(logits, targets, item.prompt_logprobs)
+        return [{**dict(top), tok: lp} for tok, (lp, top) in zip(targets, entries, strict=True)]
+
+
+def _fail(result: ModelRunnerOutput, request_id: str, what: str, exc: Exception) -> None:
+    logger.exception("request %s failed while %s", request_id, what)
+    result.failed.setdefault(request_id, f"{what} failed: {type(exc).__name__}: {exc}")
 
 
 def _has_penalties(params: SamplingParams) -> bool:
