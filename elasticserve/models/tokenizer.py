@@ -103,7 +103,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for ``text``. Pass ``add_special_tokens=False`` for chat-template output,
         which already carries any BOS the template wants."""
-        ids: list[int] = self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL for the whole encode; encode does not always (a 2 MB
+        # prompt held it for seconds, stalling every thread of the server)
+        ids: list[int] = self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
             assert self.bos_token_id is not None
             ids.insert(0, self.bos_token_id)

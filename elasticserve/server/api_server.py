@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from elasticserve.engine.protocol import EngineClient, ModelPoolClient
 from elasticserve.server.admin import add_admin_routes
 from elasticserve.server.errors import APIError, install_error_handlers
+from elasticserve.server.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from elasticserve.server.metrics import CONTENT_TYPE, ArrivalTimeMiddleware, ServerMetrics
 from elasticserve.server.protocol import (
     ChatCompletionRequest,
@@ -27,14 +28,18 @@ CLIENT_CLOSED = 499
 
 
 def build_app(engines: Mapping[str, EngineClient], title: str = "elasticserve",
-              pool: ModelPoolClient | None = None, admin_token: str | None = None) -> FastAPI:
+              pool: ModelPoolClient | None = None, admin_token: str | None = None,
+              max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """An app serving `engines` by model name. Starts them (if not running); stopping them is
     the owner's job (`EngineClient.shutdown`), as engines may outlive an app.
-    With `pool` (the models' shared budget) and `admin_token`, the admin routes are on."""
+    With `pool` (the models' shared budget) and `admin_token`, the admin routes are on.
+    A request body over `max_request_bytes` (None: no limit) is a 413 before it is read."""
     if not engines:
         raise ValueError("engines must name at least one model")
     app = FastAPI(title=title)
     install_error_handlers(app)
+    if max_request_bytes is not None:
+        app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     metrics = ServerMetrics(engines)
     app.state.engines = engines
     app.state.metrics = metrics

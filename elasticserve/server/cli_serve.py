@@ -125,6 +125,11 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=parse_seconds, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish before they "
                         "are aborted (default 30)")
+    p.add_argument("--max-request-bytes", type=parse_size, default=parse_size("4MiB"),
+                   metavar="SIZE",
+                   help="largest request body; bigger ones get 413 before they are read "
+                        "(default 4MiB: a 128K-token prompt is ~0.5 MB of text, and "
+                        "tokenizing 10 MB takes a CPU core for ~15 s)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="server and engine log level (default info)")
@@ -147,7 +152,8 @@ def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]
     engines: dict[str, EngineClient] = {
         name: AsyncEngine(engine, max_queue=args.max_queue, name=name)
         for name, engine in pool.engines.items()}
-    app = build_app(engines, pool=pool, admin_token=args.admin_token)
+    app = build_app(engines, pool=pool, admin_token=args.admin_token,
+                    max_request_bytes=args.max_request_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.log_level)
     server = GracefulServer(config, engines, args.shutdown_timeout, on_close=pool.close)

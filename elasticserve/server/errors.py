@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from elasticserve.engine.protocol import EngineDeadError, EngineOverloadedError
 from elasticserve.errors import InvalidFieldError, PromptTooLargeError
@@ -27,6 +28,9 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, type_: str | None = None) -> None:
+        # a message may quote the client's input; lone surrogates there would make the JSON
+        # body unencodable (a 500 that also drops the connection), so they are escaped
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message
@@ -103,8 +107,38 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
 
 
+class _AnswerUnexpectedErrors:
+    """Answers an unhandled exception with the OpenAI 500 body and lets the connection live.
+
+    Starlette's outermost ServerErrorMiddleware answers too, but then re-raises, and uvicorn
+    closes the connection: the client's next request on that keep-alive connection would be
+    reset. HTTPExceptions (the body cap's 413 among them) keep their own handling."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started or isinstance(exc, StarletteHTTPException):
+                raise  # mid-response nothing else can be sent; the others are not ours
+            await _unexpected(Request(scope), exc)(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's 422 and HTML-ish errors with OpenAI bodies."""
+    app.add_middleware(_AnswerUnexpectedErrors)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -14,6 +14,7 @@ from elasticserve.engine.protocol import EngineClient, TokenizerLike
 from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.server.errors import APIError, from_value_error
+from elasticserve.server.limits import check_context_length, off_loop
 from elasticserve.server.protocol import ErrorInfo, ErrorResponse
 
 T = TypeVar("T")
@@ -39,9 +40,13 @@ class Prepared:
 
 
 async def prepare(engine: EngineClient, prompts: Sequence[Prompt], params: SamplingParams,
-                  renames: dict[str, str] | None = None) -> list[Prepared]:
+                  renames: dict[str, str] | None = None,
+                  max_tokens_param: str | None = None) -> list[Prepared]:
     """Tokenize and check every prompt before any is queued (in a worker thread: long prompts
-    take a while to tokenize). Raises APIError 400/413."""
+    take a while to tokenize). Raises APIError 400/413.
+
+    `max_tokens_param`: the request field that set `params.max_tokens` explicitly (None when it
+    is a default): prompt + max_tokens beyond max_model_len is then a 400 naming it."""
     if not prompts:
         raise APIError(400, "prompt must not be empty", "prompt")
 
@@ -54,9 +59,14 @@ async def prepare(engine: EngineClient, prompts: Sequence[Prompt], params: Sampl
         return out
 
     try:
-        return await asyncio.to_thread(check)
+        prepared = await off_loop(check, sum(len(p) for p in prompts))
     except ValueError as exc:
         raise from_value_error(exc, renames) from exc
+    if max_tokens_param is not None:
+        for p in prepared:
+            check_context_length(len(p.token_ids), params.max_tokens, engine.max_model_len,
+                                 max_tokens_param)
+    return prepared
 
 
 def submit(engine: EngineClient, prepared: list[Prepared], params: SamplingParams, base_id: str,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,10 +10,12 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from elasticserve.engine.protocol import EngineClient
+from elasticserve.errors import check_unicode
 from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.server.chat_tools import ToolPlan, ToolStream, finish_reason, plan
 from elasticserve.server.errors import APIError, from_value_error
+from elasticserve.server.limits import off_loop
 from elasticserve.server.metrics import arrival_time
 from elasticserve.server.protocol import (
     AssistantMessage,
@@ -54,8 +55,9 @@ async def create_chat_completion(engine: EngineClient, req: ChatCompletionReques
     # the grammar's field: a bad schema came from the tools or from response_format
     renames = {**_RENAMES, "structured_outputs": "response_format" if tools.mode in
                ("none", "auto") else "tools"}
-    prompt = await asyncio.to_thread(_render, engine, req)  # a long chat takes a while
-    prepared = await prepare(engine, [prompt], params, renames)
+    chars = sum(len(m.text()) for m in req.messages)
+    prompt = await off_loop(lambda: _render(engine, req), chars)  # a long chat takes a while
+    prepared = await prepare(engine, [prompt], params, renames, _max_tokens_param(req))
     request_id = random_id("chatcmpl")
     started = submit(engine, prepared, params, request_id, stream=req.stream,
                      arrival_time=arrival_time(raw))
@@ -85,6 +87,14 @@ def _sampling_params(req: ChatCompletionRequest) -> tuple[SamplingParams, ToolPl
     return params, tools
 
 
+def _max_tokens_param(req: ChatCompletionRequest) -> str | None:
+    """The field that limits the completion, if the client set one (max_completion_tokens
+    wins, as in _sampling_params)."""
+    if req.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "max_tokens" if req.max_tokens is not None else None
+
+
 def _render(engine: EngineClient, req: ChatCompletionRequest) -> dict[str, Any]:
     tokenizer = engine.tokenizer
     try:
@@ -94,6 +104,10 @@ def _render(engine: EngineClient, req: ChatCompletionRequest) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - a template rejects a conversation by raising
         raise APIError(400, f"messages cannot be rendered by the chat template: {exc}",
                        "messages") from exc
+    try:
+        check_unicode("messages", text)
+    except ValueError as exc:
+        raise from_value_error(exc) from exc
     # the template already carries any BOS the model wants
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 

@@ -46,7 +46,8 @@ _RENAMES = {"structured_outputs": "response_format"}
 async def create_completion(engine: EngineClient, req: CompletionRequest,
                             raw: Request) -> Response:
     params = _sampling_params(req)
-    prepared = await prepare(engine, req.prompts(), params, _RENAMES)
+    explicit = "max_tokens" if "max_tokens" in req.model_fields_set else None
+    prepared = await prepare(engine, req.prompts(), params, _RENAMES, explicit)
     request_id = random_id("cmpl")
     started = submit(engine, prepared, params, request_id, stream=req.stream,
                      arrival_time=arrival_time(raw))
@@ -87,7 +88,8 @@ async def _collect(engine: EngineClient, req: CompletionRequest, params: Samplin
         if out.finished:
             finals[i] = out
     tracker = DeltaTracker(params.n, params.stop_strings)
-    choices = [_choice(engine, req, delta)
+    offsets: dict[int, int] = {}
+    choices = [_choice(engine, req, delta, offsets)
                for i in range(len(prepared)) for delta in tracker.update(i, finals[i])]
     return CompletionResponse(id=request_id, model=req.model, choices=choices,
                               usage=_usage(prepared, finals.values()))
@@ -98,12 +100,13 @@ async def _stream(engine: EngineClient, req: CompletionRequest, params: Sampling
                   request_id: str) -> AsyncIterator[str]:
     created = int(time.time())
     tracker = DeltaTracker(params.n, params.stop_strings)
+    offsets: dict[int, int] = {}
     finals: list[RequestOutput] = []
     try:
         async for i, out in outputs:
             if out.finished:
                 finals.append(out)
-            choices = [_choice(engine, req, d) for d in tracker.update(i, out)]
+            choices = [_choice(engine, req, d, offsets) for d in tracker.update(i, out)]
             if choices:
                 yield sse(CompletionChunk(id=request_id, created=created, model=req.model,
                                           choices=choices))
@@ -117,17 +120,24 @@ async def _stream(engine: EngineClient, req: CompletionRequest, params: Sampling
     yield sse("[DONE]")
 
 
-def _choice(engine: EngineClient, req: CompletionRequest, delta: ChoiceDelta) -> CompletionChoice:
+def _choice(engine: EngineClient, req: CompletionRequest, delta: ChoiceDelta,
+            offsets: dict[int, int]) -> CompletionChoice:
+    """`offsets`: per choice index, the text offset of its next token (kept across a stream's
+    chunks, so streamed and whole responses report the same offsets)."""
     logprobs = None
     if req.logprobs is not None and delta.logprobs is not None:
-        logprobs = _logprobs(engine.tokenizer, delta, req.logprobs)
+        logprobs = _logprobs(engine.tokenizer, delta, req.logprobs, offsets)
     return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
                             finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
 
 
-def _logprobs(tokenizer: TokenizerLike, delta: ChoiceDelta, k: int) -> CompletionLogprobs:
+def _logprobs(tokenizer: TokenizerLike, delta: ChoiceDelta, k: int,
+              offsets: dict[int, int]) -> CompletionLogprobs:
     out = CompletionLogprobs()
-    offset = delta.text_offset
+    # Offsets count each token's own text. Not the delta's text position: a stream holds
+    # back text that may become a stop string or a multi-byte character, while its tokens
+    # (and their logprobs) are sent at once.
+    offset = offsets.get(delta.index, 0)
     for token_id, entry in zip(delta.token_ids, delta.logprobs or [], strict=False):
         token = token_text(tokenizer, token_id)
         out.tokens.append(token)
@@ -135,6 +145,7 @@ def _logprobs(tokenizer: TokenizerLike, delta: ChoiceDelta, k: int) -> Completio
         out.top_logprobs.append({token_text(tokenizer, t): lp for t, lp in top_logprobs(entry, k)})
         out.text_offset.append(offset)
         offset += len(token)
+    offsets[delta.index] = offset
     return out
 
 
