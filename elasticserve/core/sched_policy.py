@@ -62,6 +62,16 @@ def push_front(queue: deque[SequenceGroup], group: SequenceGroup) -> None:
     queue.insert(i, group)
 
 
+def dequeue(queues: tuple[deque[SequenceGroup], ...], request_id: str) -> SequenceGroup | None:
+    """Take the group of `request_id` off whichever queue holds it."""
+    for queue in queues:
+        for group in queue:
+            if group.request_id == request_id:
+                queue.remove(group)
+                return group
+    return None
+
+
 def plan_tokens(config: SchedulerConfig, seqs: list[Sequence],
                 budget: Budget) -> list[tuple[Sequence, int]] | None:
     """(sequence, tokens to compute) for each sequence of a group, or None if none fit."""

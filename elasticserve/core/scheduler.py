@@ -20,6 +20,7 @@ from elasticserve.core.sched_policy import (
     Budget,
     Fit,
     choose_swap,
+    dequeue,
     plan_tokens,
     push_back,
     push_front,
@@ -75,27 +76,18 @@ class Scheduler:
 
     def abort(self, request_id: str) -> SequenceGroup | None:
         """Stop a request wherever it is and free every block it holds."""
-        group = self._dequeue(request_id)
-        if group is not None:
-            for seq in group.live_seqs():
-                self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
+        group = dequeue((self.waiting, self.running, self.swapped), request_id)
+        for seq in group.live_seqs() if group is not None else ():
+            self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
         return group
 
     def fail_request(self, request_id: str, msg: str) -> SequenceGroup | None:
         """End a request whose own data broke its processing (``FinishReason.ERROR``, blocks
         freed, reported by ``pop_failed``); None if it is in no queue."""
-        group = self._dequeue(request_id)
+        group = dequeue((self.waiting, self.running, self.swapped), request_id)
         if group is not None:
             self._fail(group, msg)
         return group
-
-    def _dequeue(self, request_id: str) -> SequenceGroup | None:
-        for queue in (self.waiting, self.running, self.swapped):
-            for group in queue:
-                if group.request_id == request_id:
-                    queue.remove(group)
-                    return group
-        return None
 
     def finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:
         seq.status = status
