@@ -74,19 +74,15 @@ class Scheduler:
             self.seqs[seq.seq_id] = seq
         push_back(self.waiting, group)
 
-    def abort(self, request_id: str) -> SequenceGroup | None:
-        """Stop a request wherever it is and free every block it holds."""
-        group = dequeue((self.waiting, self.running, self.swapped), request_id)
-        for seq in group.live_seqs() if group is not None else ():
+    def abort(self, request_id: str, error: str | None = None) -> SequenceGroup | None:
+        """Stop a request wherever it is and free every block it holds; with `error` it ends as
+        ``_fail`` ends it (its own data broke its processing). None if it is in no queue."""
+        if (group := dequeue((self.waiting, self.running, self.swapped), request_id)) is None:
+            return None
+        if error is not None:
+            self._fail(group, error)
+        for seq in group.live_seqs():
             self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
-        return group
-
-    def fail_request(self, request_id: str, msg: str) -> SequenceGroup | None:
-        """End a request whose own data broke its processing (``FinishReason.ERROR``, blocks
-        freed, reported by ``pop_failed``); None if it is in no queue."""
-        group = dequeue((self.waiting, self.running, self.swapped), request_id)
-        if group is not None:
-            self._fail(group, msg)
         return group
 
     def finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:

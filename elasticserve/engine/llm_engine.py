@@ -168,7 +168,7 @@ class LLMEngine(SleepWake):
                 self.step_trace.append((chunks, time.perf_counter() - start))
             self.scheduler.on_step_done(out)
             for request_id, msg in result.failed.items():
-                self.scheduler.fail_request(request_id, msg)
+                self.scheduler.abort(request_id, error=msg)
             self._process(out, result)
             streaming = self._streaming(out)
             finished = self.scheduler.pop_finished_groups() + self._failed_groups()
@@ -194,7 +194,7 @@ class LLMEngine(SleepWake):
         """End `group` after its own processing raised: FinishReason.ERROR, blocks freed."""
         logger.exception("request %s failed while %s", group.request_id, what)
         msg = f"{what} failed: {type(exc).__name__}: {exc}"
-        if self.scheduler.fail_request(group.request_id, msg) is None:
+        if self.scheduler.abort(group.request_id, error=msg) is None:
             group.error = msg  # already out of the queues (finished this step)
         return msg
 
