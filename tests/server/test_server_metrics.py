@@ -87,12 +87,19 @@ def test_ttft_counts_from_arrival_and_covers_the_queue(
             model="small", prompt="x = [", max_tokens=100, temperature=0,
             extra_body={"ignore_eos": True}))
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.05)
-    for thread in threads:
-        thread.join(60)
+    second = threading.Thread(target=run)
+    stream = client.completions.create(model="small", prompt="x = [", max_tokens=100,
+                                       temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)  # the first request is running (one sequence per step: the next one queues)
+    # Hold its step loop between steps while the second request arrives, so the second one
+    # queues for sure: 99 tiny-model steps may take less than an HTTP round trip.
+    with engines["small"].engine.kv.lock:
+        second.start()
+        time.sleep(0.5)
+    results.append(list(chunks))
+    second.join(60)
     assert len(results) == 2
     after = scrape(base_url)
     count = {n: value(after, f"{n}_count", "small") - value(before, f"{n}_count", "small")
