@@ -6,8 +6,9 @@ imported without pulling in torch.
 
 from typing import Any
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput"]
-__version__ = "0.1.0"
+from elasticserve.version import __version__
+
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -121,6 +121,16 @@ class SequenceGroup:
     pending_children: int = 0
     stream: bool = False  # the engine returns progress every step, not only at the end
 
+    def add_prompt_logprobs(self, start: int, entries: list[dict[int, float]]) -> None:
+        """Entries for prompt positions start + 1, ... (position 0 has none)."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+        if len(self.prompt_logprobs) != start + 1:
+            # a recompute preemption feeds the prompt again from its start: overwrite, in a
+            # new list (outputs already handed out may hold the old one)
+            self.prompt_logprobs = self.prompt_logprobs[:start + 1]
+        self.prompt_logprobs.extend(entries)
+
     @classmethod
     def create(
         cls,

@@ -8,8 +8,9 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "elasticserve"
-# the types every layer shares, and the torch-free writer of docs/BENCHMARKS.md sections
-SHARED = {"config", "sampling_params", "request", "outputs", "errors", "docs_section"}
+# the types every layer shares, the package version, and the torch-free writer of
+# docs/BENCHMARKS.md sections
+SHARED = {"config", "sampling_params", "request", "outputs", "errors", "version", "docs_section"}
 
 # what each layer may import besides itself and the shared types
 ALLOWED: dict[str, set[str]] = {

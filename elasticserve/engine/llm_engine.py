@@ -238,7 +238,8 @@ class LLMEngine(SleepWake):
                 continue  # gone, or failed earlier in this step
             try:
                 if item.seq_id in result.prompt_logprobs:
-                    self.outputs.add_prompt_logprobs(group, result.prompt_logprobs[item.seq_id])
+                    group.add_prompt_logprobs(item.start_pos,
+                                              result.prompt_logprobs[item.seq_id])
                 if not item.sample_seq_ids:
                     continue
                 if group.first_token_time is None:
@@ -274,7 +275,6 @@ class LLMEngine(SleepWake):
             if status is not None:
                 self.outputs.finalize_text(group, seq)
                 self.scheduler.finish_seq(seq, status)
-
 
     # ---- introspection --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -71,11 +71,6 @@ class OutputProcessor:
             if not seq.is_finished:
                 seq.output_text = self.decode(group, seq)
 
-    def add_prompt_logprobs(self, group: SequenceGroup, entries: list[dict[int, float]]) -> None:
-        if group.prompt_logprobs is None:
-            group.prompt_logprobs = [None]  # the first prompt token has no logprob
-        group.prompt_logprobs.extend(entries)
-
     def finalize_text(self, group: SequenceGroup, seq: Sequence) -> None:
         if seq.stop_reason is None or not isinstance(seq.stop_reason, str):
             seq.output_text = self.decode(group, seq)

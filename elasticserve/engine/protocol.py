@@ -67,7 +67,26 @@ class OutputObserver(Protocol):
 
 
 class TokenizerLike(Protocol):
-    """What the server does with a model's tokenizer: render chats, show tokens as text."""
+    """What the server does with a model's tokenizer: render chats, show tokens as text.
+
+    `apply_chat_template(..., chat_template=TEXT)` renders TEXT instead of the model's own
+    template (the server's --chat-template)."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are 0 .. vocab_size - 1."""
+        ...
+
+    @property
+    def bos_token(self) -> str | None: ...
+
+    @property
+    def eos_token(self) -> str | None: ...
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template, if it has one."""
+        ...
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 

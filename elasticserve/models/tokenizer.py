@@ -118,13 +118,17 @@ class Tokenizer:
         return self.hf.token_to_id(token)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        chat_template: str | None = None, **kwargs: Any
     ) -> str:
-        """Render the model's Jinja chat template in a sandbox (extra kwargs reach the template)."""
-        if not self.chat_template:
+        """Render the model's Jinja chat template in a sandbox (extra kwargs reach the template).
+
+        `chat_template` replaces the model's own (transformers' argument of that name)."""
+        template_text = chat_template or self.chat_template
+        if not template_text:
             raise ValueError(f"{self.source}: model has no chat_template in tokenizer_config.json")
         try:
-            template = _jinja_env().from_string(self.chat_template)
+            template = _jinja_env().from_string(template_text)
             return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,

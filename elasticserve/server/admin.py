@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from elasticserve.engine.protocol import ModelLoadError, ModelPoolClient
-from elasticserve.server.errors import APIError, from_value_error
+from elasticserve.server.errors import APIError, error_responses, from_value_error
 
 
 class LimitsRequest(BaseModel):
@@ -35,12 +35,12 @@ def add_admin_routes(app: FastAPI, pool: ModelPoolClient, token: str) -> None:
             raise APIError(404, f"unknown model {name!r}; served: {sorted(pool.model_names)}",
                            "name", code="model_not_found")
 
-    @app.get("/admin/memory")
+    @app.get("/admin/memory", responses=error_responses(401))
     async def memory(request: Request) -> JSONResponse:
         check(request)
         return JSONResponse(pool.memory_report())
 
-    @app.post("/admin/models/{name}/limits")
+    @app.post("/admin/models/{name}/limits", responses=error_responses(400, 401, 404))
     async def limits(name: str, body: LimitsRequest, request: Request) -> JSONResponse:
         check(request)
         known(name)
@@ -51,7 +51,7 @@ def add_admin_routes(app: FastAPI, pool: ModelPoolClient, token: str) -> None:
             raise from_value_error(exc) from exc
         return JSONResponse(pool.memory_report()["models"][name])  # type: ignore[index]
 
-    @app.post("/admin/models/{name}/sleep")
+    @app.post("/admin/models/{name}/sleep", responses=error_responses(400, 401, 404))
     async def sleep(name: str, request: Request) -> JSONResponse:
         check(request)
         known(name)
@@ -61,7 +61,7 @@ def add_admin_routes(app: FastAPI, pool: ModelPoolClient, token: str) -> None:
             raise APIError(400, str(exc), "name") from exc
         return JSONResponse({"model": name, "state": "asleep", "kv_pages_released": pages})
 
-    @app.post("/admin/models/{name}/wake")
+    @app.post("/admin/models/{name}/wake", responses=error_responses(401, 404, 503))
     async def wake(name: str, request: Request) -> JSONResponse:
         check(request)
         known(name)

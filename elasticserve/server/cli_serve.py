@@ -7,6 +7,7 @@ fast and works without the server extras installed.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from elasticserve.engine.args import EngineArgs
 
 if TYPE_CHECKING:
     from elasticserve.engine.protocol import EngineClient
+    from elasticserve.server.options import ServeOptions
 
 DEFAULT_MODEL_NAME = "demo-llama"  # served from models/demo-llama, trained on first start
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
@@ -47,6 +49,19 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_origins(text: str) -> list[str]:
+    """'["http://a", "http://b"]' (vLLM's form) or 'http://a,http://b'. For argparse `type=`."""
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {text!r}: {exc}") from exc
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise argparse.ArgumentTypeError(f"not a list of strings: {text!r}")
+        return value
+    return [o.strip() for o in text.split(",") if o.strip()]
+
+
 def parse_model_specs(specs: list[str]) -> dict[str, str]:
     """['llama=models/a', 'models/b'] -> {'llama': 'models/a', 'b': 'models/b'}."""
     models: dict[str, str] = {}
@@ -65,7 +80,29 @@ def parse_model_specs(specs: list[str]) -> dict[str, str]:
 def engine_args(args: argparse.Namespace) -> EngineArgs:
     """Engine settings shared by every served model (memory comes from the pool)."""
     return EngineArgs(model="", max_num_seqs=args.max_num_seqs, num_threads=args.threads,
-                      attention_backend=args.attention_backend)
+                      attention_backend=args.attention_backend, max_model_len=args.max_model_len)
+
+
+def served_models(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
+    """({name: path} to load, {other name: name}) from --model and --served-model-name.
+
+    As in vLLM: the first --served-model-name is the name responses report, every one is
+    accepted; a model given as a bare path also answers to that path."""
+    models = parse_model_specs(args.model)
+    aliases = {spec: os.path.basename(os.path.normpath(spec))
+               for spec in args.model if "=" not in spec}
+    served = args.served_model_name or []
+    if served:
+        if len(models) > 1:
+            raise ValueError("--served-model-name needs exactly one --model (name several "
+                             "models with --model NAME=DIR)")
+        path = next(iter(models.values()), None)
+        old = next(iter(models), DEFAULT_MODEL_NAME)
+        models = {served[0]: path} if path is not None else {}
+        # listed in this order by /v1/models: the names first, then the path
+        aliases = {name: served[0] for name in served[1:]} | {
+            a: served[0] for a, n in aliases.items() if n == old}
+    return models, aliases
 
 
 def parse_priorities(specs: list[str]) -> dict[str, int]:
@@ -83,9 +120,10 @@ def model_specs(args: argparse.Namespace) -> list[Any]:
     from elasticserve.engine.multi_model import ModelSpec
     from elasticserve.models.train import ensure_trained_model
 
-    models = parse_model_specs(args.model)
+    models, _ = served_models(args)
     if not models:
-        models = {DEFAULT_MODEL_NAME: ensure_trained_model()}
+        name = (args.served_model_name or [DEFAULT_MODEL_NAME])[0]
+        models = {name: ensure_trained_model()}
     priorities = parse_priorities(args.priority)
     unknown = set(priorities) - set(models)
     if unknown:
@@ -100,6 +138,21 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                    help="a model to serve under NAME (repeatable); default: the demo model "
                         "(models/demo-llama, trained on first start)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="with one --model: the name responses report, then more names it "
+                        "answers to (vLLM's flag)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's limit)")
+    p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="a Jinja chat template file, or the template itself, replacing the "
+                        "models' own in /v1/chat/completions and /tokenize")
+    p.add_argument("--api-key", default=os.environ.get("ELASTICSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (or "
+                        "$ELASTICSERVE_API_KEY); default: no key")
+    p.add_argument("--allowed-origins", type=parse_origins, action="extend", default=[],
+                   metavar="ORIGINS",
+                   help="origins browsers may call from (CORS): a JSON list as vLLM takes it, "
+                        "or comma-separated, '*' for any; default: none")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000,
                    help="port to bind; 0 picks a free one (see --port-file)")
@@ -153,11 +206,19 @@ def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]
         name: AsyncEngine(engine, max_queue=args.max_queue, name=name)
         for name, engine in pool.engines.items()}
     app = build_app(engines, pool=pool, admin_token=args.admin_token,
-                    max_request_bytes=args.max_request_bytes)
+                    max_request_bytes=args.max_request_bytes, options=serve_options(args))
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.log_level)
     server = GracefulServer(config, engines, args.shutdown_timeout, on_close=pool.close)
     return server, engines
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    from elasticserve.server.options import ServeOptions, load_chat_template
+
+    template = None if args.chat_template is None else load_chat_template(args.chat_template)
+    return ServeOptions(api_key=args.api_key or None, allowed_origins=tuple(args.allowed_origins),
+                        chat_template=template, aliases=served_models(args)[1])
 
 
 def run_server(server: Any, args: argparse.Namespace) -> None:

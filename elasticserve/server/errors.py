@@ -18,8 +18,12 @@ from elasticserve.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-          503: "server_error", 500: "server_error"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+          413: "invalid_request_error", 503: "server_error", 500: "server_error"}
+_DESCRIPTIONS = {400: "Invalid request (the error's param names the field)",
+                 401: "Missing or wrong API key", 404: "Unknown model",
+                 413: "The prompt can never fit the model's context (max_model_len)",
+                 500: "Internal error", 503: "Overloaded or engine not running"}
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -42,6 +46,11 @@ class APIError(Exception):
         body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type,
                                              param=self.param, code=self.code))
         return JSONResponse(body.model_dump(), status_code=self.status)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` for a route: these statuses carry an ErrorResponse body."""
+    return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in statuses}
 
 
 def from_value_error(exc: ValueError, renames: dict[str, str] | None = None) -> APIError:
@@ -134,6 +143,23 @@ class _AnswerUnexpectedErrors:
             if started or isinstance(exc, StarletteHTTPException):
                 raise  # mid-response nothing else can be sent; the others are not ours
             await _unexpected(Request(scope), exc)(scope, receive, send)
+
+
+def drop_validation_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 on every route with a body; ours answer 400 instead."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,8 +1,10 @@
 """Pydantic models of the OpenAI completions and chat completions wire format.
 
-Requests accept the OpenAI fields we implement plus a few vLLM extras (top_k, min_p, ...);
-unknown fields are ignored, as OpenAI clients send some we do not use (user, ...). Integer and
-boolean fields are strict: "5" is not a max_tokens, and true is not an n.
+Requests accept the OpenAI fields we implement plus vLLM's extras (top_k, min_p, ...). A field
+we do not implement is never dropped silently: `unsupported_fields()` names the extras the
+routes answer with 400, except the few that cannot change an output (`HARMLESS_FIELDS`, e.g.
+`user`, which OpenAI clients send). Integer and boolean fields are strict: "5" is not a
+max_tokens, and true is not an n.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# request fields accepted and ignored: none of them changes what the model generates
+HARMLESS_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "request_id"})
+
+
 # ---- errors ------------------------------------------------------------------------------------
 class ErrorInfo(BaseModel):
     message: str
@@ -56,6 +62,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "elasticserve"
+    root: str | None = None  # the served model an alias names (vLLM's field)
     max_model_len: int | None = None
 
 
@@ -72,7 +79,11 @@ class StreamOptions(OpenAIModel):
 class SamplingFields(OpenAIModel):
     """Fields shared by both endpoints; `sampling_params` turns them into engine parameters."""
 
-    model: str
+    # extras are kept (not dropped) so that unsupported_fields() can name them
+    model_config = ConfigDict(extra="allow")
+
+    # optional when one model is served (the route resolves it)
+    model: str | None = None
     n: StrictInt = 1
     temperature: Number | None = None
     top_p: Number | None = None
@@ -90,13 +101,31 @@ class SamplingFields(OpenAIModel):
     min_tokens: StrictInt | None = None
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[StrictInt] | None = None
+    skip_special_tokens: StrictBool | None = None
+    include_stop_str_in_output: StrictBool | None = None
+    use_beam_search: StrictBool | None = None
+    length_penalty: Number | None = None
+    early_stopping: StrictBool | None = None
 
     def base_params(self) -> dict[str, Any]:
         """The SamplingParams keyword arguments given by this request (None means default)."""
         names = ("n", "temperature", "top_p", "seed", "stop", "presence_penalty",
                  "frequency_penalty", "top_k", "min_p", "repetition_penalty", "min_tokens",
-                 "ignore_eos", "stop_token_ids")
+                 "ignore_eos", "stop_token_ids", "skip_special_tokens",
+                 "include_stop_str_in_output", "use_beam_search", "length_penalty",
+                 "early_stopping")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def unsupported_fields(self) -> list[str]:
+        """Fields of the body that no route reads and that could change the output."""
+        extra = self.model_extra or {}
+        return sorted(k for k, v in extra.items() if k not in HARMLESS_FIELDS and v is not None)
+
+    @property
+    def served_model(self) -> str:
+        """The served name to report, set into `model` by the route that resolved it."""
+        assert self.model is not None, "the route resolves model before serving"
+        return self.model
 
     @property
     def include_usage(self) -> bool:
@@ -111,6 +140,8 @@ class CompletionRequest(SamplingFields):
     echo: StrictBool = False
     suffix: str | None = None
     response_format: ResponseFormat | None = None
+    # vLLM extra: logprobs of the prompt tokens, returned as choices[i].prompt_logprobs
+    prompt_logprobs: StrictInt | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""
@@ -125,7 +156,14 @@ class CompletionRequest(SamplingFields):
 
     def sampling_params(self) -> SamplingParams:
         kwargs = self.base_params()
-        kwargs.update(max_tokens=self.max_tokens, logprobs=self.logprobs)
+        kwargs.update(max_tokens=self.max_tokens, logprobs=self.logprobs,
+                      prompt_logprobs=self.prompt_logprobs)
+        if self.echo and self.logprobs is not None:
+            # echoed prompt tokens carry logprobs too (lm-eval's loglikelihood reads them)
+            kwargs["prompt_logprobs"] = max(self.logprobs, self.prompt_logprobs or 0)
+        if self.echo and self.max_tokens == 0:
+            # the prompt alone: the engine samples one token, which the response drops
+            kwargs["max_tokens"] = 1
         if self.best_of is not None:
             kwargs["best_of"] = self.best_of
         return SamplingParams(**kwargs)
@@ -167,7 +205,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def conversation(self) -> list[dict[str, Any]]:
         """The messages as chat templates take them (tool calls' arguments as objects)."""
-        return [_template_message(m) for m in self.messages]
+        return template_messages(self.messages)
 
     def sampling_params(self) -> SamplingParams:
         kwargs = self.base_params()
@@ -178,6 +216,11 @@ class ChatCompletionRequest(SamplingFields):
         if self.logprobs:
             kwargs["logprobs"] = self.top_logprobs or 0
         return SamplingParams(**kwargs)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates take them (/v1/chat/completions and /tokenize alike)."""
+    return [_template_message(m) for m in messages]
 
 
 def _template_message(m: ChatMessage) -> dict[str, Any]:
@@ -212,30 +255,6 @@ class UsageInfo(BaseModel):
     def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens)
-
-
-class CompletionLogprobs(BaseModel):
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: random_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
 
 
 class TopLogprob(BaseModel):
@@ -295,13 +314,4 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
-
-
-class CompletionChunk(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
     usage: UsageInfo | None = None

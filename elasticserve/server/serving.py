@@ -195,6 +195,20 @@ def clamp_logprob(lp: float | None) -> float:
     return MIN_LOGPROB if lp is None or lp != lp or lp < MIN_LOGPROB else lp
 
 
+def render_chat(tokenizer: TokenizerLike, conversation: list[dict[str, Any]],
+                add_generation_prompt: bool = True, chat_template: str | None = None,
+                **kwargs: Any) -> str:
+    """The conversation through the chat template (`chat_template`, else the model's own);
+    a conversation the template rejects is an APIError 400 naming `messages`."""
+    try:
+        return str(tokenizer.apply_chat_template(conversation,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 chat_template=chat_template, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - a template rejects a conversation by raising
+        raise APIError(400, f"messages cannot be rendered by the chat template: {exc}",
+                       "messages") from exc
+
+
 def token_text(tokenizer: TokenizerLike, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 

@@ -38,6 +38,7 @@ from elasticserve.server.serving import (
     error_event,
     merge,
     prepare,
+    render_chat,
     sse,
     submit,
     token_text,
@@ -50,13 +51,15 @@ _RENAMES = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "t
 
 
 async def create_chat_completion(engine: EngineClient, req: ChatCompletionRequest,
-                                 raw: Request) -> Response:
+                                 raw: Request, chat_template: str | None = None) -> Response:
+    """`chat_template` replaces the model's own template (the server's --chat-template)."""
     params, tools = _sampling_params(req)
     # the grammar's field: a bad schema came from the tools or from response_format
     renames = {**_RENAMES, "structured_outputs": "response_format" if tools.mode in
                ("none", "auto") else "tools"}
     chars = sum(len(m.text()) for m in req.messages)
-    prompt = await off_loop(lambda: _render(engine, req), chars)  # a long chat takes a while
+    # a long chat takes a while to render
+    prompt = await off_loop(lambda: _render(engine, req, chat_template), chars)
     prepared = await prepare(engine, [prompt], params, renames, _max_tokens_param(req))
     request_id = random_id("chatcmpl")
     started = submit(engine, prepared, params, request_id, stream=req.stream,
@@ -95,15 +98,11 @@ def _max_tokens_param(req: ChatCompletionRequest) -> str | None:
     return "max_tokens" if req.max_tokens is not None else None
 
 
-def _render(engine: EngineClient, req: ChatCompletionRequest) -> dict[str, Any]:
+def _render(engine: EngineClient, req: ChatCompletionRequest,
+            chat_template: str | None) -> dict[str, Any]:
     tokenizer = engine.tokenizer
-    try:
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        text = str(tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True,
-                                                 tools=tools))
-    except Exception as exc:  # noqa: BLE001 - a template rejects a conversation by raising
-        raise APIError(400, f"messages cannot be rendered by the chat template: {exc}",
-                       "messages") from exc
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    text = render_chat(tokenizer, req.conversation(), chat_template=chat_template, tools=tools)
     try:
         check_unicode("messages", text)
     except ValueError as exc:
@@ -130,7 +129,7 @@ async def _collect(engine: EngineClient, req: ChatCompletionRequest, tools: Tool
                                   finish_reason=finish_reason(comp.finish_reason, calls),
                                   stop_reason=comp.stop_reason))
     completion = sum(len(c.token_ids) for c in final.outputs)
-    return ChatCompletionResponse(id=request_id, model=req.model, choices=choices,
+    return ChatCompletionResponse(id=request_id, model=req.served_model, choices=choices,
                                   usage=UsageInfo.of(prompt_tokens, completion))
 
 
@@ -140,7 +139,7 @@ async def _stream(engine: EngineClient, req: ChatCompletionRequest, params: Samp
     created = int(time.time())
 
     def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
-        return sse(ChatCompletionChunk(id=request_id, created=created, model=req.model,
+        return sse(ChatCompletionChunk(id=request_id, created=created, model=req.served_model,
                                        choices=choices, usage=usage))
 
     tracker = DeltaTracker(params.n, params.stop_strings)

@@ -9,33 +9,34 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from elasticserve.engine.protocol import EngineClient, TokenizerLike
+from elasticserve.engine.protocol import EngineClient
 from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.server.chat_tools import response_format_params
+from elasticserve.server.completion_logprobs import (
+    Echo,
+    concat,
+    delta_logprobs,
+    echo_logprobs,
+    vllm_prompt_logprobs,
+)
 from elasticserve.server.errors import APIError, from_value_error
 from elasticserve.server.metrics import arrival_time
-from elasticserve.server.protocol import (
+from elasticserve.server.protocol import CompletionRequest, UsageInfo, random_id
+from elasticserve.server.protocol_completion import (
     CompletionChoice,
     CompletionChunk,
-    CompletionLogprobs,
-    CompletionRequest,
     CompletionResponse,
-    UsageInfo,
-    random_id,
 )
 from elasticserve.server.serving import (
     ChoiceDelta,
     DeltaTracker,
     Prepared,
-    clamp_logprob,
     error_event,
     merge,
     prepare,
     sse,
     submit,
-    token_text,
-    top_logprobs,
     until_disconnect,
 )
 
@@ -60,8 +61,9 @@ async def create_completion(engine: EngineClient, req: CompletionRequest,
 
 
 def _sampling_params(req: CompletionRequest) -> SamplingParams:
-    if req.echo:
-        raise APIError(400, "echo is not supported", "echo")
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens must be > 0 (0 only with echo: the prompt alone)",
+                       "max_tokens")
     if req.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
     if req.logit_bias:
@@ -77,6 +79,9 @@ def _sampling_params(req: CompletionRequest) -> SamplingParams:
     if req.stream and params.actual_best_of > params.n:
         # the best n are only known at the end, so nothing could be streamed
         raise APIError(400, "best_of must equal n when streaming", "best_of")
+    if req.stream and params.use_beam_search:
+        # beams are reordered until the end: an early delta could be taken back
+        raise APIError(400, "use_beam_search cannot be streamed", "use_beam_search")
     return params
 
 
@@ -89,10 +94,10 @@ async def _collect(engine: EngineClient, req: CompletionRequest, params: Samplin
             finals[i] = out
     tracker = DeltaTracker(params.n, params.stop_strings)
     offsets: dict[int, int] = {}
-    choices = [_choice(engine, req, delta, offsets)
+    choices = [_choice(engine, req, delta, finals[i], prepared[i], offsets)
                for i in range(len(prepared)) for delta in tracker.update(i, finals[i])]
-    return CompletionResponse(id=request_id, model=req.model, choices=choices,
-                              usage=_usage(prepared, finals.values()))
+    return CompletionResponse(id=request_id, model=req.served_model, choices=choices,
+                              usage=_usage(req, prepared, finals.values()))
 
 
 async def _stream(engine: EngineClient, req: CompletionRequest, params: SamplingParams,
@@ -102,17 +107,23 @@ async def _stream(engine: EngineClient, req: CompletionRequest, params: Sampling
     tracker = DeltaTracker(params.n, params.stop_strings)
     offsets: dict[int, int] = {}
     finals: list[RequestOutput] = []
+    echoed: set[int] = set()  # choices whose prompt went out (with their first delta)
     try:
         async for i, out in outputs:
             if out.finished:
                 finals.append(out)
-            choices = [_choice(engine, req, d, offsets) for d in tracker.update(i, out)]
+            choices = []
+            for d in tracker.update(i, out):
+                first = d.index not in echoed
+                echoed.add(d.index)
+                choices.append(_choice(engine, req, d, out, prepared[i] if first else None,
+                                       offsets))
             if choices:
-                yield sse(CompletionChunk(id=request_id, created=created, model=req.model,
+                yield sse(CompletionChunk(id=request_id, created=created, model=req.served_model,
                                           choices=choices))
         if req.include_usage:
-            yield sse(CompletionChunk(id=request_id, created=created, model=req.model, choices=[],
-                                      usage=_usage(prepared, finals)))
+            yield sse(CompletionChunk(id=request_id, created=created, model=req.served_model, choices=[],
+                                      usage=_usage(req, prepared, finals)))
     except Exception as exc:  # noqa: BLE001 - headers are sent: the error travels as an event
         yield error_event(exc)
     finally:
@@ -121,34 +132,38 @@ async def _stream(engine: EngineClient, req: CompletionRequest, params: Sampling
 
 
 def _choice(engine: EngineClient, req: CompletionRequest, delta: ChoiceDelta,
+            out: RequestOutput, prompt: Prepared | None,
             offsets: dict[int, int]) -> CompletionChoice:
-    """`offsets`: per choice index, the text offset of its next token (kept across a stream's
-    chunks, so streamed and whole responses report the same offsets)."""
+    """One choice's delta; `prompt` is given for a choice's first delta (echo and
+    prompt_logprobs go out once). `offsets`: per choice index, the text offset of its next
+    token (kept across a stream's chunks, so streamed and whole responses report the same)."""
+    if req.echo and req.max_tokens == 0:
+        # max_tokens=0: the engine generated one token only because it cannot generate none
+        delta = ChoiceDelta(delta.index, "", [], [], 0, delta.finish_reason and "length", None)
+    tokenizer = engine.tokenizer
+    echo = None
+    if req.echo and prompt is not None:
+        text = prompt.text if prompt.text is not None else tokenizer.decode(prompt.token_ids)
+        echo = Echo(text, prompt.token_ids, out.prompt_logprobs)
     logprobs = None
     if req.logprobs is not None and delta.logprobs is not None:
-        logprobs = _logprobs(engine.tokenizer, delta, req.logprobs, offsets)
-    return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
-                            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+        head = echo_logprobs(tokenizer, echo, req.logprobs) if echo is not None else None
+        if head is not None and head.tokens:
+            offsets[delta.index] = head.text_offset[-1] + len(head.tokens[-1])
+        logprobs = delta_logprobs(tokenizer, delta, req.logprobs, offsets)
+        logprobs = concat(head, logprobs) if head is not None else logprobs
+    prompt_lps = None
+    if req.prompt_logprobs is not None and prompt is not None:
+        prompt_lps = vllm_prompt_logprobs(tokenizer, prompt.token_ids,
+                                          out.prompt_logprobs or [], req.prompt_logprobs)
+    text = delta.text if echo is None else echo.text + delta.text
+    return CompletionChoice(index=delta.index, text=text, logprobs=logprobs,
+                            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+                            prompt_logprobs=prompt_lps)
 
 
-def _logprobs(tokenizer: TokenizerLike, delta: ChoiceDelta, k: int,
-              offsets: dict[int, int]) -> CompletionLogprobs:
-    out = CompletionLogprobs()
-    # Offsets count each token's own text. Not the delta's text position: a stream holds
-    # back text that may become a stop string or a multi-byte character, while its tokens
-    # (and their logprobs) are sent at once.
-    offset = offsets.get(delta.index, 0)
-    for token_id, entry in zip(delta.token_ids, delta.logprobs or [], strict=False):
-        token = token_text(tokenizer, token_id)
-        out.tokens.append(token)
-        out.token_logprobs.append(clamp_logprob(entry.get(token_id)))
-        out.top_logprobs.append({token_text(tokenizer, t): lp for t, lp in top_logprobs(entry, k)})
-        out.text_offset.append(offset)
-        offset += len(token)
-    offsets[delta.index] = offset
-    return out
-
-
-def _usage(prepared: list[Prepared], finals: Any) -> UsageInfo:
-    completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+def _usage(req: CompletionRequest, prepared: list[Prepared], finals: Any) -> UsageInfo:
+    # with echo and max_tokens=0 the one token the engine made is not returned, nor counted
+    completion = 0 if req.echo and req.max_tokens == 0 else \
+        sum(len(c.token_ids) for out in finals for c in out.outputs)
     return UsageInfo.of(sum(len(p.token_ids) for p in prepared), completion)

@@ -14,8 +14,11 @@ from elasticserve.server.cli_serve import (
     engine_args,
     make_server,
     parse_model_specs,
+    parse_origins,
     parse_size,
     run_server,
+    serve_options,
+    served_models,
 )
 
 
@@ -110,3 +113,48 @@ def test_shutdown_timeout_is_seconds_at_least_0():
     for bad in ("-1", "soon", "nan"):
         with pytest.raises(SystemExit):
             _parse("--shutdown-timeout", bad)
+
+
+def test_vllm_serve_flags_parse():
+    args = _parse("--model", "models/m", "--served-model-name", "a", "b", "--max-model-len",
+                  "128", "--api-key", "k", "--chat-template", "{{ x }}",
+                  "--allowed-origins", '["http://a", "http://b"]', "--allowed-origins", "http://c")
+    assert served_models(args) == ({"a": "models/m"}, {"b": "a", "models/m": "a"})
+    assert engine_args(args).max_model_len == 128
+    assert args.allowed_origins == ["http://a", "http://b", "http://c"]
+    options = serve_options(args)
+    assert (options.api_key, options.chat_template) == ("k", "{{ x }}")
+    assert options.allowed_origins == ("http://a", "http://b", "http://c")
+    assert parse_origins("http://a, http://b") == ["http://a", "http://b"]
+    # NAME=DIR is addressed by NAME only; a bare DIR by its path too
+    assert served_models(_parse("--model", "x=models/m")) == ({"x": "models/m"}, {})
+    assert served_models(_parse("--model", "models/m")) == ({"m": "models/m"}, {"models/m": "m"})
+    with pytest.raises(ValueError, match="exactly one --model"):
+        served_models(_parse("--model", "a=x", "--model", "b=y", "--served-model-name", "c"))
+    with pytest.raises(SystemExit):
+        _parse("--allowed-origins", '["unclosed"')
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ELASTICSERVE_API_KEY", "from-env")
+    assert serve_options(_parse()).api_key == "from-env"
+
+
+def test_server_built_from_vllm_flags(model_dir):
+    from fastapi.testclient import TestClient
+
+    args = _parse("--model", model_dir, "--served-model-name", "a", "b", "--max-model-len",
+                  "128", "--api-key", "k", "--memory", "64MiB", "--log-level", "warning")
+    server, engines = make_server(args)
+    try:
+        client = TestClient(server.config.app)
+        assert client.get("/v1/models").status_code == 401
+        models = client.get("/v1/models", headers={"Authorization": "Bearer k"}).json()["data"]
+        assert [(m["id"], m["max_model_len"]) for m in models] == [
+            ("a", 128), ("b", 128), (model_dir, 128)]
+        resp = client.post("/v1/completions", headers={"Authorization": "Bearer k"},
+                           json={"model": "b", "prompt": "x", "max_tokens": 1})
+        assert resp.status_code == 200 and resp.json()["model"] == "a"
+    finally:
+        for engine in engines.values():
+            engine.shutdown()

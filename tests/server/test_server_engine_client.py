@@ -28,6 +28,9 @@ from tests.uvicorn_server import serve_in_thread
 class CharTokenizer:
     """One token per character (its code point)."""
 
+    vocab_size = 0x110000
+    bos_token = eos_token = chat_template = None
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in text]
 

@@ -44,7 +44,8 @@ def test_malformed_json_is_400(base_url, body):
     ({"model": "tiny", "prompt": "x", "n": 2, "best_of": 1}, "best_of"),
     ({"model": "tiny", "prompt": "x", "n": 2, "best_of": 3, "stream": True}, "best_of"),
     ({"model": "tiny", "prompt": "x", "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
-    ({"model": "tiny", "prompt": "x", "echo": True}, "echo"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x"}, "model"),
 ])
 def test_bad_completion_parameters_are_400_naming_the_field(base_url, body, param):
