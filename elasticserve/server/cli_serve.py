@@ -132,12 +132,8 @@ def model_specs(args: argparse.Namespace) -> list[Any]:
             for name, path in models.items()]
 
 
-def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add `serve` to the CLI's subparsers (`sub` is what `add_subparsers()` returned)."""
-    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
-                   help="a model to serve under NAME (repeatable); default: the demo model "
-                        "(models/demo-llama, trained on first start)")
+def _add_vllm_flags(p: argparse.ArgumentParser) -> None:
+    """vLLM's `serve` flags of the same meaning."""
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="with one --model: the name responses report, then more names it "
                         "answers to (vLLM's flag)")
@@ -153,6 +149,15 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                    metavar="ORIGINS",
                    help="origins browsers may call from (CORS): a JSON list as vLLM takes it, "
                         "or comma-separated, '*' for any; default: none")
+
+
+def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add `serve` to the CLI's subparsers (`sub` is what `add_subparsers()` returned)."""
+    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                   help="a model to serve under NAME (repeatable); default: the demo model "
+                        "(models/demo-llama, trained on first start)")
+    _add_vllm_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000,
                    help="port to bind; 0 picks a free one (see --port-file)")
