@@ -215,6 +215,20 @@ def test_limits_the_budget_refuses_are_400_naming_max_bytes(
     assert (after.min_bytes, after.max_bytes) == (before.min_bytes, before.max_bytes)
 
 
+@pytest.mark.parametrize("max_bytes", [1, 347, PAGE - 1])
+def test_a_ceiling_below_one_page_is_400_not_a_model_that_hangs(
+        served: tuple[str, ModelPool], max_bytes: int) -> None:
+    # schemathesis (issue 10): max_bytes=347 was taken (0 KV pages), and every later request
+    # to the model waited forever without an answer
+    url, pool = served
+    resp = httpx.post(f"{url}/admin/models/a/limits", headers=AUTH, json={"max_bytes": max_bytes})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "max_bytes" and "one KV page" in error["message"]
+    assert pool.arbiter is not None and pool.arbiter.snapshot().models["a"].max_bytes != max_bytes
+    assert _complete(url, "a", "def f():", max_tokens=2)["choices"][0]["finish_reason"]
+
+
 def _used_but_a_kv(report: dict[str, Any]) -> int:
     """Budget pages in use, less model a's KV pages: a's cache may shrink meanwhile (its
     reclaimer gives idle pages back), which is not what the failed wake is checked for."""
