@@ -122,8 +122,8 @@ class Arbiter:
                                    f"to meet max_bytes={new_max}")
 
     def _apply_limits(self, m: ModelEntry, min_bytes: int, max_bytes: int | None) -> None:
-        if min_bytes < 0 or (max_bytes is not None and max_bytes < min_bytes):
-            raise ValueError(f"need 0 <= min_bytes <= max_bytes, got {min_bytes}, {max_bytes}")
+        if min_bytes < 0 or (max_bytes is not None and max_bytes < max(min_bytes, self.page_size)):
+            raise ValueError(f"need 0 <= min_bytes <= max_bytes >= one KV page, got {min_bytes}, {max_bytes}")
         m.min_bytes, m.max_bytes = min_bytes, max_bytes
         m.min_pages = self._pages_up(min_bytes)
         # a ceiling rounds down, like the engine's page limit; a floor rounds up

@@ -174,11 +174,6 @@ class ModelPool:
         """Change a model's limits or priority (admin); InvalidFieldError names the field."""
         if self.arbiter is None:
             raise InvalidFieldError("name", "limits need --memory-policy arbiter")
-        page = self.arbiter.page_size
-        if max_bytes is not None and max_bytes < page:
-            # a ceiling of no KV page: the model's requests would wait forever (sleep it instead)
-            raise InvalidFieldError("max_bytes", f"max_bytes={max_bytes} is below one KV page "
-                                                 f"({page} bytes): the model could run nothing")
         try:
             self.arbiter.set_limits(name, min_bytes, max_bytes, priority)
         except (ArbiterError, ValueError) as exc:  # limits the model cannot meet now

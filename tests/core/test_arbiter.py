@@ -115,6 +115,13 @@ def test_max_limit_caps_grants_and_min_must_not_exceed_max() -> None:
     assert arb.request("a", 25, at_least=5) == 20
     with pytest.raises(ValueError):
         arb.set_limits("a", min_bytes=30 * PAGE, max_bytes=20 * PAGE)
+    # a ceiling below one page leaves the model no KV page: its requests would wait forever
+    for tiny in (0, 1, PAGE - 1):
+        with pytest.raises(ValueError, match="one KV page"):
+            arb.set_limits("a", max_bytes=tiny)
+        with pytest.raises(ValueError, match="one KV page"):
+            arb.register(f"b{tiny}", 0, max_bytes=tiny, reclaimer=FakeModel())
+    assert arb.snapshot().models["a"].max_bytes == 20 * PAGE
 
 
 def test_reclaims_free_then_cached_then_preempts_lower_priority() -> None:
