@@ -23,10 +23,11 @@ ALLOWED: dict[str, set[str]] = {
     "worker": {"kernels", "models"},
     "sim": {"core", "workload"},
     "engine": {"core", "memory", "kernels", "models", "worker"},
-    "server": {"core", "memory", "kernels", "models", "worker", "engine"},
-    "bench": {"core", "memory", "kernels", "models", "worker", "engine", "server", "sim",
+    "procs": {"core", "memory", "kernels", "models", "worker", "engine"},
+    "server": {"core", "memory", "kernels", "models", "worker", "engine", "procs"},
+    "bench": {"core", "memory", "kernels", "models", "worker", "engine", "procs", "server", "sim",
               "workload", "package"},
-    "cli": {"core", "memory", "kernels", "models", "worker", "engine", "server", "sim",
+    "cli": {"core", "memory", "kernels", "models", "worker", "engine", "procs", "server", "sim",
             "workload", "bench", "package"},
     "package": {"engine"},  # elasticserve/__init__.py re-exports the offline API
 }
