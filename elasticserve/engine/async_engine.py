@@ -7,15 +7,15 @@ applied between steps) and gets outputs back with `loop.call_soon_threadsafe`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from elasticserve.engine.client_streams import Item, StreamTable, iterate
 from elasticserve.engine.protocol import (
     EngineDeadError,
     EngineOverloadedError,
@@ -28,6 +28,8 @@ from elasticserve.outputs import RequestOutput
 from elasticserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # only for types: the server imports this module, and needs no torch for it
+    import asyncio
+
     from elasticserve.engine.llm_engine import LLMEngine
 
 # the errors and observer types are the protocol's; re-exported for this module's callers
@@ -35,15 +37,6 @@ __all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "OutputObs
            "RequestTiming"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Stream:
-    """Where one request's outputs go: a queue owned by the caller's event loop."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
-    timing: RequestTiming
 
 
 @dataclass(slots=True)
@@ -80,7 +73,7 @@ class AsyncEngine:
         self._cv = threading.Condition()
         # commands from any thread, taken in one batch by the step thread between steps
         self._commands: list[_Add | _Abort] = []  # guarded by _cv
-        self._streams: dict[str, _Stream] = {}  # guarded by _cv
+        self.streams = StreamTable(name, self.max_in_flight, self.abort)
         self._stopping = False
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -101,10 +94,11 @@ class AsyncEngine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        with self._cv:  # requests still open, and aborts the step thread did not apply
-            open_ids = [*self._streams,
-                        *(c.request_id for c in self._commands if isinstance(c, _Abort))]
-        self._fail_all(EngineDeadError(f"engine {self.name!r} was shut down"))
+        with self._cv:  # aborts the step thread did not apply
+            pending = [c.request_id for c in self._commands if isinstance(c, _Abort)]
+        # requests still open
+        open_ids = pending + self.streams.fail_all(
+            EngineDeadError(f"engine {self.name!r} was shut down"))
         if self._thread is None or not self._thread.is_alive():
             # nobody steps it any more: free what the unfinished requests hold (their streams
             # just got the error), so the engine's pages and blocks all come back
@@ -126,8 +120,7 @@ class AsyncEngine:
     @property
     def num_in_flight(self) -> int:
         """Requests accepted and not yet finished or aborted."""
-        with self._cv:
-            return len(self._streams)
+        return len(self.streams)
 
     # ---- what the server reads (any thread) -----------------------------------------------
     @property
@@ -181,51 +174,25 @@ class AsyncEngine:
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         timing = RequestTiming(time.monotonic() if arrival_time is None else arrival_time)
         queue = self._submit(request_id, prompt, params, priority, stream, timing)
-        return self._iterate(request_id, queue)
-
-    async def _iterate(self, request_id: str,
-                       queue: asyncio.Queue[RequestOutput | BaseException]
-                       ) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True  # the engine already forgot it (add failed, or engine died)
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return iterate(queue, lambda: self.abort(request_id))
 
     def _submit(self, request_id: str, prompt: EnginePrompt, params: SamplingParams,
                 priority: int, stream: bool, timing: RequestTiming
-                ) -> asyncio.Queue[RequestOutput | BaseException]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+                ) -> asyncio.Queue[Item]:
         self.start()
         with self._cv:
             if self.error is not None or self._stopping:
                 raise EngineDeadError(f"engine {self.name!r} is not running") from self.error
-            if request_id in self._streams:
-                raise ValueError(f"request_id {request_id!r} is already in use")
-            if len(self._streams) >= self.max_in_flight:
-                raise EngineOverloadedError(
-                    f"engine {self.name!r} has {len(self._streams)} requests in flight "
-                    f"(limit {self.max_in_flight}); retry later")
-            self._streams[request_id] = _Stream(loop, queue, timing)
+            queue = self.streams.open(request_id, timing)
             self._commands.append(_Add(request_id, prompt, params, priority, stream))
             self._cv.notify()
         return queue
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; unknown or finished ids are ignored."""
+        if self.streams.close(request_id) is None:
+            return
         with self._cv:
-            if self._streams.pop(request_id, None) is None:
-                return
             self._commands.append(_Abort(request_id))
             self._cv.notify()
 
@@ -239,13 +206,13 @@ class AsyncEngine:
                 self._apply(commands)
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
-                    self._observe_step()
-                    self._deliver(outputs)
+                    self.streams.observe_step(self.engine.step_stats.pop(), self.observer)
+                    self.streams.deliver(outputs, self.observer)
         except BaseException as exc:  # noqa: BLE001 - a dead loop must fail every waiter
             logger.exception("step loop of engine %r crashed", self.name)
             with self._cv:
                 self.error = exc
-            self._fail_all(EngineDeadError(f"engine {self.name!r} crashed: {exc!r}"))
+            self.streams.fail_all(EngineDeadError(f"engine {self.name!r} crashed: {exc!r}"))
 
     def _wait_for_work(self) -> list[_Add | _Abort] | None:
         """Sleep while there is nothing to step; return the pending commands (None: stop)."""
@@ -269,57 +236,4 @@ class AsyncEngine:
                 self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
                                         priority=cmd.priority, stream=cmd.stream)
             except Exception as exc:  # noqa: BLE001 - bad input goes back to its caller
-                self._send(cmd.request_id, exc, final=True)
-
-    def _observe_step(self) -> None:
-        """Hand the step's stats to the observer before its outputs go out, so the metrics
-        already count every token a client has been handed."""
-        stats = self.engine.step_stats.pop()
-        if stats is None or self.observer is None:
-            return
-        with self._cv:
-            timings = {rid: stream.timing for rid in stats.new_tokens
-                       if (stream := self._streams.get(rid)) is not None}
-        try:
-            self.observer.on_step(stats, timings)
-        except Exception:  # noqa: BLE001 - metrics must never stop serving
-            logger.exception("step observer failed")
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        now = time.monotonic()
-        for out in outputs:
-            with self._cv:
-                stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue  # aborted meanwhile: its consumer is gone
-            # record first, so metrics already count whatever a client has been handed
-            if self.observer is not None:
-                try:
-                    self.observer.on_output(out, stream.timing, now)
-                except Exception:  # noqa: BLE001 - metrics must never stop serving
-                    logger.exception("output observer failed")
-            self._send(out.request_id, out, final=out.finished)
-
-    def _send(self, request_id: str, item: RequestOutput | BaseException, final: bool) -> None:
-        with self._cv:
-            stream = self._streams.get(request_id)
-            if stream is not None and final:
-                del self._streams[request_id]
-        if stream is None:
-            return  # aborted meanwhile: its consumer is gone
-        if not _call_soon(stream.loop, stream.queue.put_nowait, item):
-            self.abort(request_id)  # the caller's loop is closed; free the blocks
-
-    def _fail_all(self, exc: BaseException) -> None:
-        with self._cv:
-            streams, self._streams = self._streams, {}
-        for stream in streams.values():
-            _call_soon(stream.loop, stream.queue.put_nowait, exc)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the loop is closed
-        return False
-    return True
+                self.streams.send(cmd.request_id, exc, final=True)
