@@ -120,10 +120,14 @@ class StreamTable:
 
     def fail_all(self, exc: BaseException) -> list[str]:
         """End every open request with `exc`; returns their ids."""
+        return self.fail_each(lambda _stream: exc)
+
+    def fail_each(self, error: Callable[[Stream], BaseException]) -> list[str]:
+        """End every open request with the error `error(stream)` makes; returns their ids."""
         with self._lock:
             streams, self._streams = self._streams, {}
         for stream in streams.values():
-            call_soon(stream.loop, stream.queue.put_nowait, exc)
+            call_soon(stream.loop, stream.queue.put_nowait, error(stream))
         return list(streams)
 
 
