@@ -239,6 +239,15 @@ class ModelPool:
                           used_pages=snap.used_pages, free_pages=snap.free_pages)
         return {"budget": budget, "models": models}
 
+    def workers_report(self) -> list[dict[str, object]]:
+        """In-process engines: one "worker" per model, all in this process."""
+        return [{"worker": name, "model": name, "role": "colocated", "pid": os.getpid(),
+                 "state": "asleep" if engine.asleep else "awake", "device": "cpu",
+                 "kv_pages": engine.kv.pages.mapped_pages,
+                 "weights_bytes": 0 if engine.asleep else engine.weights_bytes,
+                 "weights_shared": False, "restarts": 0}
+                for name, engine in self.engines.items()]
+
     def check_integrity(self) -> None:
         if self.arbiter is not None:
             self.arbiter.check_integrity()

@@ -185,6 +185,11 @@ class ModelPoolClient(Protocol):
         """{"budget": {...}, "models": {name: {...}}}, JSON-ready."""
         ...
 
+    def workers_report(self) -> list[dict[str, object]]:
+        """Every engine process: worker, model, role, pid, state, device, kv_pages,
+        weights_bytes, weights_shared, restarts (in-process engines: the server's pid)."""
+        ...
+
     def set_limits(self, name: str, min_bytes: int | None, max_bytes: int | None,
                    priority: int | None) -> None:
         """Change a model's memory limits or priority (None keeps the current value).

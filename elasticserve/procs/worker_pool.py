@@ -29,6 +29,7 @@ class WorkerPool:
 
     def __init__(self, specs: list[ModelSpec], memory_bytes: int, base: EngineArgs,
                  replicas: dict[str, int] | None = None, max_queue: int = 256,
+                 policy: str = "static", idle_sleep_s: float | None = None,
                  supervisor: Supervisor | None = None) -> None:
         if not specs:
             raise ValueError("at least one model is needed")
@@ -37,7 +38,10 @@ class WorkerPool:
         if unknown:
             raise ValueError(f"--replicas names unknown model(s) {unknown}")
         self.memory_bytes = memory_bytes
+        # TODO(issue 11): the arbiter policy over the page broker lands next; until then
+        # workers take fixed shares
         self.policy = "static"
+        self.idle_sleep_s = idle_sleep_s
         self.supervisor = supervisor or Supervisor()
         self.routers: dict[str, ReplicaRouter] = {}
         self._plans: list[tuple[WorkerSpec, WorkerClient]] = []

@@ -22,7 +22,7 @@ class LimitsRequest(BaseModel):
 
 
 def add_admin_routes(app: FastAPI, pool: ModelPoolClient, token: str) -> None:
-    """GET /admin/memory; POST /admin/models/{name}/limits, /sleep, /wake."""
+    """GET /admin/memory, /admin/workers; POST /admin/models/{name}/limits, /sleep, /wake."""
 
     def check(request: Request) -> None:
         sent = request.headers.get("authorization", "")
@@ -39,6 +39,11 @@ def add_admin_routes(app: FastAPI, pool: ModelPoolClient, token: str) -> None:
     async def memory(request: Request) -> JSONResponse:
         check(request)
         return JSONResponse(pool.memory_report())
+
+    @app.get("/admin/workers", responses=error_responses(401))
+    async def workers(request: Request) -> JSONResponse:
+        check(request)
+        return JSONResponse({"workers": pool.workers_report()})
 
     @app.post("/admin/models/{name}/limits", responses=error_responses(400, 401, 404))
     async def limits(name: str, body: LimitsRequest, request: Request) -> JSONResponse:

@@ -73,6 +73,25 @@ def render(report: dict[str, Any]) -> Any:
     return table
 
 
+def render_workers(report: dict[str, Any]) -> Any:
+    """A rich Table of the worker processes (None when the models run in the server)."""
+    from rich.table import Table
+
+    workers = report.get("workers")
+    if not workers:
+        return None
+    table = Table(title="workers")
+    for col in ("worker", "model", "role", "pid", "state", "KV pages", "weights MiB", "shared",
+                "restarts"):
+        table.add_column(col, justify="right" if col in ("pid", "KV pages", "weights MiB",
+                                                         "restarts") else "left")
+    for w in workers:
+        table.add_row(str(w["worker"]), str(w["model"]), str(w["role"]), str(w["pid"]),
+                      str(w["state"]), str(w["kv_pages"]), _mib(w.get("weights_bytes")),
+                      "yes" if w.get("weights_shared") else "no", str(w["restarts"]))
+    return table
+
+
 def _reason(exc: Exception) -> str:
     import httpx
 
@@ -105,6 +124,7 @@ def fetch(url: str, token: str, timeout: float = 5.0) -> dict[str, Any]:
     try:
         report = resp.json()
         render(report)  # checks the shape now, so a wrong server fails here, not mid-view
+        render_workers(report)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise TopError(EXIT_BAD_SERVER, f"{endpoint} did not return a memory report "
                                         f"(HTTP {resp.status_code})") from exc
@@ -124,6 +144,9 @@ class Watch:
         from rich.text import Text
 
         parts: list[Any] = [render(self.report)] if self.report else []
+        workers = render_workers(self.report) if self.report else None
+        if workers is not None:
+            parts.append(workers)
         if self.problem:
             waited = time.monotonic() - self.since
             parts.append(Text(f"reconnecting... {self.problem} ({waited:.0f} s)", style="bold red"))
