@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -100,6 +101,7 @@ BENCHES = {
     "core": "elasticserve.bench.core_step",
     "memory": "elasticserve.bench.memory_pages",
     "ab": "elasticserve.bench.ab_commits",
+    "workers": "elasticserve.bench.workers",
 }
 
 
@@ -170,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"] and "torch" not in sys.modules:
+        # idle OpenMP threads sleep instead of spinning (read when torch loads OpenMP): on a
+        # machine of few cores a spinning engine thread starves the HTTP loop beside it
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # the simulator and the benchmarks own their flags: hand them the rest of the line
     # (argparse's REMAINDER would not take flags that start with "-")
     if argv[:2] == ["simulate", "calibrate"]:

@@ -72,8 +72,11 @@ class Supervisor:
         fds, argv = self.on_spawn(slot.spec) if self.on_spawn is not None else ([], [])
         cmd = [sys.executable, "-m", "elasticserve.procs.worker_main",
                "--data-fd", str(child.fileno()), *argv]
+        # idle OpenMP threads sleep instead of spinning: a spinning worker starves the front
+        # process (HTTP, streams) and its sibling workers of the machine's few cores
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(child.fileno(), *fds))
+            proc = subprocess.Popen(cmd, pass_fds=(child.fileno(), *fds), env=env)
         finally:
             child.sock.close()  # the child's copy is the one that matters (no shutdown)
             for fd in fds:
