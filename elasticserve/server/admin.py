@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -35,15 +36,7 @@ def add_admin_routes(app: FastAPI, pool: ModelPoolClient, token: str) -> None:
             raise APIError(404, f"unknown model {name!r}; served: {sorted(pool.model_names)}",
                            "name", code="model_not_found")
 
-    @app.get("/admin/memory", responses=error_responses(401))
-    async def memory(request: Request) -> JSONResponse:
-        check(request)
-        return JSONResponse(pool.memory_report())
-
-    @app.get("/admin/workers", responses=error_responses(401))
-    async def workers(request: Request) -> JSONResponse:
-        check(request)
-        return JSONResponse({"workers": pool.workers_report()})
+    _add_reports(app, pool, check)
 
     @app.post("/admin/models/{name}/limits", responses=error_responses(400, 401, 404))
     async def limits(name: str, body: LimitsRequest, request: Request) -> JSONResponse:
@@ -72,6 +65,18 @@ def add_admin_routes(app: FastAPI, pool: ModelPoolClient, token: str) -> None:
         known(name)
         await _wake(pool, name)
         return JSONResponse({"model": name, "state": "awake"})
+
+
+def _add_reports(app: FastAPI, pool: ModelPoolClient, check: Callable[[Request], None]) -> None:
+    @app.get("/admin/memory", responses=error_responses(401))
+    async def memory(request: Request) -> JSONResponse:
+        check(request)
+        return JSONResponse(pool.memory_report())
+
+    @app.get("/admin/workers", responses=error_responses(401))
+    async def workers(request: Request) -> JSONResponse:
+        check(request)
+        return JSONResponse({"workers": pool.workers_report()})
 
 
 async def _wake(pool: ModelPoolClient, name: str) -> None:
