@@ -97,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-size", default="small", help="models/make_model.py size")
     p.add_argument("--pairs", type=int, default=2, help="ABBA pairs per comparison")
     p.add_argument("--concurrency", default="1,32,128", help="split levels")
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=64, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=32, help="output tokens (ignore_eos)")
     p.add_argument("--replica-load", type=int, default=64, help="requests at once (replicas)")
-    p.add_argument("--memory", default="2GiB")
+    p.add_argument("--memory", default="2GiB", help="each server's --memory")
     p.add_argument("--threads", type=int, default=2, help="total torch threads per side")
-    p.add_argument("--skip", choices=["split", "replicas"], default=None)
-    p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--skip", choices=["split", "replicas"], default=None,
+                   help="leave one comparison out")
+    p.add_argument("--write-docs", action="store_true",
+                   help="write the result into docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     from elasticserve.models.make_model import ensure_model
 

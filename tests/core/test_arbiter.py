@@ -300,6 +300,11 @@ class ArbiterMachine(RuleBasedStateMachine):
             return
         fake = FakeModel()
         hi = None if span is None else (lo + span) * PAGE
+        if hi is not None and hi < PAGE:  # a ceiling below one KV page is refused outright
+            with pytest.raises(ValueError, match="one KV page"):
+                self.arb.register(name, weights * PAGE, lo * PAGE, hi, prio, fake)
+            assert name not in self.arb.names()
+            return
         try:
             self.arb.register(name, weights * PAGE, lo * PAGE, hi, prio, fake)
         except ArbiterError:
