@@ -19,11 +19,11 @@ from elasticserve.engine.output_processor import OutputProcessor
 from elasticserve.engine.sleep_wake import SleepWake
 from elasticserve.engine.step_stats import StepRecorder
 from elasticserve.engine.validation import PromptInput, check_fits, tokenize_prompt
+from elasticserve.engine.weights import DiskWeights, WeightsSource
 from elasticserve.errors import InvalidFieldError
 from elasticserve.kernels import native
 from elasticserve.models.hf_config import ModelConfig, load_config
 from elasticserve.models.llama import CausalLM
-from elasticserve.models.loader import load_model
 from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
 from elasticserve.request import Sequence, SequenceGroup, next_seq_id
@@ -36,14 +36,17 @@ logger = logging.getLogger(__name__)
 class LLMEngine(SleepWake):
     """Owns one model, its tokenizer, its KV storage, a scheduler and a runner."""
 
-    def __init__(self, args: EngineArgs, broker: ModelBroker | None = None) -> None:
+    def __init__(self, args: EngineArgs, broker: ModelBroker | None = None,
+                 weights: WeightsSource | None = None) -> None:
         """`broker`: a shared page budget (engine/multi_model.py's ModelHost); it is told the
-        weights' size before the KV storage asks it for pages."""
+        weights' size before the KV storage asks it for pages. `weights`: where the model comes
+        from at start and on wake (default: the checkpoint, a private copy)."""
         # validated before anything heavy is loaded; only the model's length limit is read
         self.config = args.create_engine_config(_model_max_len(load_config(args.model)))
         self.cache_config = self.config.cache
         self.scheduler_config = self.config.scheduler
         self.broker = broker
+        self.weights: WeightsSource = weights or DiskWeights()
         torch.manual_seed(self.config.model.seed)
         if self.config.model.num_threads is not None:
             torch.set_num_threads(self.config.model.num_threads)
@@ -86,10 +89,7 @@ class LLMEngine(SleepWake):
         self.model.use_native_ops(self.runner.native_decode)
 
     def _load_model(self) -> CausalLM:
-        name = self.config.model.dtype
-        # "auto" lets the loader choose (fp32 on CPU); the KV cache then takes the weights' dtype
-        return load_model(self.config.model.path,
-                          dtype=None if name == "auto" else getattr(torch, name))
+        return self.weights.load(self.config)
 
     def _param_dtype(self) -> torch.dtype:
         return self.model.model.embed_tokens.weight.dtype

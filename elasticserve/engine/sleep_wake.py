@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from elasticserve.core.kv_pages import ModelBroker
     from elasticserve.core.scheduler import Scheduler
     from elasticserve.engine.kv_storage import KVStorage
+    from elasticserve.engine.weights import WeightsSource
     from elasticserve.models.llama import CausalLM
     from elasticserve.worker.model_runner import ModelRunner
 
@@ -32,6 +33,7 @@ class SleepWake:
     scheduler: Scheduler
     runner: ModelRunner
     model: CausalLM
+    weights: WeightsSource
     asleep: bool
     sleeps: int
     wakes: int
@@ -52,6 +54,7 @@ class SleepWake:
             pages = self.kv.release_all()
             self.runner.model = None  # type: ignore[assignment]
             del self.model
+            self.weights.release()  # a shared copy leaves memory when its last user lets go
             self.asleep = True
             self.sleeps += 1
             return pages
@@ -88,7 +91,8 @@ class SleepWake:
     def _cancel_wake(self) -> None:
         """Back to the state sleep() left: no weights, no pages, nothing booked."""
         self.runner.model = None  # type: ignore[assignment]
-        vars(self).pop("model", None)
+        if vars(self).pop("model", None) is not None:
+            self.weights.release()
         pages = self.kv.release_all()  # starting pages remap_initial may have mapped
         if self.broker is not None:
             if pages:

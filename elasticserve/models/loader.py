@@ -35,21 +35,32 @@ def load_model(
     When embeddings are tied an ``lm_head.weight`` in the checkpoint is ignored, as
     are legacy ``rotary_emb.inv_freq`` buffers.
     """
+    start = time.monotonic()
+    model = build_model(model_dir, dtype, device)
+    _load_weights(model, model_dir)
+    # a server logs at INFO: start-up and every wake (which reloads) say what loading cost
+    log.info("loaded %s (%.1fM parameters) in %.2f s", model_dir,
+             sum(p.numel() for p in model.parameters()) / 1e6, time.monotonic() - start)
+    return model
+
+
+def build_model(model_dir: str, dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> CausalLM:
+    """The model named by ``config.json`` with its parameters allocated but not filled.
+
+    On ``device="meta"`` nothing is allocated: for a caller that points every parameter at
+    weights that already exist (memory/shared_weights.py's ``adopt_weights``); pass ``dtype``
+    then, as the meta device's default would be the checkpoint's."""
     if not os.path.isdir(model_dir):
         raise ValueError(f"{model_dir}: model directory not found")
-    start = time.monotonic()
     config = load_config(model_dir)
     dev = torch.device(device)
     cls = model_class(config, os.path.join(model_dir, "config.json"))
     # Parameters are allocated uninitialized directly on the target device.
     with torch.device(dev):
         model = cls(config).to(dtype or default_dtype(config, dev))
-    _load_weights(model, model_dir)
     model.eval()
     model.requires_grad_(False)
-    # a server logs at INFO: start-up and every wake (which reloads) say what loading cost
-    log.info("loaded %s (%.1fM parameters) in %.2f s", model_dir,
-             sum(p.numel() for p in model.parameters()) / 1e6, time.monotonic() - start)
     return model
 
 
