@@ -104,8 +104,28 @@ class SchedulerConfig:
     # (0 = no cap), so a very long prompt cannot take the whole token budget of every step and
     # starve the requests queued behind it (vLLM's long_prefill_token_threshold).
     long_prefill_token_threshold: int = 0
+    # "fcfs": (priority, arrival) order; "slo": waiting groups by slack to their TTFT target
+    # (core/slo.py), the preemption victim is the running group with the most slack
+    policy: str = "fcfs"
+    admission: str = "none"  # "slo": add() refuses a request predicted to miss its TTFT target
+    slo_ttft_ms: float | None = None  # model-level defaults of the per-request targets
+    slo_tpot_ms: float | None = None
+    # (a, b, c) of the SLO policy's step-time model: a + b*tokens + c*context tokens, seconds
+    # (defaults: the demo model on this CPU, from the calibration in BENCHMARKS.md, rounded)
+    step_cost: tuple[float, float, float] = (0.013, 1e-4, 5e-7)
 
     def __post_init__(self) -> None:
+        _one_of(self, "policy", ("fcfs", "slo"))
+        _one_of(self, "admission", ("none", "slo"))
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not value > 0):
+                raise ValueError(f"{name} must be a positive number of milliseconds, got {value!r}")
+        cost = self.step_cost
+        if len(cost) != 3 or any(isinstance(c, bool) or not isinstance(c, int | float) or c < 0
+                                 for c in cost):
+            raise ValueError(f"step_cost must be three non-negative numbers (a, b, c), got {cost!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -33,3 +33,17 @@ def check_unicode(param: str, text: str) -> None:
         raise InvalidFieldError(
             param, f"{param} is not valid Unicode: lone surrogate {text[exc.start]!r} at "
                    f"character {exc.start}") from None
+
+
+class SLOUnattainableError(RuntimeError):
+    """Admission control (``admission="slo"``) refused a request: the queue ahead of it makes
+    its predicted time to first token exceed its target. Not a ValueError: the request is fine,
+    the engine is busy; a server answers 503 with ``Retry-After: retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[type[SLOUnattainableError], tuple[str, int]]:
+        # a worker process raises it and its client re-raises it with `retry_after_s`
+        return type(self), (str(self), self.retry_after_s)

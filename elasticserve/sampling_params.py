@@ -152,9 +152,14 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
+    # per-request latency targets (None: the model's default); the "slo" scheduling policy
+    # and admission control read them (core/slo.py)
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
+        self._check_slo()
         self._normalize_stops()
         self._resolve_best_of()
         self._check_ranges()
@@ -181,6 +186,15 @@ class SamplingParams:
             "include_stop_str_in_output",
         ):
             _check_bool(name, getattr(self, name))
+
+    def _check_slo(self) -> None:
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _check_float(name, value)
+            if value <= 0:
+                raise InvalidFieldError(name, f"{name} must be > 0 milliseconds, got {value}")
 
     def _normalize_stops(self) -> None:
         stop = self.stop

@@ -28,6 +28,19 @@ class Fit(enum.Enum):
 
 
 @dataclass(slots=True)
+class SchedulerStats:
+    steps: int = 0
+    preemptions: int = 0
+    swap_outs: int = 0
+    swap_ins: int = 0
+    recomputes: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0  # tokens admissions looked up (vLLM's prefix cache queries)
+    blocked_on_memory: int = 0
+    failed: int = 0  # requests ended with FinishReason.ERROR
+
+
+@dataclass(slots=True)
 class Budget:
     """What is left of one step's token and sequence budget."""
 

@@ -9,9 +9,9 @@ fit ends with an error and leaves as a ``FailedRequest`` (``pop_failed``).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from elasticserve.config import CacheConfig, SchedulerConfig
 from elasticserve.core.block_pool import NoFreeBlocksError
@@ -19,35 +19,25 @@ from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.sched_policy import (
     Budget,
     Fit,
-    choose_swap,
+    SchedulerStats,
     dequeue,
     plan_tokens,
     push_back,
-    push_front,
     scheduled_seq,
 )
+from elasticserve.core.sched_preempt import Preemption
+from elasticserve.core.slo import SloPolicy
 from elasticserve.outputs import FailedRequest, SchedulerOutput
-from elasticserve.request import FinishReason, Sequence, SequenceGroup, SequenceStatus
+from elasticserve.request import Sequence, SequenceGroup, SequenceStatus
+
+__all__ = ["GrowFn", "Scheduler", "SchedulerStats"]
 
 GrowFn = Callable[[int], bool]
 # Enum member lookups cost ~0.15 us each on Python 3.11; the per-group path reads globals instead
 _SCHEDULED, _NO_BUDGET, _NO_BLOCKS = Fit.SCHEDULED, Fit.NO_BUDGET, Fit.NO_BLOCKS
 
 
-@dataclass(slots=True)
-class SchedulerStats:
-    steps: int = 0
-    preemptions: int = 0
-    swap_outs: int = 0
-    swap_ins: int = 0
-    recomputes: int = 0
-    prefix_hit_tokens: int = 0
-    prefix_query_tokens: int = 0  # tokens admissions looked up (vLLM's prefix cache queries)
-    blocked_on_memory: int = 0
-    failed: int = 0  # requests ended with FinishReason.ERROR
-
-
-class Scheduler:
+class Scheduler(Preemption):
     """Decides, each step, which sequences run and with how many tokens."""
 
     def __init__(self, config: SchedulerConfig, cache: CacheConfig, kv: KVCacheManager,
@@ -67,9 +57,18 @@ class Scheduler:
         self.memory_pressure = False  # set when a step lacked blocks; read by the resize policy
         self._finished_ids: list[int] = []
         self._failed: list[FailedRequest] = []
+        # the "slo" policy and admission control (core/slo.py); None: plain FCFS, at its cost.
+        # `clock` is the time base of SequenceGroup.arrival_time (the simulator's own clock)
+        slo = config.policy == "slo" or config.admission == "slo"
+        self.slo = SloPolicy(config) if slo else None
+        self.clock: Callable[[], float] = time.monotonic
 
     # ---- requests -------------------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:
+        """Queue a request; with ``admission="slo"`` raise SLOUnattainableError instead if it
+        is predicted to miss its TTFT target (nothing is queued then)."""
+        if self.slo is not None and self.config.admission == "slo":
+            self.slo.check_admission(group, self.waiting, list(self.running), self.clock())
         for seq in group.seqs:
             self.seqs[seq.seq_id] = seq
         push_back(self.waiting, group)
@@ -129,6 +128,9 @@ class Scheduler:
         self._finished_ids = []
         self.memory_pressure = False
         budget = Budget(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        if self.slo is not None and self.config.policy == "slo" and len(self.waiting) > 1:
+            # slack changes with time, so the order is recomputed each step
+            self.waiting = self.slo.order_waiting(self.waiting, self.clock(), self.running)
         preempted = self._schedule_running(out, budget)
         if not preempted:
             self._schedule_swapped(out, budget)
@@ -167,9 +169,7 @@ class Scheduler:
                         self._fail(group, f"sequence outgrew the whole KV cache "
                                           f"({self.kv.pool.num_blocks} blocks)")
                     break
-                # running is priority-sorted: its tail is the lowest-priority, latest group, and
-                # never more important than `group`, which came off the head
-                victim = self.running.pop() if self.running else group
+                victim = self._pop_victim(group)
                 self._preempt(victim, out)
                 preempted = True
                 if victim is group:
@@ -278,62 +278,3 @@ class Scheduler:
         budget.seqs -= 1
         out.num_batched_tokens += num_new
 
-    # ---- preemption -----------------------------------------------------------------------
-    def preempt_to_fit(self, max_blocks: int) -> list[tuple[int, int]]:
-        """Preempt running groups, lowest priority and latest first, until at most `max_blocks`
-        blocks are live.
-
-        For a resize outside a step: returns the swap-out copies the caller must apply now.
-        """
-        out = SchedulerOutput()
-        while self.running and self.kv.pool.num_used > max_blocks:
-            self._preempt(self.running.pop(), out)
-        return out.blocks_to_swap_out
-
-    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
-        seqs = group.seqs_with(SequenceStatus.RUNNING)
-        ids = [s.seq_id for s in seqs]
-        self.stats.preemptions += 1
-        out.preempted_request_ids.append(group.request_id)
-        if choose_swap(self.cache, seqs) and self.kv.can_swap_out(ids):
-            out.blocks_to_swap_out.extend(self.kv.swap_out(ids))
-            for seq in seqs:
-                seq.status = SequenceStatus.SWAPPED
-            push_back(self.swapped, group)
-            self.stats.swap_outs += 1
-            return
-        if len(seqs) > 1 and sum(len(s.token_ids) for s in seqs) > self.config.max_num_batched_tokens:
-            self._fail(group, "cannot preempt: swap space too small and recompute exceeds "
-                              "max_num_batched_tokens")
-            return
-        for seq in seqs:
-            self.kv.free(seq.seq_id)
-            seq.num_computed_tokens = 0
-            seq.status = SequenceStatus.WAITING
-        push_front(self.waiting, group)
-        self.stats.recomputes += 1
-
-    def _hold(self, group: SequenceGroup, out: SchedulerOutput) -> bool:
-        """Preempt a group that outgrew a lowered ceiling but fits the reserved maximum."""
-        seqs = group.seqs_with(SequenceStatus.RUNNING)
-        need = sum(len(self.kv.block_table(s.seq_id)) for s in seqs) + 1
-        if self.can_hold_later is None or not self.can_hold_later(need):
-            return False
-        self._preempt(group, out)
-        return True
-
-    def _fail(self, group: SequenceGroup, msg: str) -> None:
-        """End a group that can never run. Every caller has already taken it off its queue
-        (the victim popped, or the group being scheduled not kept), so this only finishes it."""
-        group.error = msg
-        self.stats.failed += 1
-        self._failed.append(FailedRequest(group.request_id, FinishReason.ERROR, msg))
-        for seq in group.live_seqs():
-            self.finish_seq(seq, SequenceStatus.FINISHED_ERROR)
-
-    def _grow_for_swap_in(self, ids: list[int]) -> bool:
-        if self.grow is None:
-            return False
-        host_blocks = {b for i in ids for b in self.kv.block_table(i)}
-        short = len(host_blocks) + len(ids) - self.kv.num_free_blocks
-        return self.grow(max(1, short)) and self.kv.can_swap_in(ids)
