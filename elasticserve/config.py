@@ -19,6 +19,9 @@ DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16", "float64", 
 MEMORY_BACKENDS = ("auto", "host", "cuda")
 ATTENTION_BACKENDS = ("auto", "native", "torch")
 
+# the SLO policy's step-time model (a, b, c) when none is fitted: the demo model on this CPU
+# (13 ms/step, ~0.1 ms/token, ~0.5 us/context token; calibration in BENCHMARKS.md, rounded)
+DEFAULT_STEP_COST = (0.013, 1e-4, 5e-7)
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -111,8 +114,7 @@ class SchedulerConfig:
     slo_ttft_ms: float | None = None  # model-level defaults of the per-request targets
     slo_tpot_ms: float | None = None
     # (a, b, c) of the SLO policy's step-time model: a + b*tokens + c*context tokens, seconds
-    # (defaults: the demo model on this CPU, from the calibration in BENCHMARKS.md, rounded)
-    step_cost: tuple[float, float, float] = (0.013, 1e-4, 5e-7)
+    step_cost: tuple[float, float, float] = DEFAULT_STEP_COST
 
     def __post_init__(self) -> None:
         _one_of(self, "policy", ("fcfs", "slo"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from elasticserve.config import (
+    DEFAULT_STEP_COST,
     CacheConfig,
     Device,
     DeviceConfig,
@@ -50,6 +51,13 @@ class EngineArgs:
     # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch"
     attention_backend: str = "auto"
     device: Device = "cpu"
+    # SLO-aware scheduling (core/slo.py): "fcfs" or "slo" (vLLM's option name); admission
+    # "slo" refuses a request predicted to miss its TTFT target (SLOUnattainableError)
+    scheduling_policy: str = "fcfs"
+    admission: str = "none"
+    slo_ttft_ms: float | None = None  # defaults of the per-request SamplingParams targets
+    slo_tpot_ms: float | None = None
+    slo_step_cost: tuple[float, float, float] | None = None  # fitted (a, b, c); None: defaults
 
     def create_engine_config(self, model_max_len: int) -> EngineConfig:
         """The validated config; `model_max_len` is the checkpoint's context limit. Every bad
@@ -83,4 +91,7 @@ class EngineArgs:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                max_model_len=max_len,
                                enable_chunked_prefill=self.enable_chunked_prefill,
-                               long_prefill_token_threshold=self.long_prefill_token_threshold)
+                               long_prefill_token_threshold=self.long_prefill_token_threshold,
+                               policy=self.scheduling_policy, admission=self.admission,
+                               slo_ttft_ms=self.slo_ttft_ms, slo_tpot_ms=self.slo_tpot_ms,
+                               step_cost=self.slo_step_cost or DEFAULT_STEP_COST)

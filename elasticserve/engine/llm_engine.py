@@ -118,8 +118,8 @@ class LLMEngine(SleepWake):
         group = SequenceGroup.create(request_id, text, token_ids, params, time.monotonic(),
                                      priority)
         group.stream = stream
+        self.scheduler.add(group)  # admission control may refuse it (SLOUnattainableError)
         self.groups[request_id] = group
-        self.scheduler.add(group)
         return request_id
 
     def validate(self, prompt: PromptInput, params: SamplingParams) -> tuple[str | None, list[int]]:

@@ -80,7 +80,9 @@ def parse_model_specs(specs: list[str]) -> dict[str, str]:
 def engine_args(args: argparse.Namespace) -> EngineArgs:
     """Engine settings shared by every served model (memory comes from the pool)."""
     return EngineArgs(model="", max_num_seqs=args.max_num_seqs, num_threads=args.threads,
-                      attention_backend=args.attention_backend, max_model_len=args.max_model_len)
+                      attention_backend=args.attention_backend, max_model_len=args.max_model_len,
+                      scheduling_policy=args.scheduling_policy, admission=args.admission,
+                      slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
 
 
 def served_models(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
@@ -148,6 +150,15 @@ def _add_vllm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="with one --model: the name responses report, then more names it "
                         "answers to (vLLM's flag)")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "slo"], default="fcfs",
+                   help="fcfs (priority, then arrival) or slo (least slack to the TTFT target)")
+    p.add_argument("--admission", choices=["none", "slo"], default="none",
+                   help="slo: answer 503 + Retry-After at once to a request predicted to miss "
+                        "its TTFT target")
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="default time-to-first-token target (a request's slo_ttft_ms wins)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None,
+                   help="default time-per-output-token target (a request's slo_tpot_ms wins)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: the model's limit)")
     p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from elasticserve.engine.protocol import EngineDeadError, EngineOverloadedError
-from elasticserve.errors import InvalidFieldError, PromptTooLargeError
+from elasticserve.errors import InvalidFieldError, PromptTooLargeError, SLOUnattainableError
 from elasticserve.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,14 @@ def _overloaded(request: Request, exc: Exception) -> JSONResponse:
     return APIError(503, str(exc), code="overloaded").response()
 
 
+def _slo_unattainable(request: Request, exc: Exception) -> JSONResponse:
+    """Admission control refused the request: 503 now, and when to try again."""
+    assert isinstance(exc, SLOUnattainableError)
+    response = APIError(503, str(exc), code="slo_unattainable").response()
+    response.headers["Retry-After"] = str(int(exc.retry_after_s))
+    return response
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error serving %s", request.url.path, exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
@@ -170,4 +178,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(EngineOverloadedError, _overloaded)
     app.add_exception_handler(EngineDeadError, _overloaded)
+    app.add_exception_handler(SLOUnattainableError, _slo_unattainable)
     app.add_exception_handler(Exception, _unexpected)

@@ -106,6 +106,9 @@ class SamplingFields(OpenAIModel):
     use_beam_search: StrictBool | None = None
     length_penalty: Number | None = None
     early_stopping: StrictBool | None = None
+    # latency targets (vLLM-style extra fields; the model's --slo-* defaults otherwise)
+    slo_ttft_ms: Number | None = None
+    slo_tpot_ms: Number | None = None
 
     def base_params(self) -> dict[str, Any]:
         """The SamplingParams keyword arguments given by this request (None means default)."""
@@ -113,7 +116,7 @@ class SamplingFields(OpenAIModel):
                  "frequency_penalty", "top_k", "min_p", "repetition_penalty", "min_tokens",
                  "ignore_eos", "stop_token_ids", "skip_special_tokens",
                  "include_stop_str_in_output", "use_beam_search", "length_penalty",
-                 "early_stopping")
+                 "early_stopping", "slo_ttft_ms", "slo_tpot_ms")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def unsupported_fields(self) -> list[str]:

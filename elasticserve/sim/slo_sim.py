@@ -93,7 +93,7 @@ def simulate(workload: SloWorkload, policy: str, admission: str = "none",
     result = SloResult(policy, admission)
     pending = workload.requests()
     kinds: dict[str, tuple[str, int]] = {}
-    for i, (arrival, kind, prompt, target_ms) in enumerate(pending):
+    for i, (_, kind, _, target_ms) in enumerate(pending):
         result.targets_s[kind] = target_ms / 1000
         result.ttft_s.setdefault(kind, [])
         kinds[str(i)] = (kind, len(result.ttft_s[kind]))
