@@ -365,6 +365,10 @@ class ArbiterMachine(RuleBasedStateMachine):
         lo = self.arb.snapshot().models[name].min_bytes
         if hi is not None and hi * PAGE < lo:
             return
+        if hi == 0:  # a ceiling below one KV page is refused outright, nothing changes
+            with pytest.raises(ValueError, match="one KV page"):
+                self.arb.set_limits(name, max_bytes=0, priority=prio)
+            return
         try:
             self.arb.set_limits(name, max_bytes=None if hi is None else hi * PAGE, priority=prio)
         except ArbiterError:
