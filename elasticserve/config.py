@@ -17,7 +17,7 @@ Device = Literal["cpu"]
 # without importing torch; the engine resolves the name once)
 DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16", "float64", "double")
 MEMORY_BACKENDS = ("auto", "host", "cuda")
-ATTENTION_BACKENDS = ("auto", "native", "torch")
+ATTENTION_BACKENDS = ("auto", "native", "torch", "triton")
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -129,7 +129,8 @@ class ModelLoadConfig:
     dtype: str = "auto"  # a torch dtype name; "auto": fp32 on CPU, the checkpoint's elsewhere
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
-    # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch"
+    # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch";
+    # "triton": decode and prefill by kernels/triton_attention.py (interpreted without a GPU)
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:

@@ -47,7 +47,8 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
     dtype: str | None = None
-    # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch"
+    # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch",
+    # "triton" (decode and prefill by the Triton kernel; Triton's interpreter without a GPU)
     attention_backend: str = "auto"
     device: Device = "cpu"
 

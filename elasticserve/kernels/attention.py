@@ -34,7 +34,8 @@ from elasticserve.kernels.decode_torch import (
 if TYPE_CHECKING:  # triton is imported only when its backend is used (1 GB, ~2 s to import)
     from elasticserve.kernels.triton_attention import TritonWork
 
-__all__ = ["AttentionMetadata", "PrefillSeq", "paged_attention", "release_workspace", "write_kv"]
+__all__ = ["AttentionMetadata", "PrefillSeq", "paged_attention", "release_workspace",
+           "require_triton", "write_kv"]
 
 
 @dataclass(slots=True)
@@ -183,6 +184,15 @@ def _prefill_seq(token_start: int, n: int, seq_len: int, table: torch.Tensor,
         q_pos = torch.arange(seq_len - n, seq_len)[:, None]
         mask = torch.arange(seq_len)[None, :] <= q_pos
     return PrefillSeq(token_start, token_start + n, seq_len, table[:num_blocks].clone(), mask)
+
+
+def require_triton() -> None:
+    """Import the Triton backend now: a ValueError naming attention_backend if it cannot."""
+    try:
+        import elasticserve.kernels.triton_attention  # noqa: F401
+    except ImportError as err:
+        raise ValueError("attention_backend='triton' needs the triton package "
+                         f"(pip install 'elasticserve[triton]'): {err}") from err
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int,

@@ -15,7 +15,9 @@ read (masked loads), so unwritten blocks may hold anything, NaN included.
 
 Without a CUDA device the kernel runs in Triton's interpreter on CPU tensors (correct, slow):
 ``TRITON_INTERPRET=1`` is set before triton is imported when torch sees no GPU, because the
-``@triton.jit`` decorator reads it when the kernel is defined.
+``@triton.jit`` decorator reads it when a function is defined. If something imported triton
+earlier without it, importing this module raises ImportError (the engine reports it as a bad
+``attention_backend``): set ``TRITON_INTERPRET=1`` in the environment instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402 - after TRITON_INTERPRET is settled
 import triton.language as tl  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+if not torch.cuda.is_available() and isinstance(tl.zeros, JITFunction):
+    # triton was imported before TRITON_INTERPRET was set: its own library is compiled-only,
+    # and nothing here could run it
+    raise ImportError("no GPU and triton was imported in compiled mode: set TRITON_INTERPRET=1 "
+                      "in the environment before starting to run Triton kernels on the CPU")
 
 __all__ = ["TritonWork", "attend", "interpreted"]
 

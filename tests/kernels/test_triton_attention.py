@@ -137,3 +137,27 @@ def test_metadata_and_bad_input() -> None:
     cache = torch.zeros(4, 1, 2, 4, 3, 16)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         triton_attention.attend(torch.zeros(3, 4, 16), cache, 0, work, 0.25, torch.zeros(3, 4, 16))
+
+
+def test_missing_triton_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from elasticserve.kernels.attention import require_triton
+
+    require_triton()
+    monkeypatch.setitem(sys.modules, "elasticserve.kernels.triton_attention", None)  # import fails
+    with pytest.raises(ValueError, match="attention_backend='triton' needs the triton package"):
+        require_triton()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled mode is right on a GPU")
+def test_compiled_triton_without_gpu_is_refused() -> None:
+    """triton imported before TRITON_INTERPRET, no GPU: a clear ImportError, not a crash later."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import triton\nfrom elasticserve.kernels import triton_attention"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and "set TRITON_INTERPRET=1" in done.stderr
