@@ -112,7 +112,7 @@ def _paged_attention_kernel(
     stride_block, stride_layer, stride_kv, stride_slot, stride_head, stride_table,
     layer, block_size, head_dim, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     seq = tl.load(seq_ids_ptr + tl.program_id(0))
     kvh = tl.program_id(1)
@@ -130,6 +130,8 @@ def _paged_attention_kernel(
         d_ok = d < head_dim
         q = tl.load(q_ptr + (tok0 + q_idx)[:, None] * stride_qt + head[:, None] * stride_qh
                     + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot is wrong on bf16 (numpy has none): fp32 there
+            q = q.to(tl.float32)
         m_i = tl.full([BLOCK_Q * G_PAD], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
         acc = tl.zeros([BLOCK_Q * G_PAD, BLOCK_D], tl.float32)
@@ -165,8 +167,9 @@ def attend(q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int, work: Triton
     tail = (q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             *(kv_cache.stride(i) for i in range(5)), work.block_tables.stride(0),
             layer_idx, block_size, d, scale)
+    upcast = interpreted() and q.dtype != torch.float32
     meta = dict(G=g, G_PAD=g_pad, BLOCK_N=_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                IEEE=q.dtype == torch.float32)
+                IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast)
     for seqs, rows, most in ((work.decode_seqs, _DECODE_ROWS, 1),
                              (work.prefill_seqs, _PREFILL_ROWS, work.max_prefill)):
         if seqs.numel() == 0:

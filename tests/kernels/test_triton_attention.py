@@ -106,6 +106,13 @@ def test_strided_queries_and_bf16_cache() -> None:
     batch.check(4, 0, q=q)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_queries_and_cache(dtype: torch.dtype) -> None:
+    """bf16/fp16 models: q, cache and output in the model's dtype (fp32 softmax inside)."""
+    batch = Batch([(9, 1), (4, 3), (0, 5)], hkv=2, d=16, bs=4, dtype=dtype, seed=3)
+    batch.check(8, 1, atol=3e-2, q=torch.randn(9, 8, 16).to(dtype))
+
+
 def test_agrees_with_torch_backend_over_steps() -> None:
     """Decode steps after a prefill, both backends writing the same cache slots."""
     torch.manual_seed(5)
