@@ -3,12 +3,12 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-v4
+STAMP := $(VENV)/.installed-v5
 TORCH := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench serve clean
+.PHONY: install demo test lint bench serve clean gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,13 @@ lint: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The prepared device check (bench/gpu_check.py): run on a GPU machine with a python that has
+# CUDA torch, triton and cuda-bindings (GPY), not the CPU-only .venv. Writes gpu_check.json and
+# the gpu-check section of docs/BENCHMARKS.md. `--device cpu` runs the same script in CI.
+GPY ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPY) -m elasticserve.bench.gpu_check --device cuda --out gpu_check.json --write-docs
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,7 @@ Device = Literal["cpu"]
 # without importing torch; the engine resolves the name once)
 DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16", "float64", "double")
 MEMORY_BACKENDS = ("auto", "host", "cuda")
-ATTENTION_BACKENDS = ("auto", "native", "torch")
+ATTENTION_BACKENDS = ("auto", "native", "torch", "triton")
 
 # the SLO policy's step-time model (a, b, c) when none is fitted: the demo model on this CPU
 # (13 ms/step, ~0.1 ms/token, ~0.5 us/context token; calibration in BENCHMARKS.md, rounded)
@@ -151,7 +151,8 @@ class ModelLoadConfig:
     dtype: str = "auto"  # a torch dtype name; "auto": fp32 on CPU, the checkpoint's elsewhere
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
-    # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch"
+    # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch";
+    # "triton": decode and prefill by kernels/triton_attention.py (interpreted without a GPU)
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:

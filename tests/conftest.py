@@ -18,6 +18,11 @@ try:
     import torch
 
     torch.set_num_threads(1)
+    if not torch.cuda.is_available():
+        # Triton kernels run in Triton's interpreter here. Set before anything (transformers'
+        # generate does) imports triton: @triton.jit, triton's own library included, reads it
+        # when a function is defined.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # the torch-free core tests still run
     pass
 

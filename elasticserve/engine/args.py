@@ -48,7 +48,8 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
     dtype: str | None = None
-    # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch"
+    # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch",
+    # "triton" (decode and prefill by the Triton kernel; Triton's interpreter without a GPU)
     attention_backend: str = "auto"
     device: Device = "cpu"
     # SLO-aware scheduling (core/slo.py): "fcfs" or "slo" (vLLM's option name); admission

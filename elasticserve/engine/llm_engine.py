@@ -80,11 +80,12 @@ class LLMEngine(SleepWake):
         self.scheduler = Scheduler(self.scheduler_config, cache, self.kv_manager,
                                    grow=self.kv.grow if self.kv.elastic else None)
         self.kv.bind_scheduler(self.scheduler)
+        backend = self.config.model.attention_backend
         self.runner = ModelRunner(
             self.model, self.kv.tensor, self.kv.swap_tensor, cache.block_size,
             self.tokenizer,
-            native_decode=native.use_native(self.config.model.attention_backend, self.kv.tensor,
-                                            self._param_dtype()))
+            native_decode=native.use_native(backend, self.kv.tensor, self._param_dtype()),
+            triton_attention=backend == "triton")
         # the fused element-wise ops come with the native backend (same library, same checks)
         self.model.use_native_ops(self.runner.native_decode)
 

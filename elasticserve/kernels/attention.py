@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, fields, replace
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,11 @@ from elasticserve.kernels.decode_torch import (
     release_workspace,
 )
 
-__all__ = ["AttentionMetadata", "PrefillSeq", "paged_attention", "release_workspace", "write_kv"]
+if TYPE_CHECKING:  # triton is imported only when its backend is used (1 GB, ~2 s to import)
+    from elasticserve.kernels.triton_attention import TritonWork
+
+__all__ = ["AttentionMetadata", "PrefillSeq", "paged_attention", "release_workspace",
+           "require_triton", "write_kv"]
 
 
 @dataclass(slots=True)
@@ -70,16 +74,22 @@ class AttentionMetadata:
     decode_chunks: list[DecodeChunk]
     prefills: list[PrefillSeq]
     native_decode: native.NativeDecode | None = None
+    # attention_backend="triton": every sequence (decode and prefill) goes to the Triton kernel
+    # (kernels/triton_attention.py), and decode_chunks and prefills stay empty
+    triton_work: TritonWork | None = None
 
     @classmethod
     def build(cls, seqs: list[tuple[int, int, list[int]]], block_size: int,
               device: torch.device | str | None = None,
-              native_decode: bool = False) -> AttentionMetadata:
+              native_decode: bool = False, triton: bool = False) -> AttentionMetadata:
         """seqs: (start_pos, num_new_tokens, block_table) per sequence, in batch order.
 
         Index tensors are built on the CPU and moved to ``device`` (the KV cache's) if given.
-        ``native_decode``: the decode sequences go to the C kernel (see ``kernels/native.py``).
+        ``native_decode``: the decode sequences go to the C kernel (see ``kernels/native.py``);
+        ``triton``: all sequences go to the Triton kernel (``kernels/triton_attention.py``).
         """
+        if native_decode and triton:
+            raise ValueError("attention_backend: native_decode and triton exclude each other")
         starts, nums, seq_lens = _validate(seqs, block_size)
         query_start_loc = list(itertools.accumulate(nums, initial=0))
         max_blocks = max(len(table) for _, _, table in seqs)
@@ -88,15 +98,19 @@ class AttentionMetadata:
         slot_mapping = _slot_mapping(starts, nums, query_start_loc, block_tables, block_size)
         decode_idx = [i for i, n in enumerate(nums) if n == 1]
         chunks: list[DecodeChunk] = []
-        native_work = None
-        if native_decode and decode_idx:
+        native_work = triton_work = None
+        if triton:
+            from elasticserve.kernels.triton_attention import TritonWork
+
+            triton_work = TritonWork.build(query_start_loc, seq_lens, block_tables)
+        elif native_decode and decode_idx:
             native_work = native.NativeDecode.build(
                 [query_start_loc[i] for i in decode_idx], [seq_lens[i] for i in decode_idx],
                 block_tables[decode_idx])
         elif not native_decode:
             chunks = decode_chunks(decode_idx, seq_lens, query_start_loc, block_tables, block_size)
         prefills = [_prefill_seq(query_start_loc[i], nums[i], seq_lens[i], block_tables[i], block_size)
-                    for i, n in enumerate(nums) if n > 1]
+                    for i, n in enumerate(nums) if n > 1 and not triton]
         meta = cls(
             slot_mapping=slot_mapping,
             query_start_loc=query_start_loc,
@@ -110,6 +124,7 @@ class AttentionMetadata:
             decode_chunks=chunks,
             prefills=prefills,
             native_decode=native_work,
+            triton_work=triton_work,
         )
         return meta if device is None else meta.to(device)
 
@@ -117,11 +132,13 @@ class AttentionMetadata:
         """Copy with every tensor on ``device``."""
         if self.native_decode is not None:
             raise ValueError("native decode attention runs on the CPU only")
+        work = self.triton_work
         return replace(_moved(self, device), prefills=[_moved(p, device) for p in self.prefills],
-                       decode_chunks=[_moved(c, device) for c in self.decode_chunks])
+                       decode_chunks=[_moved(c, device) for c in self.decode_chunks],
+                       triton_work=None if work is None else _moved(work, device))
 
 
-_T = TypeVar("_T", PrefillSeq, DecodeChunk, AttentionMetadata)
+_T = TypeVar("_T", PrefillSeq, DecodeChunk, AttentionMetadata, "TritonWork")
 
 
 def _moved(obj: _T, device: torch.device | str) -> _T:
@@ -169,6 +186,15 @@ def _prefill_seq(token_start: int, n: int, seq_len: int, table: torch.Tensor,
     return PrefillSeq(token_start, token_start + n, seq_len, table[:num_blocks].clone(), mask)
 
 
+def require_triton() -> None:
+    """Import the Triton backend now: a ValueError naming attention_backend if it cannot."""
+    try:
+        import elasticserve.kernels.triton_attention  # noqa: F401
+    except ImportError as err:
+        raise ValueError("attention_backend='triton' needs the triton package "
+                         f"(pip install 'elasticserve[triton]'): {err}") from err
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int,
              meta: AttentionMetadata) -> None:
     """Scatter the new tokens' K/V ([T, Hkv, D]) into their cache slots."""
@@ -185,6 +211,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """
     write_kv(k, v, kv_cache, layer_idx, meta)
     out = torch.empty_like(q)
+    if meta.triton_work is not None:
+        from elasticserve.kernels import triton_attention
+
+        triton_attention.attend(q, kv_cache, layer_idx, meta.triton_work, scale, out)
+        return out
     if meta.native_decode is not None:
         native.decode(q, kv_cache, layer_idx, meta.native_decode, scale, out)
     elif meta.decode_chunks:

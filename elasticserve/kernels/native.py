@@ -196,7 +196,7 @@ def _pool() -> ThreadPoolExecutor:
         return _helpers
 
 
-BACKENDS = ("auto", "torch", "native")
+BACKENDS = ("auto", "torch", "native", "triton")
 
 
 def use_native(backend: str, kv_cache: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -204,7 +204,7 @@ def use_native(backend: str, kv_cache: torch.Tensor, dtype: torch.dtype) -> bool
     "native" requires it, "torch" never uses it."""
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "torch":
+    if backend in ("torch", "triton"):
         return False
     fits = supports(kv_cache, dtype)
     if backend == "native":

@@ -2,9 +2,11 @@
 
 A backend hands out three kinds of objects:
 
-* ``VirtualRange``: reserved address space. Unmapped parts read as zeros and never fault
-  on read (the host backend faults on *write*, which catches bugs; the CUDA one maps a
-  shared zero page).
+* ``VirtualRange``: reserved address space. On the host, unmapped parts read as zeros and
+  fault on *write* (which catches bugs). On CUDA they are not mapped at all, and reading them
+  is an illegal address: kernels never read them by construction (only blocks inside mapped
+  pages are handed out); ``CudaBackend(zero_fill_unmapped=True)`` maps a read-only zero page
+  there instead, for debugging and for the backend contract tests.
 * ``PhysicalPage``: ``page_size`` bytes of real memory, mapped at zero or more offsets.
 * ``PageHandle``: a picklable description of a page (with an fd) for another process.
 
@@ -133,7 +135,7 @@ class MemoryBackend(Protocol):
         ...
 
     def unmap(self, vrange: VirtualRange, offset: int, *, sync: bool = True) -> PhysicalPage:
-        """Unmap the page at ``offset`` (it then reads as zeros) and return it.
+        """Unmap the page at ``offset`` (then as unmapped space, see above) and return it.
 
         ``sync=False`` skips device synchronisation: the caller already called
         :meth:`synchronize` after the last use of this memory (batch unmaps)."""

@@ -1,17 +1,20 @@
 """GPU memory backend on the CUDA driver's virtual memory management (VMM) API.
 
-* ``reserve`` = cuMemAddressReserve; every page offset of the range gets the backend's
-  *zero page* mapped (one physical page, zero-filled once, mapped read-only, or
-  read-write where the driver refuses read-only, and never written by us), so reads of
-  unmapped KV rows see zeros instead of an illegal-address fault that kills the context.
-* ``create_page`` = cuMemCreate with a POSIX-fd shareable handle type (when the device
-  supports it) so pages can be exported to other processes.
-* ``map`` = cuMemUnmap(zero page) + cuMemMap + cuMemSetAccess: a new mapping has no
-  access until cuMemSetAccess, and cuMemUnmap cannot split a mapping, so everything is
-  mapped page by page.
-* ``unmap`` = cuCtxSynchronize (unless the caller already did, ``sync=False``) +
-  cuMemUnmap + zero page back; ``release_page`` = cuMemRelease: the memory returns to
-  the driver once no mapping and no exported fd refer to it.
+* ``reserve`` = one cuMemAddressReserve, nothing mapped: unmapped offsets are never read *by
+  construction* (kernels read only blocks of block tables, and the block pool hands out only
+  blocks inside mapped pages), so an 80 GiB reservation costs O(1) driver calls, not 40,960
+  zero-page maps. ``zero_fill_unmapped=True`` (a debugging guard) maps a read-only zero page
+  at every offset instead; if the driver refuses read-only access that is logged and nothing
+  is mapped (a shared *writable* zero page could be corrupted by one stray write).
+* ``create_page`` = a page from a small pool of pre-created ones (``page_pool``, filled at
+  start and by ``fill_pool()`` off the step path), else cuMemCreate, with a POSIX-fd
+  shareable handle type where the device supports it (pages can go to other processes).
+* ``map`` = cuMemMap + cuMemSetAccess (a new mapping has no access until then), page by
+  page: cuMemUnmap cannot split a mapping.
+* ``unmap`` = cuStreamSynchronize on the backend's stream (``set_stream``: the stream its
+  model's kernels run on; unless the caller already did, ``sync=False``) + cuMemUnmap. Not
+  cuCtxSynchronize, which would stall every other model's streams. ``release_page`` = back to
+  the pool, or cuMemRelease (exported and imported pages never enter the pool).
 
 Importing this module never fails: without cuda-bindings or libcuda, ``is_available()``
 is False and constructing :class:`CudaBackend` raises ``BackendUnavailableError``.
@@ -36,6 +39,7 @@ from elasticserve.memory.backend import (
     VirtualRange,
     round_up,
 )
+from elasticserve.memory.cuda_pages import PagePool, make_zero_page
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +49,6 @@ try:
     _drv = importlib.import_module("cuda.bindings.driver")
 except ImportError:  # cuda-bindings not installed: the backend is simply unavailable
     _drv = None
-
 
 class CudaError(RuntimeError):
     """A CUDA driver call failed; the message names the call and the CUresult."""
@@ -94,7 +97,7 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, page_size: int | None = None, device: int = 0,
-                 zero_fill_unmapped: bool = True) -> None:
+                 zero_fill_unmapped: bool = False, page_pool: int = 4, stream: int = 0) -> None:
         if not is_available(device):
             raise BackendUnavailableError(f"no CUDA device {device} with VMM support")
         self.device = f"cuda:{device}"
@@ -113,9 +116,14 @@ class CudaBackend:
         self._zero_access = self._access(device, flags.CU_MEM_ACCESS_FLAGS_PROT_READ)
         self._lock = threading.RLock()
         self._table = MappingTable(self.page_size)
-        self._zero_fill = zero_fill_unmapped
-        self._zero = self._make_zero_page() if zero_fill_unmapped else 0
+        self.stream = stream  # 0: the legacy default stream, torch's default
+        self._zero = make_zero_page(_drv, _call, self.page_size, self._create_handle(), self._rw,
+                                    self._zero_access) if zero_fill_unmapped else 0
+        self._exported: set[int] = set()  # page ids whose fd left us: never pooled
+        self.pool = PagePool(page_pool, self._create_handle,
+                             lambda h: _call("cuMemRelease", _drv.cuMemRelease(h)))
         self._closed = False
+        self.pool.fill()
 
     # -- setup helpers ---------------------------------------------------------------
     def _bind(self) -> None:
@@ -142,31 +150,17 @@ class CudaBackend:
         desc.flags = flags
         return [desc]
 
-    def _make_zero_page(self) -> int:
-        """Allocate one page and zero it through a temporary read-write mapping."""
-        ps = self.page_size
-        handle = _call("cuMemCreate", _drv.cuMemCreate(ps, self._prop, 0))
-        va = int(_call("cuMemAddressReserve", _drv.cuMemAddressReserve(ps, ps, 0, 0)))
-        _call("cuMemMap", _drv.cuMemMap(va, ps, 0, handle, 0))
-        _call("cuMemSetAccess", _drv.cuMemSetAccess(va, ps, self._rw, 1))
-        _call("cuMemsetD8", _drv.cuMemsetD8(va, 0, ps))
-        _call("cuCtxSynchronize", _drv.cuCtxSynchronize())
-        _call("cuMemUnmap", _drv.cuMemUnmap(va, ps))
-        _call("cuMemAddressFree", _drv.cuMemAddressFree(va, ps))
-        return int(handle)
+    def _create_handle(self) -> int:
+        return int(_call("cuMemCreate", _drv.cuMemCreate(self.page_size, self._prop, 0)))
 
     def _map_zero(self, va: int) -> None:
-        ps = self.page_size
-        _call("cuMemMap", _drv.cuMemMap(va, ps, 0, self._zero, 0))
-        result = _drv.cuMemSetAccess(va, ps, self._zero_access, 1)
-        if result[0] != _drv.CUresult.CUDA_SUCCESS and self._zero_access is not self._rw:
-            self._zero_access = self._rw  # driver refuses read-only: RW, never written
-            result = _drv.cuMemSetAccess(va, ps, self._rw, 1)
-        _call("cuMemSetAccess(zero page)", result)
+        _call("cuMemMap(zero page)", _drv.cuMemMap(va, self.page_size, 0, self._zero, 0))
+        _call("cuMemSetAccess(zero page)",
+              _drv.cuMemSetAccess(va, self.page_size, self._zero_access, 1))
 
     # -- address space ---------------------------------------------------------------
     def reserve(self, nbytes: int) -> VirtualRange:
-        """Reserve address space and map the zero page at every page offset."""
+        """Reserve address space (and map the zero page at every offset if zero-filling)."""
         size = round_up(max(nbytes, 1), self.page_size)
         with self._lock:
             self._bind()
@@ -175,7 +169,7 @@ class CudaBackend:
             vrange = VirtualRange(va, size)
             self._table.ranges[va] = (vrange, {})
             try:
-                for off in range(0, size if self._zero_fill else 0, self.page_size):
+                for off in range(0, size if self._zero else 0, self.page_size):
                     self._map_zero(va + off)
             except CudaError:
                 self.release_range(vrange)
@@ -188,53 +182,63 @@ class CudaBackend:
             self._bind()
             pages = self._table.pages_of(vrange)
             self.synchronize()
-            for off in range(0, vrange.size, self.page_size):
-                index = off // self.page_size
+            # O(mapped pages) unless zero-filled: a reservation may span 40,960 offsets
+            indices = range(vrange.size // self.page_size) if self._zero else sorted(pages)
+            for index in indices:
                 if index in pages:
                     self._table.pop_mapped(vrange, index)
-                elif not self._zero_fill:
-                    continue
                 # Best effort: a failed reserve() may have zero-mapped only a prefix.
-                _drv.cuMemUnmap(vrange.base + off, self.page_size)
+                _drv.cuMemUnmap(vrange.base + index * self.page_size, self.page_size)
             del self._table.ranges[vrange.base]
             _call("cuMemAddressFree", _drv.cuMemAddressFree(vrange.base, vrange.size))
 
     # -- physical pages --------------------------------------------------------------
     def create_page(self, placement: PagePlacement | None = None) -> PhysicalPage:
-        """cuMemCreate one page (placement is irrelevant on the GPU)."""
+        """A pooled page, else cuMemCreate (placement is irrelevant on the GPU)."""
         with self._lock:
             self._bind()
-            handle = _call("cuMemCreate", _drv.cuMemCreate(self.page_size, self._prop, 0))
-            page = PhysicalPage(self._table.next_page_id(), self.page_size, handle=int(handle))
+            handle = self.pool.take()
+            if handle is None:
+                handle = self._create_handle()
+            page = PhysicalPage(self._table.next_page_id(), self.page_size, handle=handle)
             self._table.add_page(page)
             return page
 
     def release_page(self, page: PhysicalPage) -> None:
-        """cuMemRelease; memory is freed once exported fds are closed too."""
+        """Back to the pool if it has room, else cuMemRelease (the memory is freed once
+        exported fds are closed too). Pages that were ever shared never enter the pool."""
         with self._lock:
             self._bind()
             self._table.drop_page(page)
-            _call("cuMemRelease", _drv.cuMemRelease(page.handle))
+            shared = page.imported or page.page_id in self._exported
+            self._exported.discard(page.page_id)
+            if shared or not self.pool.give(page.handle):
+                _call("cuMemRelease", _drv.cuMemRelease(page.handle))
+
+    def fill_pool(self) -> int:
+        """Top the page pool up (cuMemCreate, ~0.2 ms a page): call it off the step path."""
+        self._bind()
+        return self.pool.fill()
 
     # -- mapping ---------------------------------------------------------------------
     def map(self, vrange: VirtualRange, offset: int, page: PhysicalPage) -> None:
-        """Replace the zero page at ``offset`` by ``page`` and grant read-write access.
+        """Map ``page`` at ``offset`` (replacing the zero page if any), grant read-write access.
 
-        No synchronisation: only the zero page goes away, which correct kernels never
-        read (they only read rows below the mapped prefix)."""
+        No synchronisation: nothing mapped goes away (correct kernels never read the zero page:
+        they only read rows below the mapped prefix)."""
         with self._lock:
             self._bind()
             index = self._table.index_of(vrange, offset)
             pages = self._table.check_map(vrange, index, page)
             va = vrange.base + offset
-            if self._zero_fill:
+            if self._zero:
                 _call("cuMemUnmap(zero page)", _drv.cuMemUnmap(va, self.page_size))
             try:
                 _call("cuMemMap", _drv.cuMemMap(va, self.page_size, 0, page.handle, 0))
                 _call("cuMemSetAccess", _drv.cuMemSetAccess(va, self.page_size, self._rw, 1))
             except CudaError:
                 _drv.cuMemUnmap(va, self.page_size)  # no-op if cuMemMap itself failed
-                if self._zero_fill:
+                if self._zero:
                     self._map_zero(va)
                 raise
             self._table.record_map(pages, index, page)
@@ -250,14 +254,19 @@ class CudaBackend:
                 self.synchronize()
             va = vrange.base + offset
             _call("cuMemUnmap", _drv.cuMemUnmap(va, self.page_size))
-            if self._zero_fill:
+            if self._zero:
                 self._map_zero(va)
             return self._table.pop_mapped(vrange, index)
 
+    def set_stream(self, stream: int) -> None:
+        """The CUstream (``torch.cuda.Stream.cuda_stream``) whose kernels read this backend's
+        pages: unmap waits for it alone, not for other models' streams."""
+        self.stream = int(stream)
+
     def synchronize(self) -> None:
-        """cuCtxSynchronize: every stream of the (primary, torch-shared) context."""
+        """cuStreamSynchronize on the backend's stream (see ``set_stream``)."""
         self._bind()
-        _call("cuCtxSynchronize", _drv.cuCtxSynchronize())
+        _call("cuStreamSynchronize", _drv.cuStreamSynchronize(self.stream))
 
     # -- sharing ---------------------------------------------------------------------
     def export_page(self, page: PhysicalPage) -> PageHandle:
@@ -269,6 +278,7 @@ class CudaBackend:
             kind = _drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
             fd = _call("cuMemExportToShareableHandle",
                        _drv.cuMemExportToShareableHandle(page.handle, kind, 0))
+            self._exported.add(page.page_id)
             return PageHandle("cuda", int(fd), 0, self.page_size)
 
     def import_page(self, handle: PageHandle) -> PhysicalPage:
@@ -313,6 +323,7 @@ class CudaBackend:
                 self.release_range(vrange)
             for page in list(self._table.live_pages.values()):
                 self.release_page(page)
+            self.pool.close()
             if self._zero:
                 _call("cuMemRelease", _drv.cuMemRelease(self._zero))
             _call("cuDevicePrimaryCtxRelease", _drv.cuDevicePrimaryCtxRelease(self._dev))

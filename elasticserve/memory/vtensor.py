@@ -15,8 +15,9 @@ class VirtualTensor:
     Only a prefix of whole pages is backed by memory. ``tensor.data_ptr()`` never changes,
     so kernels, CUDA graphs and views captured once stay valid while the prefix grows
     (``map_pages``) or shrinks (``unmap_pages``, which also returns the memory). Rows
-    beyond ``rows_mapped`` read as zeros; writing them is a bug (SIGSEGV on the host
-    backend). A row may straddle a page boundary; it counts as mapped only when whole.
+    beyond ``rows_mapped`` are never read (zeros on the host, an illegal address on CUDA
+    unless zero-filled) and never written (SIGSEGV on the host backend). A row may straddle a
+    page boundary; it counts as mapped only when whole.
 
     Views of ``tensor`` must not be used after :meth:`close`.
     """

@@ -205,7 +205,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per engine (per worker process)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch per engine step")
-    p.add_argument("--attention-backend", choices=["auto", "native", "torch"], default="auto",
+    p.add_argument("--attention-backend", choices=["auto", "native", "torch", "triton"], default="auto",
                    help="decode attention: the C kernel where it builds (auto), always, or never")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests queued beyond the batch before new ones get 503")

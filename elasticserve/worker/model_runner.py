@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from elasticserve.kernels.attention import AttentionMetadata
+from elasticserve.kernels.attention import AttentionMetadata, require_triton
 from elasticserve.models.llama import CausalLM
 from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, SampleResult, ScheduledSeq, SchedulerOutput
@@ -28,13 +28,17 @@ class ModelRunner:
     """
 
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
-                 block_size: int, tokenizer: Tokenizer, native_decode: bool = False) -> None:
+                 block_size: int, tokenizer: Tokenizer, native_decode: bool = False,
+                 triton_attention: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.swap_cache = swap_cache
         self.block_size = block_size
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
         self.native_decode = native_decode  # decode attention by the C kernel (kernels/native.py)
+        if triton_attention:
+            require_triton()  # fail at start, naming attention_backend, not at the first step
+        self.triton_attention = triton_attention  # all attention by kernels/triton_attention.py
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
         # structured outputs: compiled grammars (shared with validation) and per-sequence matchers
@@ -78,7 +82,7 @@ class ModelRunner:
             positions.extend(range(item.start_pos, item.start_pos + len(item.token_ids)))
         meta = AttentionMetadata.build(
             [(s.start_pos, len(s.token_ids), s.block_table) for s in scheduled], self.block_size,
-            native_decode=self.native_decode)
+            native_decode=self.native_decode, triton=self.triton_attention)
         return (torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                 meta)
 

@@ -47,6 +47,15 @@ def test_greedy_matches_transformers(arch: str, mode: str, model_dirs: dict[str,
     assert got == expected
 
 
+def test_triton_backend_matches_transformers(tiny_llama: str,
+                                            hf_greedy: Callable[..., list[list[int]]]) -> None:
+    """The Triton kernel for all attention (Triton's interpreter on a CPU: ~15 s, so one
+    architecture), chunked prefill over cached prefixes included."""
+    prompts = mixed_prompts(tiny_llama)
+    got = _engine_tokens(tiny_llama, prompts, attention_backend="triton", max_num_batched_tokens=16)
+    assert got == hf_greedy(tiny_llama, prompts, MAX_NEW)
+
+
 def test_default_backend_is_native_where_it_builds(tiny_llama: str) -> None:
     from elasticserve.kernels import native
 

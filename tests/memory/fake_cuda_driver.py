@@ -4,12 +4,15 @@ It enforces the documented rules the CUDA backend must follow, returning error c
 as the real driver does: maps only inside reservations at granularity multiples, no
 overlapping maps, cuMemUnmap only of a whole mapping, no access before cuMemSetAccess,
 writes need PROT_READWRITE, cuMemAddressFree only when empty, and memory is freed only
-when no mapping, handle or exported fd refers to it. ``launch()`` models GPU work in
-flight: unmapping real memory before cuCtxSynchronize is an error.
+when no mapping, handle or exported fd refers to it. ``launch(stream)`` models GPU work in
+flight on a stream: unmapping while a stream that reads KV memory is busy is an error, until
+cuStreamSynchronize on that stream (or cuCtxSynchronize, which waits for every stream).
+``calls`` counts every driver call by name.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import os
@@ -68,8 +71,19 @@ class FakeDriver:
         self.ranges: dict[int, int] = {}  # reservation base -> size
         self.maps: dict[int, list[Any]] = {}  # va -> [allocation id, access flags]
         self.ids = itertools.count(1000)
-        self.in_flight = False
-        self.syncs = 0
+        self.busy: dict[int, bool] = {}  # stream with work in flight -> whether it reads KV
+        self.syncs = 0  # stream and context synchronizations
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = object.__getattribute__(self, name)
+        if name.startswith("cu") and callable(attr):
+            object.__getattribute__(self, "calls")[name] += 1
+        return attr
+
+    @property
+    def in_flight(self) -> bool:
+        return any(self.busy.values())
 
     # -- contexts and devices ---------------------------------------------------------
     def cuGetErrorName(self, err: Result) -> tuple[Result, bytes]:  # noqa: N802
@@ -97,7 +111,13 @@ class FakeDriver:
         return (Ok,)
 
     def cuCtxSynchronize(self) -> tuple[Result]:  # noqa: N802
-        self.in_flight, self.syncs = False, self.syncs + 1
+        self.busy.clear()
+        self.syncs += 1
+        return (Ok,)
+
+    def cuStreamSynchronize(self, stream: int) -> tuple[Result]:  # noqa: N802
+        self.busy.pop(stream, None)
+        self.syncs += 1
         return (Ok,)
 
     def cuMemGetAllocationGranularity(self, prop: Any, flag: int) -> tuple[Result, int]:  # noqa: N802
@@ -208,6 +228,6 @@ class FakeDriver:
             chunk = data[i : i + GRAN]
             self._page(va + i, 3)[(va + i) % GRAN : (va + i) % GRAN + len(chunk)] = chunk
 
-    def launch(self) -> None:
-        """Pretend a kernel using the memory is still running."""
-        self.in_flight = True
+    def launch(self, stream: int = 0, reads_kv: bool = True) -> None:
+        """Pretend a kernel is still running on ``stream`` (reading the KV memory or not)."""
+        self.busy[stream] = self.busy.get(stream, False) or reads_kv

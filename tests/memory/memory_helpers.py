@@ -23,7 +23,8 @@ def build_backend(name: str, page_size: int | None = None, **kw: Any) -> MemoryB
     """A fresh backend; host defaults to SMALL_PAGE, CUDA to its granularity."""
     if name == "host":
         return HostBackend(page_size or SMALL_PAGE, **kw)
-    return CudaBackend(page_size, **kw)
+    # these contract tests read unmapped offsets (the engine never does): keep the zero page
+    return CudaBackend(page_size, **{"zero_fill_unmapped": True, **kw})
 
 
 
