@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from elasticserve.core.arbiter import Arbiter, ArbiterError, ArbiterPolicy
@@ -60,11 +60,16 @@ class PageBroker:
 
     def __init__(self, budget_bytes: int, page_size: int, policy: ArbiterPolicy | None = None,
                  reclaim_deadline_s: float = 2.0,
-                 extra_handlers: Mapping[type, Handler] | None = None) -> None:
+                 extra_handlers: Mapping[type, Handler] | None = None,
+                 on_worker_gone: Sequence[Callable[[str], None]] = ()) -> None:
+        """``extra_handlers``: message type -> handler, for other front services on the
+        ``pages`` channel (e.g. `WeightsRegistry.handle`); ``on_worker_gone``: called with the
+        worker's name once it is gone (e.g. `WeightsRegistry.worker_gone`)."""
         self.arbiter = Arbiter(budget_bytes, page_size, policy)
         self.page_size = page_size
         self.reclaim_deadline_s = reclaim_deadline_s
         self.extra_handlers = dict(extra_handlers or {})
+        self.on_worker_gone = list(on_worker_gone)
         self.workers: dict[str, WorkerPages] = {}
         self.dead: list[str] = []  # workers seen dying, in order
 
@@ -194,6 +199,8 @@ class PageBroker:
                 rec.fd, rec.held = -1, 0
         rec.pages.close()
         rec.reclaim.close()
+        for hook in self.on_worker_gone:
+            hook(worker)
         logger.info("worker %s gone: its pages are back in the budget", worker)
 
     # ---- observability -------------------------------------------------------------------------

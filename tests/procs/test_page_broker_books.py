@@ -24,12 +24,14 @@ from elasticserve.procs.page_broker import PageBroker
 from elasticserve.procs.transport import Channel, channel_pair
 
 PAGE = 64 << 10
+GONE: list[str] = []  # workers the broker's on_worker_gone hook was told about
 
 
 @pytest.fixture
 def broker() -> Iterator[PageBroker]:
     b = PageBroker(10 * PAGE, PAGE, reclaim_deadline_s=0.3,
-                   extra_handlers={tuple: lambda worker, msg: ((worker, msg), [])})
+                   extra_handlers={tuple: lambda worker, msg: ((worker, msg), [])},
+                   on_worker_gone=[GONE.append])
     yield b
     b.close()
 
@@ -90,10 +92,10 @@ def test_replicas_share_weights_and_a_death_returns_everything(broker: PageBroke
     assert broker.reclaim_timeouts == 1 and isinstance(reclaim_a.recv()[0], Reclaim)
     a.close()  # a dies
     for _ in range(200):
-        if broker.dead:
+        if GONE[-1:] == ["a"]:  # the hook runs last in worker_died
             break
         threading.Event().wait(0.01)
-    assert broker.dead == ["a"] and os.fstat(fa).st_blocks == 0
+    assert broker.dead == ["a"] == GONE[-1:] and os.fstat(fa).st_blocks == 0
     assert broker.arbiter.used_pages == 2  # b still holds the shared weights
     assert b.request(Grant(5, 5, 0))[0] == 5
     broker.check_integrity()
