@@ -15,23 +15,27 @@ Tiers 1-3 never take a model below its ``min_bytes``. A model's own pages are ne
 serve its own request. The arbiter only reclaims when the estimated reclaimable total covers
 the shortfall, so destructive tiers are not run for a request that would fail anyway.
 
-Locking: every public method holds one re-entrant lock, and reclaimers are called under it. A
-reclaimer reports what it unmapped through its return value; it must not call ``release`` for
-those pages (that would count them twice).
+Replicas of one model register with one ``weights_key``: their shared weights are charged once
+while any of them is awake (arbiter_weights.py).
+
+Locking: every public method holds one re-entrant lock (``lock``), and reclaimers are called
+under it. A reclaimer reports what it unmapped through its return value; it must not call
+``release`` for those pages (that would count them twice).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
 
 from elasticserve.core.arbiter_reclaim import (
     ModelEntry,
+    apply_limits,
     best_yield,
     check_books,
     claimed_by_others,
+    decayed_rate,
     fair_share,
     note_claim,
     victims,
@@ -44,6 +48,7 @@ from elasticserve.core.arbiter_types import (
     Reclaimer,
     ReclaimTier,
 )
+from elasticserve.core.arbiter_weights import charged_weights, check_group, weights_delta
 
 __all__ = ["Arbiter", "ArbiterError", "ArbiterPolicy", "ArbiterSnapshot", "ModelState", "Reclaimer",
            "ReclaimTier"]
@@ -61,6 +66,7 @@ class Arbiter:
         self.policy = policy or ArbiterPolicy()
         self._clock = clock
         self._lock = threading.RLock()
+        self.lock = self._lock  # for callers keeping books beside ours (procs/page_broker.py)
         self._models: dict[str, ModelEntry] = {}
         self._used = 0
         # pages taken per reclaim tier (keyed by its plain string value), plus event counts
@@ -70,8 +76,10 @@ class Arbiter:
     # ---- registration and limits ---------------------------------------------------------
     def register(self, name: str, weights_bytes: int, min_bytes: int = 0,
                  max_bytes: int | None = None, priority: int = 0,
-                 reclaimer: Reclaimer | None = None, awake: bool = True) -> None:
-        """Add a model; an awake one is charged its weights now (reclaiming if needed)."""
+                 reclaimer: Reclaimer | None = None, awake: bool = True,
+                 weights_key: str | None = None) -> None:
+        """Add a model; an awake one is charged its weights now (reclaiming if needed), unless
+        another entry of its ``weights_key`` is awake (replicas share one copy)."""
         if reclaimer is None:
             raise ArbiterError(f"model {name!r} needs a reclaimer")
         if weights_bytes < 0:
@@ -79,10 +87,12 @@ class Arbiter:
         with self._lock:
             if name in self._models:
                 raise ArbiterError(f"model {name!r} is already registered")
-            m = ModelEntry(name, reclaimer, weights_bytes, self._pages_up(weights_bytes), 0, None,
-                       0, 0, priority, awake=False, last_used=self._clock())
+            check_group(self._models.values(), weights_key, weights_bytes)
+            m = ModelEntry(name, reclaimer, weights_bytes, -(-weights_bytes // self.page_size),
+                           0, None, 0, 0, priority, False, last_used=self._clock(),
+                           weights_key=weights_key)
             m.rate_t = m.last_used
-            self._apply_limits(m, min_bytes, max_bytes)
+            apply_limits(m, min_bytes, max_bytes, self.page_size, self.budget_pages)
             self._models[name] = m
             if awake:
                 if not self.wake(name):
@@ -98,7 +108,7 @@ class Arbiter:
             if m.kv_pages:
                 raise ArbiterError(f"model {name!r} still holds {m.kv_pages} KV pages")
             if m.awake:
-                self._used -= m.weights_pages
+                self._used -= weights_delta(self._models.values(), m)
             del self._models[name]
 
     def set_limits(self, name: str, min_bytes: int | None = None, max_bytes: int | None = None,
@@ -109,7 +119,7 @@ class Arbiter:
             new_min = m.min_bytes if min_bytes is None else min_bytes
             new_max = m.max_bytes if max_bytes is None else max_bytes
             old = (m.min_bytes, m.max_bytes, m.min_pages, m.max_pages)
-            self._apply_limits(m, new_min, new_max)
+            apply_limits(m, new_min, new_max, self.page_size, self.budget_pages)
             if priority is not None:
                 m.priority = priority
             excess = m.kv_pages - m.max_pages
@@ -120,15 +130,6 @@ class Arbiter:
                 m.min_bytes, m.max_bytes, m.min_pages, m.max_pages = old
                 raise ArbiterError(f"model {name!r} cannot give back {excess} more pages "
                                    f"to meet max_bytes={new_max}")
-
-    def _apply_limits(self, m: ModelEntry, min_bytes: int, max_bytes: int | None) -> None:
-        if min_bytes < 0 or (max_bytes is not None and max_bytes < max(min_bytes, self.page_size)):
-            raise ValueError(f"need 0 <= min_bytes <= max_bytes >= one KV page, got {min_bytes}, {max_bytes}")
-        m.min_bytes, m.max_bytes = min_bytes, max_bytes
-        m.min_pages = self._pages_up(min_bytes)
-        # a ceiling rounds down, like the engine's page limit; a floor rounds up
-        m.max_pages = self.budget_pages if max_bytes is None else max_bytes // self.page_size
-        m.min_pages = min(m.min_pages, m.max_pages)
 
     # ---- grants ---------------------------------------------------------------------------
     def request(self, name: str, pages: int, at_least: int | None = None) -> int:
@@ -187,12 +188,13 @@ class Arbiter:
             if m.awake:
                 return True
             m.last_used = now = self._clock()
-            if self._available(m, now) < m.weights_pages:
-                self._reclaim(m, m.weights_pages - self._available(m, now), m.min_pages)
-            if self._available(m, now) < m.weights_pages:
+            charge = weights_delta(self._models.values(), m)
+            if self._available(m, now) < charge:
+                self._reclaim(m, charge - self._available(m, now), m.min_pages)
+            if self._available(m, now) < charge:
                 return False
             m.awake = True
-            self._used += m.weights_pages
+            self._used += charge
             self.stats["wakes"] += 1
             return True
 
@@ -205,26 +207,22 @@ class Arbiter:
                 return
             if m.kv_pages:
                 raise ArbiterError(f"model {name!r} cancels a wake holding {m.kv_pages} KV pages")
+            self._used -= weights_delta(self._models.values(), m)
             m.awake = False
-            self._used -= m.weights_pages
             self.stats["wakes"] -= 1
 
     # ---- popularity -----------------------------------------------------------------------
     def note_request(self, name: str) -> None:
         """A request arrived for ``name``: update its rate EWMA and last-used time."""
         with self._lock:
-            m = self._get(name)
-            now = self._clock()
-            m.rate = self._decayed_rate(m, now) + 1.0 / self.policy.popularity_tau_s
+            m, now, tau = self._get(name), self._clock(), self.policy.popularity_tau_s
+            m.rate = decayed_rate(m, now, tau) + 1.0 / tau
             m.rate_t = m.last_used = now
 
     def popularity(self, name: str) -> float:
         """Request rate EWMA (requests/s) as of now."""
         with self._lock:
-            return self._decayed_rate(self._get(name), self._clock())
-
-    def _decayed_rate(self, m: ModelEntry, now: float) -> float:
-        return m.rate * math.exp(-max(0.0, now - m.rate_t) / self.policy.popularity_tau_s)
+            return decayed_rate(self._get(name), self._clock(), self.policy.popularity_tau_s)
 
     # ---- reclaim --------------------------------------------------------------------------
     def _reclaim(self, req: ModelEntry, short: int, req_after: int) -> None:
@@ -247,11 +245,13 @@ class Arbiter:
 
     def _victims(self, req: ModelEntry, tier: ReclaimTier, req_after: int) -> list[tuple[ModelEntry, int]]:
         """Candidates of one tier: lowest priority, least popular, least recently used first."""
-        now = self._clock()
+        now, tau = self._clock(), self.policy.popularity_tau_s
         others = sorted((m for m in self._models.values() if m is not req and m.awake),
-                        key=lambda m: (m.priority, self._decayed_rate(m, now), m.last_used))
-        fair = fair_share(self._models.values(), self.budget_pages)
-        return victims(others, req, tier, req_after, fair, self.policy, now)
+                        key=lambda m: (m.priority, decayed_rate(m, now, tau), m.last_used))
+        models = self._models.values()
+        fair = fair_share(models, self.budget_pages, charged_weights(models))
+        return victims(others, req, tier, req_after, fair, self.policy, now,
+                       lambda m: weights_delta(models, m))
 
     def _take(self, m: ModelEntry, tier: ReclaimTier, n: int) -> int:
         """Run one reclaim call on ``m`` and book what it returned."""
@@ -276,7 +276,7 @@ class Arbiter:
             return 0  # the model is mid-step and cannot sleep now
         if freed != m.kv_pages:
             raise ArbiterError(f"{m.name!r} released {freed} KV pages on sleep, holds {m.kv_pages}")
-        total = m.kv_pages + m.weights_pages
+        total = m.kv_pages + weights_delta(self._models.values(), m)
         self._used -= total
         m.kv_pages, m.awake, m.claim_since = 0, False, None
         self.stats[ReclaimTier.SLEEP.value] += total
@@ -310,23 +310,22 @@ class Arbiter:
     def snapshot(self) -> ArbiterSnapshot:
         """A consistent copy of the budget and every model's state."""
         with self._lock:
-            now = self._clock()
+            now, tau = self._clock(), self.policy.popularity_tau_s
             models = {m.name: ModelState(m.name, m.awake, m.weights_bytes, m.weights_pages,
                                          m.kv_pages, m.min_bytes, m.max_bytes, m.priority,
-                                         m.last_used, self._decayed_rate(m, now))
+                                         m.last_used, decayed_rate(m, now, tau), m.weights_key)
                       for m in self._models.values()}
             return ArbiterSnapshot(self.page_size, self.budget_pages, self._used,
-                                   self.free_pages, models)
+                                   self.free_pages, models,
+                                   charged_weights(self._models.values()))
 
     def check_integrity(self) -> None:
         """Raise ArbiterError unless grants + weights == used <= budget and limits hold."""
         with self._lock:
-            check_books(list(self._models.values()), self._used, self.budget_pages)
+            models = list(self._models.values())
+            check_books(models, self._used, self.budget_pages, charged_weights(models))
 
     # ---- helpers --------------------------------------------------------------------------
-    def _pages_up(self, nbytes: int) -> int:
-        return -(-nbytes // self.page_size)
-
     def _get(self, name: str) -> ModelEntry:
         m = self._models.get(name)
         if m is None:

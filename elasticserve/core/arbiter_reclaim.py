@@ -8,7 +8,8 @@ holding only cached prefix blocks), ``PREEMPT`` (swap or recompute running reque
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from elasticserve.core.arbiter_types import ArbiterError, ArbiterPolicy, Reclaimer, ReclaimTier
@@ -29,6 +30,7 @@ class ModelEntry:
     priority: int
     awake: bool
     kv_pages: int = 0
+    weights_key: str | None = None  # replicas sharing one copy of the weights (arbiter_weights)
     last_used: float = 0.0
     rate: float = 0.0  # EWMA of the request rate, as of rate_t
     rate_t: float = 0.0
@@ -40,13 +42,15 @@ class ModelEntry:
 
 
 def victims(others: list[ModelEntry], req: ModelEntry, tier: ReclaimTier, req_after: int,
-            fair: int, policy: ArbiterPolicy, now: float) -> list[tuple[ModelEntry, int]]:
+            fair: int, policy: ArbiterPolicy, now: float,
+            weights_freed: Callable[[ModelEntry], int]) -> list[tuple[ModelEntry, int]]:
     """Candidates of one tier among ``others`` (already in reclaim order), each with an upper
-    bound on the pages it yields. ``req`` will hold ``req_after`` KV pages if served."""
+    bound on the pages it yields. ``req`` will hold ``req_after`` KV pages if served;
+    ``weights_freed(m)`` is what sleeping ``m`` frees besides its KV."""
     out: list[tuple[ModelEntry, int]] = []
     for m in others:
         if tier is ReclaimTier.SLEEP:
-            cap = m.kv_pages + m.weights_pages \
+            cap = m.kv_pages + weights_freed(m) \
                 if m.priority <= req.priority and m.reclaimer.is_idle() else 0
         else:
             cap = m.kv_pages - floor(req, m, tier, req_after, fair, policy, now)
@@ -85,11 +89,11 @@ def floor(req: ModelEntry, m: ModelEntry, tier: ReclaimTier, req_after: int, fai
     return m.min_pages
 
 
-def fair_share(models: Iterable[ModelEntry], budget_pages: int) -> int:
-    """KV pages per awake model if the room left by their weights were split evenly."""
+def fair_share(models: Iterable[ModelEntry], budget_pages: int, weights_pages: int) -> int:
+    """KV pages per awake model if the room left by the weights charged (``weights_pages``)
+    were split evenly."""
     awake = [m for m in models if m.awake]
-    kv_room = budget_pages - sum(m.weights_pages for m in awake)
-    return kv_room // max(1, len(awake))
+    return (budget_pages - weights_pages) // max(1, len(awake))
 
 
 def best_yield(plans: Mapping[ReclaimTier, list[tuple[ModelEntry, int]]]) -> int:
@@ -122,9 +126,10 @@ def note_claim(m: ModelEntry, pages: int, now: float) -> None:
     m.claim_pages, m.claim_at = pages, now
 
 
-def check_books(models: list[ModelEntry], used: int, budget_pages: int) -> None:
-    """Raise ArbiterError unless grants + weights == used <= budget and limits hold."""
-    total = sum(m.kv_pages + (m.weights_pages if m.awake else 0) for m in models)
+def check_books(models: list[ModelEntry], used: int, budget_pages: int, weights: int) -> None:
+    """Raise ArbiterError unless grants + weights charged (``weights``) == used <= budget and
+    limits hold."""
+    total = sum(m.kv_pages for m in models) + weights
     if total != used or used > budget_pages:
         raise ArbiterError(f"used={used}, grants+weights={total}, budget={budget_pages}")
     for m in models:
@@ -133,3 +138,19 @@ def check_books(models: list[ModelEntry], used: int, budget_pages: int) -> None:
                                f"[0, {m.max_pages}] (min {m.min_pages})")
         if not m.awake and m.kv_pages:
             raise ArbiterError(f"{m.name!r} is asleep but holds {m.kv_pages} KV pages")
+
+
+def apply_limits(m: ModelEntry, min_bytes: int, max_bytes: int | None, page_size: int,
+                 budget_pages: int) -> None:
+    """Set ``m``'s floor and ceiling (ValueError on a bad pair or a ceiling below one page)."""
+    if min_bytes < 0 or (max_bytes is not None and max_bytes < max(min_bytes, page_size)):
+        raise ValueError(f"need 0 <= min_bytes <= max_bytes >= one KV page, got {min_bytes}, {max_bytes}")
+    m.min_bytes, m.max_bytes = min_bytes, max_bytes
+    # a ceiling rounds down, like the engine's page limit; a floor rounds up
+    m.max_pages = budget_pages if max_bytes is None else max_bytes // page_size
+    m.min_pages = min(-(-min_bytes // page_size), m.max_pages)
+
+
+def decayed_rate(m: ModelEntry, now: float, tau_s: float) -> float:
+    """``m``'s request-rate EWMA as of ``now``."""
+    return m.rate * math.exp(-max(0.0, now - m.rate_t) / tau_s)

@@ -55,6 +55,7 @@ class ModelState:
     priority: int
     last_used: float
     popularity: float
+    weights_key: str | None = None  # replicas with one key share one copy of the weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,8 @@ class ArbiterSnapshot:
     used_pages: int
     free_pages: int
     models: dict[str, ModelState]
+    # weights pages charged: each awake model once, or each awake weights_key group once
+    weights_pages: int = 0
 
 
 class Reclaimer(Protocol):

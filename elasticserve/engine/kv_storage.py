@@ -48,7 +48,8 @@ class KVStorage:
     """The KV cache of one engine: static (all mapped, fixed) or elastic (grows, shrinks)."""
 
     def __init__(self, cache: CacheConfig, memory: MemoryConfig, model: ModelConfig,
-                 dtype: torch.dtype, broker: PageBroker | None = None) -> None:
+                 dtype: torch.dtype, broker: PageBroker | None = None,
+                 backend: MemoryBackend | None = None) -> None:
         self.elastic = cache.kv_cache_mode == "elastic"
         if broker is not None and not self.elastic:
             raise ValueError("a shared page budget needs kv_cache_mode='elastic'")
@@ -56,7 +57,7 @@ class KVStorage:
         self.block_shape = kv_block_shape(model, cache.block_size)
         self.block_bytes = kv_block_bytes(model, cache.block_size, dtype)
         limit_blocks = max(1, cache.kv_limit_bytes(self.block_bytes) // self.block_bytes)
-        self.backend = _backend(cache, memory, limit_blocks * self.block_bytes)
+        self.backend = backend or _backend(cache, memory, limit_blocks * self.block_bytes)
         self.page_size = self.backend.page_size
         self.vt = VirtualTensor(self.backend, limit_blocks * self.block_bytes, dtype,
                                 self.block_shape)

@@ -22,6 +22,7 @@ from elasticserve.engine.validation import PromptInput, check_fits, tokenize_pro
 from elasticserve.engine.weights import DiskWeights, WeightsSource
 from elasticserve.errors import InvalidFieldError
 from elasticserve.kernels import native
+from elasticserve.memory.backend import MemoryBackend
 from elasticserve.models.hf_config import ModelConfig, load_config
 from elasticserve.models.llama import CausalLM
 from elasticserve.models.tokenizer import Tokenizer
@@ -37,10 +38,12 @@ class LLMEngine(SleepWake):
     """Owns one model, its tokenizer, its KV storage, a scheduler and a runner."""
 
     def __init__(self, args: EngineArgs, broker: ModelBroker | None = None,
-                 weights: WeightsSource | None = None) -> None:
+                 weights: WeightsSource | None = None,
+                 kv_backend: MemoryBackend | None = None) -> None:
         """`broker`: a shared page budget (engine/multi_model.py's ModelHost); it is told the
         weights' size before the KV storage asks it for pages. `weights`: where the model comes
-        from at start and on wake (default: the checkpoint, a private copy)."""
+        from at start and on wake (default: the checkpoint, a private copy). `kv_backend`: where
+        the KV pages come from (default: `memory.backend`'s; a worker's: the broker's memfd)."""
         # validated before anything heavy is loaded; only the model's length limit is read
         self.config = args.create_engine_config(_model_max_len(load_config(args.model)))
         self.cache_config = self.config.cache
@@ -56,7 +59,7 @@ class LLMEngine(SleepWake):
         if broker is not None:
             broker.attach_model(self.weights_bytes)
         self.kv = KVStorage(self.cache_config, self.config.memory, self.model_config,
-                            self._param_dtype(), broker)
+                            self._param_dtype(), broker, kv_backend)
         self._build_scheduler_and_runner()
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler_config.max_model_len)
         self.groups: dict[str, SequenceGroup] = {}

@@ -37,14 +37,77 @@ class ModelSpec:
     max_bytes: int | None = None
 
 
-class ModelHost:
+class EngineReclaimer:
+    """The arbiter's `Reclaimer` over one local engine; it only ever try-locks the engine's KV
+    storage. Serves a `ModelHost` in this process, and in a worker process the broker's
+    reclaim requests (procs/page_client.py). `last_mapped`: the pages mapped right after the
+    last call that got the lock (None if it did not), read under the lock, so it agrees with
+    the pages that call unmapped."""
+
+    def __init__(self) -> None:
+        self.engine: LLMEngine | None = None
+        self.pages_reclaimed = 0
+        self.last_mapped: int | None = None
+
+    # ---- called under the arbiter's lock, from any thread ----------------------------------
+    def reclaimable(self) -> tuple[int, int]:
+        engine = self.engine
+        if engine is None or engine.asleep:
+            return 0, 0
+        return engine.kv.reclaimable()
+
+    def free_pages(self, n: int) -> int:
+        return self._locked(n, lambda kv: kv.free_pages(n))
+
+    def drop_cached(self, n: int) -> int:
+        return self._locked(n, lambda kv: kv.drop_cached(n))
+
+    def preempt(self, n: int) -> int:
+        return self._locked(n, lambda kv: kv.preempt(n), preempt=True)
+
+    def sleep(self) -> int | None:
+        engine = self.engine
+        self.last_mapped = None
+        if engine is None:
+            return None
+        return engine.kv.try_locked(lambda: self._note_mapped(engine.sleep(), engine.kv))
+
+    def is_idle(self) -> bool:
+        engine = self.engine
+        return engine is None or not engine.has_unfinished_requests()
+
+    def is_starved(self) -> bool:
+        """Requests wait for memory: the arbiter then protects this model's share."""
+        engine = self.engine
+        return engine is not None and bool(engine.scheduler.waiting or engine.scheduler.swapped)
+
+    def _locked(self, n: int, action: Callable[[KVStorage], int], preempt: bool = False) -> int:
+        engine = self.engine
+        self.last_mapped = None
+        if engine is None or engine.asleep:
+            return 0
+        kv = engine.kv
+        got = kv.try_locked(lambda: self._note_mapped(action(kv), kv))
+        if got is None:
+            # mid-step: it pays at the end of the step (or in the reclaimer's next pass), and
+            # the arbiter keeps those pages for a starved requester (Arbiter._available)
+            kv.owe_pages(n, preempt=preempt)
+            return 0
+        self.pages_reclaimed += got
+        return got
+
+    def _note_mapped(self, got: int, kv: KVStorage) -> int:
+        self.last_mapped = kv.pages.mapped_pages
+        return got
+
+
+class ModelHost(EngineReclaimer):
     """Page broker (`core.kv_pages.ModelBroker`) + arbiter reclaimer for one engine."""
 
     def __init__(self, arbiter: Arbiter, spec: ModelSpec) -> None:
+        super().__init__()
         self.arbiter = arbiter
         self.spec = spec
-        self.engine: LLMEngine | None = None
-        self.pages_reclaimed = 0
 
     # ---- broker (called by the engine's own thread) --------------------------------------
     def attach_model(self, weights_bytes: int) -> None:
@@ -63,49 +126,6 @@ class ModelHost:
 
     def cancel_wake(self) -> None:
         self.arbiter.cancel_wake(self.spec.name)
-
-    # ---- reclaimer (called under the arbiter's lock, from any thread) -----------------------
-    def reclaimable(self) -> tuple[int, int]:
-        engine = self.engine
-        if engine is None or engine.asleep:
-            return 0, 0
-        return engine.kv.reclaimable()
-
-    def free_pages(self, n: int) -> int:
-        return self._locked(n, lambda kv: kv.free_pages(n))
-
-    def drop_cached(self, n: int) -> int:
-        return self._locked(n, lambda kv: kv.drop_cached(n))
-
-    def preempt(self, n: int) -> int:
-        return self._locked(n, lambda kv: kv.preempt(n), preempt=True)
-
-    def sleep(self) -> int | None:
-        engine = self.engine
-        return None if engine is None else engine.kv.try_locked(engine.sleep)
-
-    def is_idle(self) -> bool:
-        engine = self.engine
-        return engine is None or not engine.has_unfinished_requests()
-
-    def is_starved(self) -> bool:
-        """Requests wait for memory: the arbiter then protects this model's share."""
-        engine = self.engine
-        return engine is not None and bool(engine.scheduler.waiting or engine.scheduler.swapped)
-
-    def _locked(self, n: int, action: Callable[[KVStorage], int], preempt: bool = False) -> int:
-        engine = self.engine
-        if engine is None or engine.asleep:
-            return 0
-        kv = engine.kv
-        got = kv.try_locked(lambda: action(kv))
-        if got is None:
-            # mid-step: it pays at the end of the step (or in the reclaimer's next pass), and
-            # the arbiter keeps those pages for a starved requester (Arbiter._available)
-            kv.owe_pages(n, preempt=preempt)
-            return 0
-        self.pages_reclaimed += got
-        return got
 
 
 class ModelPool:

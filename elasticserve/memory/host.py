@@ -54,11 +54,14 @@ from elasticserve.memory.linux import (
 class _PageFile:
     """A memfd whose page-sized slots are physical pages; sparse, grown on demand."""
 
-    def __init__(self, name: str, page_size: int, size: int = 0) -> None:
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    def __init__(self, name: str, page_size: int, size: int = 0, fd: int | None = None) -> None:
+        # an adopted fd (another process's memfd of `size` bytes): its owner sizes it and
+        # punches the slots released here
+        self.adopted = fd is not None
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC) if fd is None else fd
         self.page_size = page_size
         self.capacity = size // page_size  # slots covered by the file size
-        if size:
+        if size and not self.adopted:
             os.ftruncate(self.fd, size)
         self.free: list[int] = []  # heap of released slots below next_slot
         self.next_slot = 0
@@ -72,6 +75,8 @@ class _PageFile:
         elif slot in self.used:
             return None
         self.next_slot = max(self.next_slot, slot + 1)
+        if slot >= self.capacity and self.adopted:
+            raise ValueError(f"slot {slot} is beyond the {self.capacity} of the adopted file")
         if slot >= self.capacity:  # sparse growth: ftruncate allocates nothing
             self.capacity = max(slot + 1, 2 * self.capacity, 64)
             os.ftruncate(self.fd, self.capacity * self.page_size)
@@ -80,7 +85,8 @@ class _PageFile:
 
     def release(self, offset: int) -> None:
         slot = offset // self.page_size
-        punch_hole(self.fd, offset, self.page_size)
+        if not self.adopted:
+            punch_hole(self.fd, offset, self.page_size)
         self.used.remove(slot)
         if self.retired:
             return
@@ -111,6 +117,7 @@ class HostBackend:
         self._range_files: dict[int, _PageFile] = {}  # range base -> its own page file
         self._entries: dict[int, int] = {}  # range base -> kernel mappings it occupies
         self._guard = MapCountGuard(max_map_count, map_headroom)
+        self._adopted: _PageFile | None = None
         self._closed = False
 
     # -- address space ---------------------------------------------------------------
@@ -169,10 +176,15 @@ class HostBackend:
     def _range_file(self, vrange: VirtualRange) -> _PageFile:
         self._table.pages_of(vrange)  # validates the range
         file = self._range_files.get(vrange.base)
+        if file is None and self._adopted is not None:
+            file, self._adopted = self._adopted, None
+            if vrange.size > file.capacity * self.page_size:
+                raise ValueError(f"the adopted page file holds {file.capacity} pages, the range "
+                                 f"{vrange.size // self.page_size}")
         if file is None:
             file = _PageFile("elasticserve-range", self.page_size, vrange.size)
-            self._range_files[vrange.base] = file
-            self._files[file.fd] = file
+        self._range_files[vrange.base] = file
+        self._files[file.fd] = file
         return file
 
     def release_page(self, page: PhysicalPage) -> None:
@@ -186,6 +198,15 @@ class HostBackend:
             file.release(page.offset)
             if file.close_if_done():
                 del self._files[file.fd]
+
+    def adopt_range_file(self, fd: int, size: int) -> None:
+        """Back the next range that gets pages with slots of ``fd`` (slot i = page i), a memfd
+        of ``size`` bytes owned by another process (a worker's KV on the front's page broker,
+        procs/page_broker.py): released pages are not punched here, the owner does it.
+        The backend closes ``fd``."""
+        with self._lock:
+            self._adopted = _PageFile("", self.page_size, size, fd=fd)
+            self._files[fd] = self._adopted
 
     # -- mapping ---------------------------------------------------------------------
     def map(self, vrange: VirtualRange, offset: int, page: PhysicalPage) -> None:

@@ -1,7 +1,17 @@
 """The messages between a worker process and the front process (plain, picklable data).
 
-They travel over a `procs.transport.Channel`, request/reply: the worker sends, the front
+They travel over `procs.transport.Channel`s, request/reply: the asker sends, the other end
 answers each with one message (and, where a reply says so, file descriptors riding along).
+
+Besides its step channel, each worker has two channels to the front's page broker
+(procs/page_broker.py):
+
+* ``pages`` (worker -> broker): register, grants, releases, wake-ups (and the weights
+  messages below, served by the same per-worker thread). Every message that changes what the
+  worker maps carries ``mapped`` / ``mapped_after``, the pages the worker maps, so the
+  broker's books follow the worker even after a reclaim reply came too late.
+* ``reclaim`` (broker -> worker): the arbiter's reclaim calls on this worker as a victim, each
+  with a request id and a deadline; replies to a request the broker gave up on are dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +27,90 @@ class Ack:
 
     ok: bool = True
     error: str = ""
+
+
+# ---- pages channel (worker -> broker) -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterWorker:
+    """A worker's model joins the budget. Reply: `Registered`, with the KV memfd as the fd."""
+
+    worker: str
+    weights_key: str | None  # replicas of one model share one copy of the weights
+    weights_bytes: int
+    kv_max_bytes: int  # the worker's KV reservation: the memfd's (sparse) size
+    min_bytes: int = 0
+    max_bytes: int | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    page_size: int
+    kv_pages: int  # slots of the memfd: slot i backs page i of the worker's KV range
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Up to `pages` more pages, at least `at_least`, for a worker that maps `mapped` now.
+    Reply: the pages granted (int), 0 or in [at_least, pages]."""
+
+    pages: int
+    at_least: int
+    mapped: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The worker unmapped `pages` on its own and maps `mapped_after` now. Reply: None."""
+
+    pages: int
+    mapped_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Charge the sleeping worker's weights again. Reply: bool (False: no room yet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelWake:
+    """Undo a Wake whose weights failed to load (its pages were released). Reply: None."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerError:
+    """The reply when the broker refused a message: the client raises with this text."""
+
+    message: str
+
+
+# ---- reclaim channel (broker -> worker) -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaim:
+    """One `Reclaimer` call on the worker: `op` is "free_pages", "drop_cached", "preempt",
+    "sleep" or "probe". A worker past `deadline` (time.monotonic, one clock per machine) does
+    nothing and says so: the broker counted it as 0 pages already."""
+
+    request_id: int
+    op: str
+    n: int
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """`pages` unmapped (None: sleep refused mid-step) and `mapped_after` (None: the worker
+    could not take its lock and owes the pages), or, for "probe", the worker's `state`:
+    (free pages, cached pages, idle, starved)."""
+
+    request_id: int
+    pages: int | None
+    mapped_after: int | None
+    state: tuple[int, int, bool, bool] | None = None
 
 
 # weights -------------------------------------------------------------------------------------

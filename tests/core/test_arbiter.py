@@ -294,8 +294,10 @@ class ArbiterMachine(RuleBasedStateMachine):
         self.fakes: dict[str, FakeModel] = {}
 
     @rule(name=st.sampled_from(NAMES), weights=st.integers(0, 40), prio=st.integers(0, 2),
-          lo=st.integers(0, 20), span=st.none() | st.integers(0, 60))
-    def register(self, name: str, weights: int, prio: int, lo: int, span: int | None) -> None:
+          lo=st.integers(0, 20), span=st.none() | st.integers(0, 60),
+          key=st.none() | st.just("replicas"))
+    def register(self, name: str, weights: int, prio: int, lo: int, span: int | None,
+                 key: str | None) -> None:
         if name in self.fakes:
             return
         fake = FakeModel()
@@ -305,8 +307,10 @@ class ArbiterMachine(RuleBasedStateMachine):
                 self.arb.register(name, weights * PAGE, lo * PAGE, hi, prio, fake)
             assert name not in self.arb.names()
             return
+        if key is not None:
+            weights = 8  # replicas share one copy: the same size
         try:
-            self.arb.register(name, weights * PAGE, lo * PAGE, hi, prio, fake)
+            self.arb.register(name, weights * PAGE, lo * PAGE, hi, prio, fake, weights_key=key)
         except ArbiterError:
             assert name not in self.arb.names()
             return
@@ -380,7 +384,11 @@ class ArbiterMachine(RuleBasedStateMachine):
         snap = self.arb.snapshot()
         for name, fake in self.fakes.items():
             assert fake.mapped == snap.models[name].kv_pages, name  # nothing leaked
-        weights = sum(m.weights_pages for m in snap.models.values() if m.awake)
+        awake = [m for m in snap.models.values() if m.awake]
+        # replicas (one weights_key, 8 pages each) are charged once while any is awake
+        weights = sum(m.weights_pages for m in awake if m.weights_key is None) + \
+            (8 if any(m.weights_key for m in awake) else 0)
+        assert snap.weights_pages == weights
         assert snap.used_pages == weights + sum(f.mapped for f in self.fakes.values())
 
 

@@ -1,0 +1,138 @@
+"""The worker's side of the page broker: `RemotePageBroker` (the engine's `ModelBroker` over
+the ``pages`` channel), the KV memory backend over the broker's memfd, and the thread that
+answers the broker's reclaim requests.
+
+The worker maps its KV pages from slots of a memfd the front's broker owns
+(procs/page_broker.py): slot i backs page i of the KV range, as `HostBackend` places a
+range's own file. Releasing a page here only unmaps it; the broker punches it out of the
+memfd when it books the release, so memory returns even if this process dies mid-way.
+
+Reclaims are answered by an `EngineReclaimer` (engine/multi_model.py, the same one a model
+in the front process uses): it only try-locks the engine's KV storage, so it answers at once
+even while this worker's step thread waits on the broker for a grant. A worker mid-step owes
+the pages and pays after its step; the broker books that release then.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+
+from elasticserve.engine.multi_model import EngineReclaimer
+from elasticserve.memory.backend import MemoryBackend
+from elasticserve.memory.host import HostBackend
+from elasticserve.procs.messages import (
+    BrokerError,
+    CancelWake,
+    Grant,
+    Reclaim,
+    Reclaimed,
+    Registered,
+    RegisterWorker,
+    Release,
+    Wake,
+)
+from elasticserve.procs.transport import Channel, ChannelClosed
+
+
+class PageBrokerError(RuntimeError):
+    """The broker refused a message (its reason in the text)."""
+
+
+class RemotePageBroker:
+    """`core.kv_pages.ModelBroker` for an engine in a worker process.
+
+    Pass ``backend`` to the engine as its ``kv_backend``: its KV range gets the broker's memfd
+    at registration (``attach_model``, which the engine calls before it builds its KV)."""
+
+    def __init__(self, channel: Channel, worker: str, kv_max_bytes: int, page_size: int,
+                 weights_key: str | None = None, min_bytes: int = 0,
+                 max_bytes: int | None = None, priority: int = 0) -> None:
+        self.channel = channel
+        self.register = RegisterWorker(worker, weights_key, 0, kv_max_bytes, min_bytes,
+                                       max_bytes, priority)
+        self._backend = HostBackend(page_size)
+        self.backend: MemoryBackend = self._backend
+        self.reclaimer = EngineReclaimer()  # bind .engine once the engine is built
+
+    @property
+    def pages_reclaimed(self) -> int:
+        return self.reclaimer.pages_reclaimed
+
+    @pages_reclaimed.setter
+    def pages_reclaimed(self, value: int) -> None:
+        self.reclaimer.pages_reclaimed = value
+
+    # ---- ModelBroker ---------------------------------------------------------------------------
+    def attach_model(self, weights_bytes: int) -> None:
+        """Register with the broker; adopt the KV memfd it sends."""
+        reply, fds = self.channel.request(replace(self.register, weights_bytes=weights_bytes))
+        if not isinstance(reply, Registered) or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise PageBrokerError(_reason(reply))
+        if reply.page_size != self._backend.page_size:
+            raise ValueError(f"page_size {self._backend.page_size} differs from the broker's "
+                             f"{reply.page_size}")
+        self._backend.adopt_range_file(fds[0], reply.kv_pages * reply.page_size)
+
+    def grant(self, pages: int, at_least: int) -> int:
+        got = self._ask(Grant(pages, at_least, self.mapped_pages))
+        assert isinstance(got, int)
+        return got
+
+    def release(self, pages: int) -> None:
+        self._ask(Release(pages, self.mapped_pages))
+
+    def wake(self) -> bool:
+        return bool(self._ask(Wake()))
+
+    def cancel_wake(self) -> None:
+        self._ask(CancelWake())
+
+    @property
+    def mapped_pages(self) -> int:
+        """KV pages this process maps now (the broker books against it)."""
+        return self._backend.stats().pages_live
+
+    def _ask(self, msg: object) -> object:
+        reply, fds = self.channel.request(msg)
+        if fds or isinstance(reply, BrokerError):
+            raise PageBrokerError(_reason(reply))
+        return reply
+
+
+def _reason(reply: object) -> str:
+    return reply.message if isinstance(reply, BrokerError) else f"unexpected reply {reply!r}"
+
+
+def serve_reclaims(channel: Channel, reclaimer: EngineReclaimer) -> None:
+    """Answer the broker's reclaim requests until the channel closes (a worker's thread)."""
+    while True:
+        try:
+            msg, _ = channel.recv()
+            if isinstance(msg, Reclaim):
+                channel.send(answer(reclaimer, msg))
+        except ChannelClosed:
+            return
+
+
+def answer(reclaimer: EngineReclaimer, msg: Reclaim) -> Reclaimed:
+    """Run one reclaim call; a request past its deadline is not run (the broker gave up)."""
+    rid = msg.request_id
+    if time.monotonic() > msg.deadline:
+        return Reclaimed(rid, None, None)
+    if msg.op == "probe":
+        free, cached = reclaimer.reclaimable()
+        return Reclaimed(rid, None, None, (free, cached, reclaimer.is_idle(),
+                                           reclaimer.is_starved()))
+    calls = {"free_pages": reclaimer.free_pages, "drop_cached": reclaimer.drop_cached,
+             "preempt": reclaimer.preempt}
+    if msg.op == "sleep":
+        pages = reclaimer.sleep()
+    elif msg.op in calls:
+        pages = calls[msg.op](msg.n)
+    else:
+        raise ValueError(f"unknown reclaim op {msg.op!r}")
+    return Reclaimed(rid, pages, reclaimer.last_mapped)
