@@ -36,7 +36,8 @@ from elasticserve.procs.transport import Channel, ChannelClosed
 
 logger = logging.getLogger(__name__)
 
-# (worker, message) -> (reply, fds sent with it; the handler keeps owning them)
+# (worker, message) -> (reply, fds to send with it: handed over, the broker closes them once
+# sent; e.g. WeightsRegistry.handle returns duplicates of its memfds)
 Handler = Callable[[str, object], tuple[object, list[int]]]
 
 
@@ -94,7 +95,12 @@ class PageBroker:
                 for fd in fds:  # no message to the broker carries fds
                     os.close(fd)
                 reply, out = self._handle(rec, msg)
-                rec.pages.send(reply, out)
+                try:
+                    rec.pages.send(reply, out)
+                finally:
+                    if not isinstance(msg, RegisterWorker):
+                        for fd in out:  # an extra handler's fds are ours once returned
+                            os.close(fd)
         except ChannelClosed:
             pass
         finally:

@@ -66,6 +66,7 @@ class WorkerClient:
         self.ready_info: Ready | None = None
         self.last_stats: dict[str, Any] = {}
         self.last_memory: dict[str, int] = {}
+        self.last_busy = time.monotonic()  # a request was open (for idle sleep)
         self.on_death: Callable[[WorkerClient], None] | None = None
         self._channel: Channel | None = None
         self._lock = threading.Lock()
@@ -96,6 +97,7 @@ class WorkerClient:
     def _dispatch(self, msg: object) -> None:
         if isinstance(msg, StepResult):
             self.last_stats, self.last_memory = msg.stats, msg.memory_stats
+            self.last_busy = time.monotonic()
             for request_id, exc in msg.errors:
                 self.streams.send(request_id, exc, final=True)
             self.streams.observe_step(msg.step_stats, self.observer)
@@ -163,6 +165,7 @@ class WorkerClient:
         timing = RequestTiming(time.monotonic() if arrival_time is None else arrival_time)
         channel = self._live_channel()
         queue = self.streams.open(request_id, timing)
+        self.last_busy = time.monotonic()
         try:
             channel.send(AddRequest(request_id, prompt, params, priority, stream))
         except ChannelClosed:

@@ -21,7 +21,9 @@ import threading
 from typing import Any
 
 from elasticserve.engine.llm_engine import LLMEngine
+from elasticserve.procs.page_client import RemotePageBroker, serve_reclaims
 from elasticserve.procs.transport import Channel, ChannelClosed, channel_from_fd
+from elasticserve.procs.weights import SharedWeights
 from elasticserve.procs.worker_messages import (
     AbortRequest,
     AddRequest,
@@ -159,21 +161,39 @@ def _picklable(exc: BaseException) -> BaseException:
     return exc
 
 
-def build_engine(spec: WorkerSpec) -> LLMEngine:
-    """The replica's engine (its own memory: the page broker hooks in here when shared)."""
-    return LLMEngine(spec.engine_args)
+def build_engine(spec: WorkerSpec, pages: Channel | None, reclaim: Channel | None) -> LLMEngine:
+    """The replica's engine. Shared: its KV pages and its weights come from the front's page
+    broker over `pages` (the model's one copy of the weights, mapped read-only), and the
+    broker's reclaims arrive on `reclaim`, answered by a thread that never waits for a step."""
+    if not spec.shared:
+        return LLMEngine(spec.engine_args)
+    assert pages is not None and reclaim is not None, "a shared worker needs its broker channels"
+    args = spec.engine_args
+    broker = RemotePageBroker(pages, spec.worker, args.kv_cache_max_bytes, args.page_size,
+                              weights_key=spec.model, min_bytes=spec.min_bytes,
+                              max_bytes=spec.max_bytes, priority=spec.priority)
+    engine = LLMEngine(args, broker=broker, weights=SharedWeights(pages, key=spec.model),
+                       kv_backend=broker.backend)
+    broker.reclaimer.engine = engine
+    threading.Thread(target=serve_reclaims, args=(reclaim, broker.reclaimer), daemon=True,
+                     name="reclaims").start()
+    return engine
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="an elasticserve worker process")
     parser.add_argument("--data-fd", type=int, required=True)
+    parser.add_argument("--pages-fd", type=int, default=None, help="the page broker's channel")
+    parser.add_argument("--reclaim-fd", type=int, default=None, help="its reclaim requests")
     opts = parser.parse_args(argv)
     data = channel_from_fd(opts.data_fd)
     spec, _ = data.recv()
     assert isinstance(spec, WorkerSpec), f"expected a WorkerSpec, got {type(spec).__name__}"
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s worker {spec.worker} %(levelname)s %(message)s")
-    worker = Worker(spec, data, build_engine(spec))
+    pages, reclaim = (None if fd is None else channel_from_fd(fd)
+                      for fd in (opts.pages_fd, opts.reclaim_fd))
+    worker = Worker(spec, data, build_engine(spec, pages, reclaim))
     data.send(worker.ready())
     threading.Thread(target=worker.read_forever, name="worker-reader", daemon=True).start()
     worker.run()

@@ -23,6 +23,9 @@ class WorkerSpec:
     role: Role = "colocated"
     status_interval_s: float = 0.5  # an idle worker still reports its stats this often
     shared: bool = False  # pages and weights come from the front's broker (pages channel)
+    priority: int = 0  # the model's priority and limits for the arbiter (shared only)
+    min_bytes: int = 0
+    max_bytes: int | None = None
 
 
 # ---- front -> worker ----------------------------------------------------------------------

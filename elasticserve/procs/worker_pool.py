@@ -1,22 +1,28 @@
 """The models of a server run in worker processes: replicas, routers, the supervisor, and the
 memory budget as the server's admin routes see it (`ModelPoolClient`).
 
-Without a page broker each worker gets a fixed share of the budget (``static``: the budget
-split evenly over every replica, less its weights).
+``arbiter`` (default): one page budget owned by the front's page broker (procs/shared_budget.py);
+each replica's KV pages are granted and reclaimed by it, and a model's weights are one shared
+copy charged once. ``static``: each worker gets a fixed share (the budget split evenly over every
+replica, less its weights) and loads its own weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.multi_model import ModelSpec, checkpoint_bytes
+from elasticserve.engine.periodic import run_periodically
 from elasticserve.errors import InvalidFieldError
+from elasticserve.memory.backend import DEFAULT_PAGE_SIZE
 from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.procs.router import ReplicaRouter
+from elasticserve.procs.shared_budget import SharedBudget
 from elasticserve.procs.supervisor import Supervisor
 from elasticserve.procs.worker_client import WorkerClient
 from elasticserve.procs.worker_messages import WorkerSpec
@@ -29,20 +35,23 @@ class WorkerPool:
 
     def __init__(self, specs: list[ModelSpec], memory_bytes: int, base: EngineArgs,
                  replicas: dict[str, int] | None = None, max_queue: int = 256,
-                 policy: str = "static", idle_sleep_s: float | None = None,
+                 policy: str = "arbiter", idle_sleep_s: float | None = None,
                  supervisor: Supervisor | None = None) -> None:
         if not specs:
             raise ValueError("at least one model is needed")
+        if policy not in ("arbiter", "static"):
+            raise ValueError(f"memory policy must be 'arbiter' or 'static', got {policy!r}")
         replicas = replicas or {}
         unknown = sorted(set(replicas) - {s.name for s in specs})
         if unknown:
             raise ValueError(f"--replicas names unknown model(s) {unknown}")
-        self.memory_bytes = memory_bytes
-        # TODO(issue 11): the arbiter policy over the page broker lands next; until then
-        # workers take fixed shares
-        self.policy = "static"
-        self.idle_sleep_s = idle_sleep_s
+        self.memory_bytes, self.policy, self.idle_sleep_s = memory_bytes, policy, idle_sleep_s
+        self.page_size = base.page_size or DEFAULT_PAGE_SIZE
+        self.budget = SharedBudget(memory_bytes, self.page_size) if policy == "arbiter" else None
         self.supervisor = supervisor or Supervisor()
+        if self.budget is not None:
+            self.supervisor.on_spawn = self.budget.channels_for
+            self.supervisor.on_exit = self.budget.worker_exited
         self.routers: dict[str, ReplicaRouter] = {}
         self._plans: list[tuple[WorkerSpec, WorkerClient]] = []
         total = sum(max(1, replicas.get(s.name, 1)) for s in specs)
@@ -52,41 +61,62 @@ class WorkerPool:
 
     def _plan_model(self, spec: ModelSpec, base: EngineArgs, n: int, total: int,
                     max_queue: int) -> None:
-        kv_bytes = self.memory_bytes // total - checkpoint_bytes(spec.path)
-        if kv_bytes <= 0:
-            raise ValueError(f"--memory {self.memory_bytes} split over {total} workers leaves no "
-                             f"KV memory for {spec.name!r} after its weights")
-        args = dataclasses.replace(base, model=spec.path, kv_cache_mode="elastic",
-                                   kv_cache_max_bytes=kv_bytes)
+        args = self._engine_args(spec, base, total)
         tokenizer = Tokenizer.from_dir(spec.path)
         clients = []
         for i in range(n):
             worker = f"{spec.name}#{i}"
             client = WorkerClient(worker, spec.name, tokenizer, max_queue, base.max_num_seqs)
-            self._plans.append((WorkerSpec(worker, spec.name, i, args), client))
+            self._plans.append((WorkerSpec(worker, spec.name, i, args,
+                                           shared=self.budget is not None,
+                                           priority=spec.priority, min_bytes=spec.min_bytes,
+                                           max_bytes=spec.max_bytes), client))
             clients.append(client)
         self.routers[spec.name] = ReplicaRouter(spec.name, clients)
+
+    def _engine_args(self, spec: ModelSpec, base: EngineArgs, total: int) -> EngineArgs:
+        if self.budget is not None:
+            return dataclasses.replace(
+                base, model=spec.path, kv_cache_mode="elastic", page_size=self.page_size,
+                kv_cache_max_bytes=spec.max_bytes or self.memory_bytes,
+                kv_cache_min_bytes=spec.min_bytes)
+        kv_bytes = self.memory_bytes // total - checkpoint_bytes(spec.path)
+        if kv_bytes <= 0:
+            raise ValueError(f"--memory {self.memory_bytes} split over {total} workers leaves no "
+                             f"KV memory for {spec.name!r} after its weights")
+        return dataclasses.replace(base, model=spec.path, kv_cache_mode="elastic",
+                                   kv_cache_max_bytes=kv_bytes)
 
     def start(self) -> None:
         """Start every worker (in parallel) and wait until all answered Ready."""
         with ThreadPoolExecutor(max_workers=len(self._plans)) as pool:
             for fut in [pool.submit(self.supervisor.start, s, c) for s, c in self._plans]:
                 fut.result()
+        if self.budget is not None and self.idle_sleep_s is not None:
+            run_periodically(self, 0.1, WorkerPool.sleep_idle_workers, "idle-sleeper")
 
     # ---- ModelPoolClient --------------------------------------------------------------------
     @property
     def model_names(self) -> list[str]:
         return list(self.routers)
 
+    def _workers(self, name: str) -> list[str]:
+        return [r.worker for r in self._replicas(name)]
+
     def note_request(self, name: str) -> None:
-        """Popularity is the broker's business; a private budget keeps none."""
+        if self.budget is not None and name in self.routers:
+            self.budget.note_request(self._workers(name))
 
     def set_limits(self, name: str, min_bytes: int | None, max_bytes: int | None,
                    priority: int | None) -> None:
-        raise InvalidFieldError("name", "limits need the shared page budget (--memory-policy "
-                                "arbiter); these workers have fixed shares")
+        if self.budget is None:
+            raise InvalidFieldError("name", "limits need --memory-policy arbiter; these workers "
+                                    "have fixed shares")
+        self.budget.set_limits(self._workers(name), min_bytes, max_bytes, priority)
 
     def sleep(self, name: str) -> int:
+        if self.budget is not None:
+            return self.budget.sleep(self._workers(name))
         return sum(int(r.call("sleep")) for r in self._replicas(name) if r.state == "ready")
 
     def wake(self, name: str) -> bool:
@@ -97,14 +127,30 @@ class WorkerPool:
             raise KeyError(name)
         return self.routers[name].replicas
 
+    def sleep_idle_workers(self) -> None:
+        """A replica idle for `idle_sleep_s` gives back its KV (and, the last awake replica of a
+        model, the weights); its next request wakes it."""
+        assert self.budget is not None and self.idle_sleep_s is not None
+        now = time.monotonic()
+        for spec, client in self._plans:
+            if client.state != "ready" or len(client.streams) or client.last_stats.get("asleep"):
+                continue
+            if now - client.last_busy >= self.idle_sleep_s:
+                try:
+                    self.budget.sleep([spec.worker], timeout_s=0.0)
+                except ValueError:
+                    pass  # it became busy: not idle after all
+
     # ---- observability ----------------------------------------------------------------------
     def workers_report(self) -> list[dict[str, Any]]:
         """Every worker: model, role, pid, state, device, KV pages, weights, restarts."""
         out = []
-        for _spec, client in self._plans:
+        for spec, client in self._plans:
             entry = client.report()
             entry["weights_bytes"] = client.ready_info.weights_bytes if client.ready_info else 0
-            entry["weights_shared"] = False
+            entry["weights_shared"] = self.budget is not None
+            if self.budget is not None:
+                entry["kv_pages"] = self.budget.worker_pages(spec.worker)
             out.append(entry)
         return out
 
@@ -112,21 +158,29 @@ class WorkerPool:
         models: dict[str, object] = {}
         for name, router in self.routers.items():
             stats = router.stats()
-            models[name] = {
+            entry: dict[str, Any] = {
                 "state": "asleep" if stats["asleep"] else "awake",
                 "kv": router.memory_stats(), "running": stats["num_running"],
                 "waiting": stats["num_waiting"], "swapped": stats["num_swapped"],
                 "sleeps": stats["sleeps"], "wakes": stats["wakes"],
                 "replicas": len(router.replicas)}
-        return {"budget": {"bytes": self.memory_bytes, "policy": self.policy},
-                "models": models, "workers": self.workers_report()}
+            if self.budget is not None:
+                entry.update(self.budget.model_report(self._workers(name)))
+            models[name] = entry
+        budget = (self.budget.budget_report(self.memory_bytes) if self.budget is not None
+                  else {"bytes": self.memory_bytes, "policy": self.policy})
+        return {"budget": budget, "models": models, "workers": self.workers_report()}
 
     def check_integrity(self) -> None:
         for _spec, client in self._plans:
             if client.state == "ready":
                 client.call("check_integrity")
+        if self.budget is not None:
+            self.budget.check_integrity()
 
     def close(self, timeout: float = 10.0) -> None:
         if not self.closed:
             self.closed = True
             self.supervisor.shutdown(timeout)
+            if self.budget is not None:
+                self.budget.close()
