@@ -46,7 +46,7 @@ class PeerConfig:
     sequential_requests: int = 4  # the requests concurrency 1 runs one after another
     seed: int = 0
     threads: int = 2
-    kv_gib: float = 2.0
+    kv_gib: int = 2  # vLLM takes whole GiB (VLLM_CPU_KVCACHE_SPACE)
     max_model_len: int = 1024
     timeout_s: float = 3600.0
     peer_env: dict[str, str] = field(default_factory=dict)  # e.g. VLLM_CPU_OMP_THREADS_BIND

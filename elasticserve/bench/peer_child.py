@@ -132,7 +132,7 @@ class Vllm:
     """vLLM's step loop with DELTA outputs (each step's new tokens only)."""
 
     def __init__(self, job: dict[str, Any]) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job["kv_gib"]))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job["kv_gib"]))  # whole GiB
         from vllm import LLM, SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
