@@ -225,9 +225,10 @@ def markdown(res: PeerResult, argv: list[str] | None) -> str:
         f"- command: `{docs_section.command_line(MODULE, argv)}`",
         f"- date: {docs_section.today()}; commit {docs_section.git_commit()}; "
         f"{os.cpu_count()} cores ({docs_section.cpu_model()}); both engines "
-        f"{cfg.threads} threads, OMP_WAIT_POLICY=PASSIVE, fp32, KV {cfg.kv_gib:g} GiB, "
+        f"{cfg.threads} thread{'s' if cfg.threads > 1 else ''} (vLLM: see below), "
+        f"OMP_WAIT_POLICY=PASSIVE, fp32, KV {cfg.kv_gib:g} GiB, "
         f"max_model_len {cfg.max_model_len}, each in its own process; vLLM's own CPU "
-        f"settings: {_peer_env_text(cfg)}",
+        f"settings: {_peer_env_text(cfg)}; tok per CPU-s counts each engine's whole process tree",
         f"- run order: {', '.join(res.order)}; load average (1/5/15 min) before each run and "
         f"after: {', '.join(res.load)}",
         f"- workload per level: seeded random token prompts 32-512, outputs 16-256, greedy, "
