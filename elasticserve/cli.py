@@ -102,6 +102,7 @@ BENCHES = {
     "memory": "elasticserve.bench.memory_pages",
     "ab": "elasticserve.bench.ab_commits",
     "workers": "elasticserve.bench.workers",
+    "weights-sharing": "elasticserve.bench.weights_sharing",
     "gpu-check": "elasticserve.bench.gpu_check",
     "peer": "elasticserve.bench.peer",
 }
