@@ -82,7 +82,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(model="", max_num_seqs=args.max_num_seqs, num_threads=args.threads,
                       attention_backend=args.attention_backend, max_model_len=args.max_model_len,
                       scheduling_policy=args.scheduling_policy, admission=args.admission,
-                      slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+                      slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                      host_kv_cache_bytes=args.host_kv_memory)
 
 
 def served_models(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
@@ -189,6 +190,10 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                    help="memory budget for all models' weights and KV caches (default 4GiB)")
     p.add_argument("--memory-policy", choices=["arbiter", "static"], default="arbiter",
                    help="arbiter: pages move between models by demand; static: an even split")
+    p.add_argument("--host-kv-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="per model, an elastic host-memory KV tier of at most SIZE (outside "
+                        "--memory): preempted requests' KV moves there instead of being "
+                        "recomputed (default: none, a fixed 256MiB swap area)")
     p.add_argument("--priority", action="append", default=[], metavar="NAME=INT",
                    help="a model's priority for the arbiter (higher keeps its memory)")
     p.add_argument("--idle-sleep-s", type=float, default=None,
