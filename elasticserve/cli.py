@@ -104,6 +104,7 @@ BENCHES = {
     "workers": "elasticserve.bench.workers",
     "gpu-check": "elasticserve.bench.gpu_check",
     "peer": "elasticserve.bench.peer",
+    "host-tier": "elasticserve.bench.host_tier",
 }
 
 
