@@ -9,7 +9,7 @@ The three run alternated (rotating order), each `--reps` times, on the real engi
 record TTFT P50/P99 (first token time - arrival) and the burst's makespan, and report medians
 with spread = (max - min) / median. `--write-docs` puts the table in docs/BENCHMARKS.md.
 
-    python -m elasticserve.bench.host_tier --reps 5 --write-docs
+    python -m elasticserve.bench.host_tier --reps 3 --write-docs
 """
 
 from __future__ import annotations
@@ -130,9 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="elasticserve bench host-tier",
                                 description=__doc__.splitlines()[0] if __doc__ else "")
-    p.add_argument("--model", default=None, help="checkpoint dir (default: a fresh tiny llama)")
-    p.add_argument("--requests", type=int, default=24, help="requests in the burst")
-    p.add_argument("--prompt-len", type=int, default=200, help="tokens per prompt")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: a fresh llama "
+                                                  "of --size, seed 0)")
+    p.add_argument("--size", default="small", choices=["tiny", "small"],
+                   help="models/make_model.py size when no --model is given")
+    p.add_argument("--requests", type=int, default=16, help="requests in the burst")
+    p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--reps", type=int, default=3, help="runs of each kind (order rotated)")
     p.add_argument("--write-docs", action="store_true",
@@ -141,10 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model
     if model is None:
         from elasticserve.models.make_model import make_model
-        model = make_model("llama", "tiny", tempfile.mkdtemp() + "/tiny-llama", seed=0)
+        model = make_model("llama", args.size, f"{tempfile.mkdtemp()}/{args.size}-llama", seed=0)
     runs = measure(model, args.requests, args.prompt_len, args.max_tokens, args.reps)
     setup = (f"{args.requests} requests at once, {args.prompt_len}-token prompts, "
-             f"{args.max_tokens} output tokens (ignore_eos), model {args.model or 'tiny llama'}, "
+             f"{args.max_tokens} output tokens (ignore_eos), model {args.model or args.size + ' llama'}, "
              f"1 torch thread; device KV ceiling ~1/3 of the burst's KV, host room = all of it; "
              f"{args.reps} runs each, order rotated")
     body = report(runs, setup, argv)
