@@ -105,6 +105,7 @@ BENCHES = {
     "weights-sharing": "elasticserve.bench.weights_sharing",
     "gpu-check": "elasticserve.bench.gpu_check",
     "peer": "elasticserve.bench.peer",
+    "host-tier": "elasticserve.bench.host_tier",
 }
 
 

@@ -51,6 +51,9 @@ class CacheConfig:
     kv_reserve_pages: int = 1  # pre-mapped pages kept beyond need, so allocation rarely waits
     kv_shrink_after_s: float = 0.5  # hysteresis before unused pages are given back
     kv_keep_peak_s: float = 5.0  # a busy cache keeps its recent peak of live pages this long
+    # an elastic host-memory KV tier of at most this many bytes (engine/host_tier.py); set, it
+    # replaces the fixed swap area and "auto" preemption offloads to it whenever it has room
+    host_kv_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -77,6 +80,8 @@ class CacheConfig:
         _at_least(self, "kv_reserve_pages", 0)
         _at_least(self, "kv_shrink_after_s", 0.0, (int, float))
         _at_least(self, "kv_keep_peak_s", 0.0, (int, float))
+        if self.host_kv_cache_bytes is not None:
+            _at_least(self, "host_kv_cache_bytes", 1)
         top = self.kv_cache_max_bytes
         if top is not None and top <= 0:
             raise ValueError(f"kv_cache_max_bytes must be > 0, got {top}")

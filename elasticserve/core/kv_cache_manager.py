@@ -59,6 +59,11 @@ class KVCacheManager:
         return self._pool.num_free
 
     @property
+    def host_blocks(self) -> HostBlocks:
+        """The host pool's accounting (swap area or host KV tier)."""
+        return self._host
+
+    @property
     def num_free_swap_blocks(self) -> int:
         """Free host swap blocks."""
         return self._host.num_free

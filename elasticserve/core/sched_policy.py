@@ -38,6 +38,8 @@ class SchedulerStats:
     prefix_query_tokens: int = 0  # tokens admissions looked up (vLLM's prefix cache queries)
     blocked_on_memory: int = 0
     failed: int = 0  # requests ended with FinishReason.ERROR
+    kv_offloaded_blocks: int = 0  # device blocks copied to host (swap area or host tier)
+    kv_onloaded_blocks: int = 0  # host blocks copied back to the device
 
 
 @dataclass(slots=True)
@@ -127,9 +129,13 @@ def scheduled_seq(group: SequenceGroup, seq: Sequence, num_new: int,
 
 
 def choose_swap(cache: CacheConfig, seqs: list[Sequence]) -> bool:
-    """Preempt by swap (True) or by recompute (False)."""
+    """Preempt by swap (True) or by recompute (False). With a host KV tier, "auto" always
+    offloads (the caller recomputes only when the tier has no room): `swap_min_tokens` exists
+    because the fixed swap area is small, and an offload keeps the work done."""
     mode = cache.preemption_mode
     if mode != "auto":
         return mode == "swap"
+    if cache.host_kv_cache_bytes is not None:
+        return True
     longest = max(s.num_computed_tokens for s in seqs)
     return len(seqs) > 1 or longest >= cache.swap_min_tokens

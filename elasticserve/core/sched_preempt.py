@@ -64,7 +64,9 @@ class Preemption:
         self.stats.preemptions += 1
         out.preempted_request_ids.append(group.request_id)
         if choose_swap(self.cache, seqs) and self.kv.can_swap_out(ids):
-            out.blocks_to_swap_out.extend(self.kv.swap_out(ids))
+            moved = self.kv.swap_out(ids)
+            out.blocks_to_swap_out.extend(moved)
+            self.stats.kv_offloaded_blocks += len(moved)
             for seq in seqs:
                 seq.status = SequenceStatus.SWAPPED
             push_back(self.swapped, group)

@@ -191,7 +191,9 @@ class Scheduler(Preemption):
             if not self.kv.can_swap_in(ids) and not self._grow_for_swap_in(ids):
                 self.memory_pressure = True
                 return
-            out.blocks_to_swap_in.extend(self.kv.swap_in(ids))
+            moved = self.kv.swap_in(ids)
+            out.blocks_to_swap_in.extend(moved)
+            self.stats.kv_onloaded_blocks += len(moved)
             self.stats.swap_ins += 1
             for seq in group.seqs_with(SequenceStatus.SWAPPED):
                 seq.status = SequenceStatus.RUNNING

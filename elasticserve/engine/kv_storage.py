@@ -22,6 +22,7 @@ from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.kv_pages import ElasticPages, PageBroker, PagePolicy, Pairs
 from elasticserve.core.scheduler import Scheduler
+from elasticserve.engine.host_tier import HostKVTier
 from elasticserve.engine.periodic import run_periodically
 from elasticserve.errors import InvalidFieldError
 from elasticserve.memory.backend import MemoryBackend, round_up
@@ -64,10 +65,18 @@ class KVStorage:
         self.max_blocks = min(limit_blocks, self.vt.max_rows)
         policy = _page_policy(cache, self.page_size, self.block_bytes, self.max_blocks)
         self.pages = ElasticPages(policy, self, broker)
-        self.num_swap_blocks = cache.swap_space // self.block_bytes
-        # torch.empty leaves host pages untouched until a swap writes them
-        self.swap_tensor = torch.empty((self.num_swap_blocks, *self.block_shape), dtype=dtype) \
-            if self.num_swap_blocks else None
+        # host memory: the elastic host KV tier when set, else the fixed swap area
+        self.host_tier = None if cache.host_kv_cache_bytes is None else HostKVTier(
+            cache.host_kv_cache_bytes, memory.page_size, self.block_shape, dtype)
+        self.swap_tensor: torch.Tensor | None
+        if self.host_tier is not None:
+            self.num_swap_blocks = self.host_tier.num_blocks
+            self.swap_tensor = self.host_tier.tensor
+        else:
+            self.num_swap_blocks = cache.swap_space // self.block_bytes
+            # torch.empty leaves host pages untouched until a swap writes them
+            self.swap_tensor = torch.empty((self.num_swap_blocks, *self.block_shape),
+                                           dtype=dtype) if self.num_swap_blocks else None
         self.pool: BlockPool | None = None
         self.manager: KVCacheManager | None = None
         # held by a step, an abort, a broker's reclaim and the idle reclaimer
@@ -84,6 +93,8 @@ class KVStorage:
         self.pool = pool
         self.manager = manager
         self.pages.attach(pool, manager)
+        if self.host_tier is not None:
+            self.host_tier.attach(manager.host_blocks)
 
     def bind_scheduler(self, scheduler: Scheduler) -> None:
         """Resize and reclaim may preempt: they need the scheduler's preempt_to_fit; the
@@ -119,6 +130,8 @@ class KVStorage:
     def after_step(self, scheduler: Scheduler) -> None:
         try:
             self.pages.after_step(scheduler.memory_pressure)
+            if self.host_tier is not None:
+                self.host_tier.shrink()
         finally:
             self.lock.release()
 
@@ -160,6 +173,8 @@ class KVStorage:
         if self.lock.acquire(blocking=False):
             try:
                 self.pages.after_step(memory_pressure=False)
+                if self.host_tier is not None:
+                    self.host_tier.shrink()
             finally:
                 self.lock.release()
 
@@ -184,6 +199,8 @@ class KVStorage:
             if not self.closed:  # idempotent: a pool and its owner may both close an engine
                 self.closed = True
                 self.vt.close()
+                if self.host_tier is not None:
+                    self.host_tier.close()
 
     # ---- what a page broker may take back (the caller holds `lock`) ----------------------
     def reclaimable(self) -> tuple[int, int]:
@@ -213,6 +230,8 @@ class KVStorage:
         self.pool.check_integrity()
         self.pages.check_integrity()
         assert self.pages.mapped_pages == self.vt.mapped_pages, "page count out of sync"
+        if self.host_tier is not None:
+            self.host_tier.check_integrity()
 
     def memory_stats(self) -> dict[str, int]:
         assert self.pool is not None
@@ -226,7 +245,16 @@ class KVStorage:
             "grow_events": self.pages.grow_events, "shrink_events": self.pages.shrink_events,
             "pages_granted": self.pages.pages_granted,
             "compactions": self.pages.compactions,
+            **self._host_stats(),
         }
+
+    def _host_stats(self) -> dict[str, int]:
+        if self.host_tier is not None:
+            return self.host_tier.memory_stats()
+        assert self.manager is not None
+        swap = self.num_swap_blocks * self.block_bytes  # the fixed area: reserved is mapped
+        return {"host_kv_reserved_bytes": swap, "host_kv_mapped_bytes": swap,
+                "host_kv_used_bytes": self.manager.host_blocks.num_used * self.block_bytes}
 
 
 def _backend(cache: CacheConfig, memory: MemoryConfig, nbytes: int) -> MemoryBackend:

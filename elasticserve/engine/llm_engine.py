@@ -286,6 +286,7 @@ class LLMEngine(SleepWake):
         return {
             "steps": s.steps, "preemptions": s.preemptions, "swaps_out": s.swap_outs,
             "swaps_in": s.swap_ins, "recomputes": s.recomputes,
+            "kv_offloaded_blocks": s.kv_offloaded_blocks, "kv_onloaded_blocks": s.kv_onloaded_blocks,
             "prefix_cache_hit_tokens": s.prefix_hit_tokens,
             "blocks_used": self.kv_manager.pool.num_used,
             "blocks_total": self.kv_manager.pool.num_blocks,

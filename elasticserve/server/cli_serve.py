@@ -82,7 +82,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(model="", max_num_seqs=args.max_num_seqs, num_threads=args.threads,
                       attention_backend=args.attention_backend, max_model_len=args.max_model_len,
                       scheduling_policy=args.scheduling_policy, admission=args.admission,
-                      slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+                      slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                      host_kv_cache_bytes=args.host_kv_memory)
 
 
 def served_models(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
@@ -185,10 +186,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                    help="port to bind; 0 picks a free one (see --port-file)")
     p.add_argument("--port-file", default=None, metavar="PATH",
                    help="write the bound port here once listening (for --port 0)")
-    p.add_argument("--memory", type=parse_size, default=parse_size("4GiB"),
-                   help="memory budget for all models' weights and KV caches (default 4GiB)")
-    p.add_argument("--memory-policy", choices=["arbiter", "static"], default="arbiter",
-                   help="arbiter: pages move between models by demand; static: an even split")
+    _add_memory_flags(p)
     p.add_argument("--priority", action="append", default=[], metavar="NAME=INT",
                    help="a model's priority for the arbiter (higher keeps its memory)")
     p.add_argument("--idle-sleep-s", type=float, default=None,
@@ -222,6 +220,17 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                    help="server and engine log level (default info)")
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", type=parse_size, default=parse_size("4GiB"),
+                   help="memory budget for all models' weights and KV caches (default 4GiB)")
+    p.add_argument("--memory-policy", choices=["arbiter", "static"], default="arbiter",
+                   help="arbiter: pages move between models by demand; static: an even split")
+    p.add_argument("--host-kv-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="per model, an elastic host-memory KV tier of at most SIZE (outside "
+                        "--memory): preempted requests' KV moves there instead of being "
+                        "recomputed (default: none, a fixed 256MiB swap area)")
 
 
 def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]:

@@ -1,0 +1,160 @@
+"""A burst three times the device KV budget: the host KV tier vs recompute vs swap preemption.
+
+Every request of a seeded burst arrives at once; the elastic device cache may hold about a
+third of the burst's KV (`kv_cache_max_bytes`) and the rest must go somewhere when decodes grow:
+- `tier`: the elastic host tier (`host_kv_cache_bytes` = the burst's whole KV), offload-first;
+- `recompute`: `preemption_mode="recompute"` (KV dropped, prompt + output prefilled again);
+- `swap`: `preemption_mode="swap"` on today's fixed swap area of the same size.
+The three run alternated (rotating order), each `--reps` times, on the real engine; per run we
+record TTFT P50/P99 (first token time - arrival) and the burst's makespan, and report medians
+with spread = (max - min) / median. `--write-docs` puts the table in docs/BENCHMARKS.md.
+
+    python -m elasticserve.bench.host_tier --reps 3 --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+from elasticserve import docs_section
+from elasticserve.bench.fairness import spread_pct
+
+CONFIGS = ("tier", "recompute", "swap")
+
+
+def burst(count: int, length: int, seed: int) -> list[list[int]]:
+    """Distinct prompts (no shared prefix, so the prefix cache cannot hide a recompute)."""
+    return [[(seed * 131 + i * 37 + j * 11 + j * j) % 500 + 3 for j in range(length)]
+            for i in range(count)]
+
+
+def _engine_args(kind: str, model: str, device_bytes: int, host_bytes: int,
+                 page: int) -> dict[str, Any]:
+    base: dict[str, Any] = {"model": model, "page_size": page, "kv_reserve_pages": 0,
+                            "kv_cache_max_bytes": device_bytes, "num_threads": 1}
+    if kind == "tier":
+        return base | {"host_kv_cache_bytes": host_bytes}
+    if kind == "recompute":
+        return base | {"preemption_mode": "recompute"}
+    return base | {"preemption_mode": "swap", "swap_space": host_bytes}
+
+
+def run_once(kind: str, model: str, prompts: list[list[int]], max_tokens: int,
+             budget: tuple[int, int, int]) -> dict[str, float]:
+    """One burst on a fresh engine: TTFT P50/P99 and makespan (s), preemption counters."""
+    from elasticserve import LLM, SamplingParams
+
+    llm = LLM(**_engine_args(kind, model, *budget))
+    engine = llm.engine
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        start = time.monotonic()
+        for p in prompts:
+            engine.add_request({"prompt_token_ids": p}, params)
+        ttft: list[float] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    ttft.append(out.metrics["first_token_time"] - out.metrics["arrival_time"])
+        makespan = time.monotonic() - start
+        engine.check_integrity()
+        stats = llm.stats()
+    finally:
+        engine.close()
+    if len(ttft) != len(prompts):
+        raise RuntimeError(f"{kind}: {len(prompts) - len(ttft)} requests did not finish")
+    return {"ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "makespan": makespan,
+            "recomputes": stats["recomputes"], "swaps_out": stats["swaps_out"],
+            "offloaded": stats["kv_offloaded_blocks"]}
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def budget_for(model: str, count: int, tokens: int) -> tuple[int, int, int]:
+    """(device bytes ~ a third of the burst's KV, host bytes = all of it, page size)."""
+    import torch
+
+    from elasticserve.engine.kv_storage import kv_block_bytes
+    from elasticserve.models.loader import load_config
+
+    block = kv_block_bytes(load_config(model), 16, torch.float32)
+    page = 4 * block
+    whole = count * -(-tokens // 16) * block
+    device = max(page, whole // 3 // page * page)
+    return device, whole, page
+
+
+def measure(model: str, count: int, length: int, max_tokens: int, reps: int
+            ) -> dict[str, list[dict[str, float]]]:
+    prompts = burst(count, length, seed=0)
+    budget = budget_for(model, count, length + max_tokens)
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in CONFIGS}
+    run_once("recompute", model, prompts[:2], 4, budget)  # warm-up (loads, kernel build): dropped
+    for rep in range(reps):
+        order = CONFIGS[rep % 3:] + CONFIGS[:rep % 3]  # rotate who goes first
+        for kind in order:
+            runs[kind].append(run_once(kind, model, prompts, max_tokens, budget))
+    return runs
+
+
+def report(runs: dict[str, list[dict[str, float]]], setup: str, argv: list[str]) -> str:
+    lines = [f"Command: `{docs_section.command_line('elasticserve.bench.host_tier', argv)}`",
+             f"- date: {docs_section.today()}; commit: {docs_section.git_commit()}; "
+             f"CPU: {docs_section.cpu_model()}; load: {docs_section.load_average()} "
+             f"(a shared machine: other jobs ran beside these runs)",
+             f"- {setup}", "",
+             "| preemption | TTFT P99 ms (median) | spread | TTFT P50 ms | makespan s | spread "
+             "| recomputes | swap-outs | blocks offloaded |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for kind, rs in runs.items():
+        def med(key: str, rs: list[dict[str, float]] = rs) -> float:
+            return statistics.median(r[key] for r in rs)
+        p99 = [r["ttft_p99"] for r in rs]
+        span = [r["makespan"] for r in rs]
+        lines.append(f"| {kind} | {med('ttft_p99') * 1000:.0f} | {spread_pct(p99):.0f}% "
+                     f"| {med('ttft_p50') * 1000:.0f} | {med('makespan'):.2f} "
+                     f"| {spread_pct(span):.0f}% | {med('recomputes'):.0f} "
+                     f"| {med('swaps_out'):.0f} | {med('offloaded'):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="elasticserve bench host-tier",
+                                description=__doc__.splitlines()[0] if __doc__ else "")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: a fresh llama "
+                                                  "of --size, seed 0)")
+    p.add_argument("--size", default="small", choices=["tiny", "small"],
+                   help="models/make_model.py size when no --model is given")
+    p.add_argument("--requests", type=int, default=16, help="requests in the burst")
+    p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--reps", type=int, default=3, help="runs of each kind (order rotated)")
+    p.add_argument("--write-docs", action="store_true",
+                   help="write the table into docs/BENCHMARKS.md")
+    args = p.parse_args(argv)
+    model = args.model
+    if model is None:
+        from elasticserve.models.make_model import make_model
+        model = make_model("llama", args.size, f"{tempfile.mkdtemp()}/{args.size}-llama", seed=0)
+    runs = measure(model, args.requests, args.prompt_len, args.max_tokens, args.reps)
+    setup = (f"{args.requests} requests at once, {args.prompt_len}-token prompts, "
+             f"{args.max_tokens} output tokens (ignore_eos), model {args.model or args.size + ' llama'}, "
+             f"1 torch thread; device KV ceiling ~1/3 of the burst's KV, host room = all of it; "
+             f"{args.reps} runs each, order rotated")
+    body = report(runs, setup, argv)
+    print(body)
+    if args.write_docs:
+        docs_section.update_section("host-tier", "### Host KV tier: burst preemption\n\n" + body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Host memory as an elastic KV tier: a second page pool that preempted sequences' KV moves to
+(offload) instead of being dropped for recompute, and comes back from (onload).
+
+The tier is a `VirtualTensor` over its own host backend (memfd pages, memory/host.py), rows =
+host block ids, the same `[layers, 2, block_size, kv_heads, head_dim]` block as the device
+cache, so an offload or onload is one real indexed copy per step (the runner's swap-out and
+swap-in; `ModelRunner.apply_block_ops`). It is elastic like the device cache: pages are mapped
+when a block id beyond the mapped rows is taken (`HostBlocks.on_take`, before the copy is
+applied) and unmapped after a step once no live host block lies in them (`shrink`). Host ids are
+handed out lowest first, so live blocks gather at the bottom and freed tails really go back.
+The accounting (which blocks, how many) is `core.host_blocks.HostBlocks`, the same object the
+fixed swap area uses; the tier only replaces where the bytes live and how many there may be.
+
+On CUDA the tier would be pinned host memory (`cudaHostRegister` of each page as it is mapped,
+unregistered before unmap) so the copies are DMA over the link and may run on a copy stream;
+not done: the device here is the CPU, where "host" and "device" are the same RAM and the copy
+costs what a memcpy costs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from elasticserve.core.host_blocks import HostBlocks
+from elasticserve.errors import InvalidFieldError
+from elasticserve.memory.backend import DEFAULT_PAGE_SIZE, round_up
+from elasticserve.memory.factory import get_backend
+from elasticserve.memory.vtensor import VirtualTensor
+
+
+class HostKVTier:
+    """Up to `nbytes` of host KV blocks, mapped page by page as they are used."""
+
+    def __init__(self, nbytes: int, page_size: int | None, block_shape: tuple[int, ...],
+                 dtype: torch.dtype) -> None:
+        backend = get_backend("host", page_size or DEFAULT_PAGE_SIZE)
+        block_bytes = math.prod(block_shape) * dtype.itemsize
+        if nbytes < block_bytes:
+            backend.close()
+            raise InvalidFieldError("host_kv_cache_bytes",
+                                    f"host_kv_cache_bytes={nbytes} must hold at least one KV "
+                                    f"block ({block_bytes} bytes)")
+        self.block_bytes = block_bytes
+        self.vt = VirtualTensor(backend, round_up(nbytes, backend.page_size), dtype, block_shape)
+        self.num_blocks = min(nbytes // block_bytes, self.vt.max_rows)
+        self.blocks: HostBlocks | None = None
+        self.grow_events = self.shrink_events = 0
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """`[rows, *block_shape]` over the reserved range; its address never changes."""
+        return self.vt.tensor
+
+    def attach(self, blocks: HostBlocks) -> None:
+        """Map pages whenever `blocks` hands out an id beyond the mapped rows."""
+        if blocks.num_blocks != self.num_blocks:
+            raise ValueError(f"host pool has {blocks.num_blocks} blocks, tier {self.num_blocks}")
+        self.blocks = blocks
+        blocks.on_take = self.ensure_rows
+
+    def ensure_rows(self, rows: int) -> None:
+        need = self.vt.pages_for_rows(rows) - self.vt.mapped_pages
+        if need > 0:
+            self.vt.map_pages(need)
+            self.grow_events += 1
+
+    def shrink(self) -> None:
+        """Unmap the pages above the highest live host block (after a step, under the lock)."""
+        if self.blocks is None or not self.vt.mapped_pages:
+            return
+        live = self.blocks.high_water(self.vt.rows_mapped) if self.blocks.num_used else 0
+        extra = self.vt.mapped_pages - self.vt.pages_for_rows(live)
+        if extra > 0:
+            self.vt.unmap_pages(extra)
+            self.shrink_events += 1
+
+    def check_integrity(self) -> None:
+        """Every live host block lies in mapped memory."""
+        assert self.blocks is not None
+        live = self.blocks.high_water()
+        assert live <= self.vt.rows_mapped, f"host block {live - 1} is not mapped"
+
+    def memory_stats(self) -> dict[str, int]:
+        used = self.blocks.num_used if self.blocks is not None else 0
+        return {"host_kv_reserved_bytes": self.num_blocks * self.block_bytes,
+                "host_kv_mapped_bytes": self.vt.mapped_bytes,
+                "host_kv_used_bytes": used * self.block_bytes,
+                "host_kv_grow_events": self.grow_events,
+                "host_kv_shrink_events": self.shrink_events}
+
+    def close(self) -> None:
+        self.vt.close()
+        self.vt.backend.close()
