@@ -103,6 +103,7 @@ BENCHES = {
     "ab": "elasticserve.bench.ab_commits",
     "workers": "elasticserve.bench.workers",
     "weights-sharing": "elasticserve.bench.weights_sharing",
+    "ipc": "elasticserve.bench.ipc",
     "gpu-check": "elasticserve.bench.gpu_check",
     "peer": "elasticserve.bench.peer",
     "host-tier": "elasticserve.bench.host_tier",
