@@ -124,3 +124,19 @@ def test_a_streamed_request_on_a_dead_worker_ends_with_a_clear_error(pool: Worke
 
     asyncio.run(stream_then_kill())
     _wait(lambda: all(r.state == "ready" for r in router.replicas))
+
+
+def test_a_stream_closed_early_aborts_and_frees_its_blocks(pool: WorkerPool) -> None:
+    router = pool.routers["m"]
+    params = SamplingParams(max_tokens=5000, temperature=0.0, ignore_eos=True)
+
+    async def read_two_then_leave() -> None:
+        it = router.generate("leave early", params, stream=True)
+        await it.__anext__()
+        await it.__anext__()
+        await it.aclose()  # the client went away: the worker must drop the request
+
+    asyncio.run(read_two_then_leave())
+    _wait(lambda: all(r.stats()["num_running"] == 0 and r.stats()["blocks_used"] == 0
+                      and not len(r.streams) for r in router.replicas), timeout=10)
+    pool.check_integrity()
