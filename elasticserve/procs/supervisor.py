@@ -5,6 +5,10 @@ ends (exception, `kill -9`, OOM killer), and the reader thread of its `WorkerCli
 `on_death`. The supervisor then reaps the process, tells the page broker (which takes back
 every page the worker held), and schedules a restart: 0.5 s, doubling per consecutive failure
 up to 10 s; a worker that ran for 30 s resets the count.
+
+A worker that is alive but silent (stopped, deadlocked, a step that never ends) is killed by the
+watchdog after `stuck_after_s` without a message: a working worker sends one per step, and one
+every 0.5 s when idle. Its death then takes the path above, so no request waits on it forever.
 """
 
 from __future__ import annotations
@@ -50,14 +54,35 @@ class Supervisor:
 
     def __init__(self, start_timeout_s: float = 300.0, backoff_s: float = 0.5,
                  max_backoff_s: float = 10.0, stable_s: float = 30.0,
-                 on_spawn: SpawnHook | None = None, on_exit: DeathHook | None = None) -> None:
+                 on_spawn: SpawnHook | None = None, on_exit: DeathHook | None = None,
+                 stuck_after_s: float = 60.0) -> None:
         self.start_timeout_s = start_timeout_s
         self.backoff_s, self.max_backoff_s, self.stable_s = backoff_s, max_backoff_s, stable_s
         self.on_spawn = on_spawn
         self.on_exit = on_exit
+        self.stuck_after_s = stuck_after_s
+        self.killed_stuck = 0
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.Lock()
         self.closing = False
+        threading.Thread(target=self._watch, name="worker-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        interval = min(1.0, self.stuck_after_s / 4)
+        while not self.closing:
+            time.sleep(interval)
+            now = time.monotonic()
+            with self._lock:
+                slots = list(self._slots.values())
+            for slot in slots:
+                client, proc = slot.client, slot.proc
+                if client.state != "ready" or proc is None or proc.poll() is not None:
+                    continue
+                if now - client.last_heard > self.stuck_after_s:
+                    logger.error("worker %s (pid %d) silent for %.0f s: killing it",
+                                 client.worker, proc.pid, now - client.last_heard)
+                    self.killed_stuck += 1
+                    proc.kill()  # its channel closes: the usual death path follows
 
     def start(self, spec: WorkerSpec, client: WorkerClient) -> None:
         """Start the first worker of a slot and wait for it (raises WorkerStartError)."""
@@ -77,6 +102,10 @@ class Supervisor:
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
         try:
             proc = subprocess.Popen(cmd, pass_fds=(child.fileno(), *fds), env=env)
+        except BaseException:
+            front.close()
+            self._exited(slot)  # the broker may already serve its channels
+            raise
         finally:
             child.sock.close()  # the child's copy is the one that matters (no shutdown)
             for fd in fds:

@@ -67,6 +67,7 @@ class WorkerClient:
         self.last_stats: dict[str, Any] = {}
         self.last_memory: dict[str, int] = {}
         self.last_busy = time.monotonic()  # a request was open (for idle sleep)
+        self.last_heard = time.monotonic()  # the worker's last message (for the watchdog)
         self.on_death: Callable[[WorkerClient], None] | None = None
         self._channel: Channel | None = None
         self._lock = threading.Lock()
@@ -79,6 +80,7 @@ class WorkerClient:
         with self._lock:
             self._channel, self.ready_info, self.pid = channel, ready, ready.pid
             self.last_stats, self.last_memory = ready.stats, ready.memory_stats
+            self.last_heard = time.monotonic()
             self.state = "ready"
         threading.Thread(target=self._read, args=(channel,), name=f"read-{self.worker}",
                          daemon=True).start()
@@ -95,6 +97,7 @@ class WorkerClient:
         self._detach(channel)
 
     def _dispatch(self, msg: object) -> None:
+        self.last_heard = time.monotonic()
         if isinstance(msg, StepResult):
             self.last_stats, self.last_memory = msg.stats, msg.memory_stats
             self.last_busy = time.monotonic()

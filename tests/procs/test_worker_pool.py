@@ -140,3 +140,25 @@ def test_a_stream_closed_early_aborts_and_frees_its_blocks(pool: WorkerPool) -> 
     _wait(lambda: all(r.stats()["num_running"] == 0 and r.stats()["blocks_used"] == 0
                       and not len(r.streams) for r in router.replicas), timeout=10)
     pool.check_integrity()
+
+
+def test_a_silent_worker_is_killed_and_its_requests_run_elsewhere(
+        pool: WorkerPool, expected: list[list[int]]) -> None:
+    router = pool.routers["m"]
+    victim = router.replicas[0]
+    old, restarts = victim.pid, victim.restarts
+    assert old is not None
+    pool.supervisor.stuck_after_s = 2.0
+    try:
+        os.kill(old, signal.SIGSTOP)  # alive but silent: nothing would ever answer
+
+        async def load() -> list[list[int]]:
+            return await asyncio.gather(*(_tokens(router, p) for p in PROMPTS[:4]))
+
+        # requests sent to the stopped worker are retried elsewhere once the watchdog kills it
+        assert asyncio.run(asyncio.wait_for(load(), 30)) == expected[:4]
+        _wait(lambda: victim.state == "ready" and victim.pid != old)
+        assert pool.supervisor.killed_stuck >= 1 and victim.restarts == restarts + 1
+    finally:
+        pool.supervisor.stuck_after_s = 60.0
+    pool.check_integrity()
