@@ -68,6 +68,10 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     output_text: str = ""
+    # leading tokens whose KV was computed elsewhere and arrives with the sequence (a
+    # prefill/decode hand-off): admission allocates blocks for them instead of recomputing
+    # them; a recompute preemption drops the KV and clears this
+    external_kv_tokens: int = 0
 
     @property
     def output_token_ids(self) -> list[int]:

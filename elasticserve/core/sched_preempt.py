@@ -78,7 +78,7 @@ class Preemption:
             return
         for seq in seqs:
             self.kv.free(seq.seq_id)
-            seq.num_computed_tokens = 0
+            seq.num_computed_tokens = seq.external_kv_tokens = 0
             seq.status = SequenceStatus.WAITING
         push_front(self.waiting, group)
         self.stats.recomputes += 1

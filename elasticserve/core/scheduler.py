@@ -208,10 +208,12 @@ class Scheduler(Preemption):
             if len(seqs) > budget.seqs:
                 return
             for seq in seqs:
-                # prompt logprobs need logits at every prompt position: no prefix-cache lookup
-                lookup = [] if group.params.prompt_logprobs is not None else seq.token_ids
-                cached = self.kv.allocate_prompt(seq.seq_id, lookup)
-                seq.num_computed_tokens = cached
+                # prompt logprobs need logits at every prompt position, and KV handed over
+                # from a prefill instance is all there: no prefix-cache lookup for either
+                skip = group.params.prompt_logprobs is not None or seq.external_kv_tokens
+                cached = self.kv.allocate_prompt(seq.seq_id, [] if skip else seq.token_ids)
+                # the blocks of handed-over KV are allocated with the first decode token's
+                seq.num_computed_tokens = cached or seq.external_kv_tokens
                 self.stats.prefix_hit_tokens += cached
                 if seq.index == 0 and not group.finished_beams:
                     group.num_cached_prompt_tokens = cached
@@ -224,12 +226,13 @@ class Scheduler(Preemption):
             push_back(self.running, group)
             # counted once admitted (an unadmitted lookup is undone and retried), as its hits
             if self.kv.enable_prefix_caching and group.params.prompt_logprobs is None:
-                self.stats.prefix_query_tokens += sum(len(s.token_ids) for s in seqs)
+                self.stats.prefix_query_tokens += sum(len(s.token_ids) for s in seqs
+                                                       if not s.external_kv_tokens)
 
     def _unadmit(self, seqs: list[Sequence], fit: Fit) -> None:
         for seq in seqs:
             self.kv.free(seq.seq_id)
-            self.stats.prefix_hit_tokens -= seq.num_computed_tokens
+            self.stats.prefix_hit_tokens -= seq.num_computed_tokens - seq.external_kv_tokens
             seq.num_computed_tokens = 0
             seq.status = SequenceStatus.WAITING
         if fit is _NO_BLOCKS:
