@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_top_parser(sub)
     sim = sub.add_parser("simulate", add_help=False,
-                         help="simulator: ramp3 | zipf16 | longctx | trace | calibrate | fit-lengths"
+                         help="simulator: ramp3 | zipf16 | longctx | trace | pd | calibrate | fit-lengths"
                               " (elasticserve simulate --help)")
     sim.set_defaults(func=lambda _: _forward("elasticserve.sim.cli_sim", []))
     bench = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHES)}",
@@ -185,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (argparse's REMAINDER would not take flags that start with "-")
     if argv[:2] == ["simulate", "calibrate"]:
         return _forward("elasticserve.bench.calibrate_engine", argv[2:])
+    if argv[:2] == ["simulate", "pd"]:
+        return _forward("elasticserve.sim.cli_pd", argv[2:])
     if argv[:2] == ["simulate", "fit-lengths"]:
         return _forward("elasticserve.workload.fit_lengths", argv[2:])
     if argv[:1] == ["simulate"]:

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                + f"  {TRACE:12} replay --trace FILE\n"
                "  calibrate    fit the simulator's cost model to this engine "
                "(elasticserve simulate calibrate --help)\n"
+               "  pd           prefill/decode disaggregation vs colocated: goodput "
+               "(elasticserve simulate pd --help)\n"
                "  fit-lengths  fit log-normal lengths to a trace "
                "(elasticserve simulate fit-lengths --help)")
     p.add_argument("scenario", choices=sorted([*SCENARIOS, TRACE]),

@@ -15,7 +15,7 @@ from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.scheduler import Scheduler
 from elasticserve.outputs import ScheduledSeq
-from elasticserve.request import SequenceGroup, SequenceStatus
+from elasticserve.request import Sequence, SequenceGroup, SequenceStatus
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.sim.cost_model import CostModel
 from elasticserve.sim.kv_sim import SimKVStorage
@@ -96,13 +96,22 @@ class ModelRuntime:
         self.blocked = False  # last step scheduled nothing; retry once memory moved
         self.steps = 0
         self.busy_s = 0.0
+        # P/D: set on a prefill instance; gets each sequence whose first token was just sampled
+        # (and has more to generate) before it leaves this instance (see sim/pd.py)
+        self.hand_off: Callable[[Sequence, RequestRecord, float], None] | None = None
 
-    def add(self, req: RequestSpec, rec: RequestRecord) -> None:
+    def add(self, req: RequestSpec, rec: RequestRecord, kv_tokens: int = 0) -> None:
+        """Queue a request; ``kv_tokens`` > 0: its prompt KV was computed elsewhere and its
+        first token sampled there (a P/D hand-off), so it is admitted by its KV."""
         rid = str(rec.index)
         params = SamplingParams(max_tokens=max(1, req.output_len), ignore_eos=True,
                                 temperature=0.0)
         group = SequenceGroup.create(rid, None, _prompt(rec.index, max(1, req.input_len)),
                                      params, req.arrival)
+        if kv_tokens:
+            seq = group.seqs[0]
+            seq.token_ids.append(1)
+            seq.external_kv_tokens = kv_tokens
         self.records[rid] = rec
         self.groups[rid] = group
         self.scheduler.add(group)
@@ -159,7 +168,11 @@ class ModelRuntime:
                 rec.first_token = end
             seq = sched.seqs[item.seq_id]
             seq.token_ids.append(1)
-            if len(seq.token_ids) - seq.prompt_len >= rec.output_len:
+            if self.hand_off is not None and rec.output_len > 1:
+                self.hand_off(seq, rec, end)  # holds the KV it needs before the seq ends here
+                sched.finish_seq(seq, SequenceStatus.FINISHED_LENGTH)
+                finished = True
+            elif len(seq.token_ids) - seq.prompt_len >= rec.output_len:
                 sched.finish_seq(seq, SequenceStatus.FINISHED_LENGTH)
                 rec.finish = end
                 finished = True
