@@ -13,11 +13,11 @@ import elasticserve
 from elasticserve.cli import BENCHES, DEFAULT_MODEL_HELP, main
 
 SUBCOMMANDS = ["make-model", "generate", "demo", "serve", "top", "bench"]
-SIMULATE = ["ramp3", "zipf16", "longctx", "trace", "calibrate", "fit-lengths"]
+SIMULATE = ["ramp3", "zipf16", "longctx", "trace", "pd", "calibrate", "fit-lengths"]
 # (argv before --help, the prog its usage must show)
 COMMANDS = ([([], "elasticserve")] + [([c], f"elasticserve {c}") for c in SUBCOMMANDS]
             + [(["simulate"], "elasticserve simulate")]
-            + [(["simulate", c], f"elasticserve simulate {c}") for c in ("calibrate", "fit-lengths")]
+            + [(["simulate", c], f"elasticserve simulate {c}") for c in ("calibrate", "pd", "fit-lengths")]
             + [(["bench", b], f"elasticserve bench {b}") for b in BENCHES])
 
 
