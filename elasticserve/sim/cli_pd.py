@@ -1,7 +1,8 @@
 """``elasticserve simulate pd`` (or ``python -m elasticserve.sim.cli_pd``): goodput of P/D
 layouts against colocated instances on the same number of GPUs (see sim/pd_goodput.py).
 
-``--pd P:D`` (repeatable) picks the splits, ``--link-gbps`` the prefill instances' KV link.
+``--pd P:D`` (repeatable) picks the splits, ``--link-gbps`` the prefill instances' KV link,
+``--gpu-share F`` a 1:1 pair sharing one GPU (prefill gets fraction F).
 ``--write-docs`` writes section ``sim-pd`` of docs/BENCHMARKS.md with the exact command.
 """
 
@@ -23,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Goodput at a TTFT+TPOT SLO: prefill/decode disaggregation vs colocated.")
     p.add_argument("--pd", action="append", default=[], metavar="P:D",
                    help="P prefill and D decode instances, compared with P+D colocated ones "
-                        "(repeatable; default 1:1 and 2:1)")
+                        "(repeatable; default 1:1 and 1:2, plus --gpu-share 0.5)")
+    p.add_argument("--gpu-share", action="append", default=[], type=float, metavar="F",
+                   help="a 1:1 pair on ONE GPU, prefill getting fraction F of its compute, "
+                        "bandwidth and memory, against one colocated instance; the hand-off "
+                        "moves page ownership (no bytes copied; repeatable)")
     p.add_argument("--link-gbps", type=float, default=400.0,
                    help="each prefill instance's KV link in Gbit/s (default 400, e.g. "
                         "InfiniBand NDR; NVLink is ~7200, PCIe Gen5 x16 ~512)")
@@ -44,7 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        splits = [parse_pd(x) for x in args.pd] or [(1, 1), (2, 1)]
+        splits = [parse_pd(x) for x in args.pd]
+        shares = args.gpu_share
+        if not splits and not shares:
+            splits, shares = [(1, 1), (1, 2)], [0.5]
+        for share in shares:
+            if not 0 < share < 1:
+                raise ValueError(f"--gpu-share wants a fraction in (0, 1), got {share!r}")
         tpots = [float(x) / 1000 for x in args.tpot_slo.split(",") if x.strip()]
         if any(p == 0 for p, _ in splits):
             raise ValueError("--pd wants P >= 1: colocated runs are added for every split")
@@ -52,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--tpot-slo wants positive milliseconds, got {args.tpot_slo!r}")
         if args.rate_step <= 0 or args.max_rate < args.rate_step:
             raise ValueError("--rate-step must be > 0 and <= --max-rate")
-        scn = pd_chat(args.link_gbps, splits, args.duration)
+        scn = pd_chat(args.link_gbps, splits, args.duration, shares)
     except ValueError as e:
         parser.error(str(e))
     scn.slos = [Slo(args.ttft_slo, t) for t in tpots]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from elasticserve.request import Sequence as Seq
 from elasticserve.request import next_seq_id
+from elasticserve.sim.gpu_specs import DeviceSpec, GpuSpec
 from elasticserve.sim.runtime import ModelRuntime, ModelSpec, RequestRecord
 from elasticserve.sim.simulator import SimConfig, Simulator
 from elasticserve.workload.generators import RequestSpec
@@ -38,11 +39,16 @@ from elasticserve.workload.generators import RequestSpec
 @dataclass(frozen=True, slots=True)
 class PdLayout:
     """``prefill`` prefill and ``decode`` decode instances; ``prefill == 0``: ``decode``
-    colocated instances. ``link_gbps``: each prefill instance's outgoing KV link, Gbit/s."""
+    colocated instances. ``link_gbps``: each prefill instance's outgoing KV link, Gbit/s.
+    ``gpu_share`` in (0, 1): a 1:1 pair on ONE GPU, the prefill instance getting that share of
+    its FLOP/s, HBM bandwidth and memory (a static spatial split, as MPS), the decode instance
+    the rest; the hand-off then moves page ownership: no bytes copied, each page unmapped and
+    mapped again (2 x ``page_map_s`` per page)."""
 
     prefill: int = 1
     decode: int = 1
     link_gbps: float = 400.0
+    gpu_share: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefill, int) or self.prefill < 0:
@@ -51,6 +57,13 @@ class PdLayout:
             raise ValueError(f"decode must be an integer >= 1, got {self.decode!r}")
         if not self.link_gbps > 0:
             raise ValueError(f"link_gbps must be > 0, got {self.link_gbps!r}")
+        if self.gpu_share and not (0 < self.gpu_share < 1 and self.prefill == self.decode == 1):
+            raise ValueError(f"gpu_share must be in (0, 1) with a 1:1 layout, got "
+                             f"{self.gpu_share!r} for {self.prefill}:{self.decode}")
+
+    @property
+    def same_gpu(self) -> bool:
+        return self.gpu_share > 0
 
     @property
     def colocated(self) -> bool:
@@ -64,7 +77,14 @@ class PdLayout:
     def label(self) -> str:
         if self.colocated:
             return f"colocated x{self.decode}"
+        if self.same_gpu:
+            return f"P/D 1:1 on one GPU ({self.gpu_share:.0%} prefill)"
         return f"P/D {self.prefill}:{self.decode} @ {self.link_gbps:g} Gbps"
+
+    @property
+    def gpus(self) -> int:
+        """GPUs per ``SimConfig.num_gpus``: one per instance, or one for a shared pair."""
+        return 1 if self.same_gpu else self.instances
 
     def transfer_s(self, nbytes: int) -> float:
         return nbytes * 8 / (self.link_gbps * 1e9)
@@ -91,7 +111,8 @@ class Handoff:
     hold_id: int  # the sequence id that keeps the KV blocks on the prefill instance
     tokens: int  # prompt tokens whose KV moves
     blocks: int
-    nbytes: int
+    nbytes: int  # KV bytes handed over (blocks x block bytes)
+    copied: int  # bytes that crossed a link: 0 when page ownership moved on one GPU
     ready: float  # the first token was sampled
     dst: int = -1
     start: float = 0.0
@@ -112,6 +133,10 @@ class PdResult:
     @property
     def kv_bytes_moved(self) -> int:
         return sum(h.nbytes for h in self.handoffs)
+
+    @property
+    def kv_bytes_copied(self) -> int:
+        return sum(h.copied for h in self.handoffs)
 
 
 @dataclass(slots=True)
@@ -145,7 +170,11 @@ class PdSimulator:
         self.instances = []
         for i, role in enumerate(roles):
             name = f"{role}{i}"
-            sim = Simulator([dataclasses.replace(spec, name=name)], config, "static")
+            cfg = config
+            if layout.same_gpu:
+                share = layout.gpu_share if role == "prefill" else 1 - layout.gpu_share
+                cfg = dataclasses.replace(config, device=gpu_share(config.device, share))
+            sim = Simulator([dataclasses.replace(spec, name=name)], cfg, "static")
             self.instances.append(_Instance(name, role, sim))
         self.front = [x for x in self.instances if x.role != "decode"]
         self.decoders = [x for x in self.instances if x.role == "decode"]
@@ -166,8 +195,10 @@ class PdSimulator:
             hold = next_seq_id()
             kv.fork(seq.seq_id, hold)  # the blocks outlive the sequence until sent
             blocks = len(kv.block_table(hold))
-            self.pending.append(Handoff(rec, k, hold, seq.prompt_len, blocks,
-                                        blocks * self.block_bytes, end))
+            nbytes = blocks * self.block_bytes
+            copied = 0 if self.layout.same_gpu else nbytes
+            self.pending.append(Handoff(rec, k, hold, seq.prompt_len, blocks, nbytes, copied,
+                                        end))
         return hand_off
 
     # ---- the event loop -------------------------------------------------------------------
@@ -229,8 +260,15 @@ class PdSimulator:
             dst.reserved += need
             dst.inflight += 1
             h.dst, h.start = j, max(now, src.link_free_at)
-            h.end = src.link_free_at = h.start + self.layout.transfer_s(h.nbytes)
+            h.end = src.link_free_at = h.start + self._transfer_s(h)
             self.inflight.append(h)
+
+    def _transfer_s(self, h: Handoff) -> float:
+        if not self.layout.same_gpu:
+            return self.layout.transfer_s(h.copied)
+        # page ownership: the pages holding the blocks leave one range and join the other
+        pages = -(-h.nbytes // self.config.page_size)
+        return 2 * pages * self.config.device.page_map_s
 
     def _deliver(self, now: float) -> None:
         """Transfers that ended: the decode instance queues the request with its KV, the
@@ -263,6 +301,15 @@ class PdSimulator:
                 "preemptions": st.preemptions, "recomputes": st.recomputes,
                 "blocks_used_at_end": inst.rt.scheduler.kv.pool.num_used}
         return result
+
+
+def gpu_share(device: DeviceSpec, share: float) -> GpuSpec:
+    """``share`` of one GPU: its FLOP/s, HBM bandwidth and memory scaled (a static split)."""
+    if not isinstance(device, GpuSpec):
+        raise ValueError(f"gpu_share needs a GPU device, got {device.name}")
+    return device.replace(name=f"{device.name} x{share:.2f}", bf16_flops=device.bf16_flops * share,
+                          hbm_bw=device.hbm_bw * share,
+                          memory_bytes=int(device.memory_bytes * share))
 
 
 def simulate_pd(spec: ModelSpec, requests: Sequence[RequestSpec], config: SimConfig,

@@ -39,10 +39,11 @@ class PdScenario:
         return self.workload.generate(seed, rate)
 
 
-def pd_chat(link_gbps: float = 400.0, splits: Sequence[tuple[int, int]] = ((1, 1), (2, 1)),
-            duration: float = 60.0) -> PdScenario:
+def pd_chat(link_gbps: float = 400.0, splits: Sequence[tuple[int, int]] = ((1, 1), (1, 2)),
+            duration: float = 60.0, shares: Sequence[float] = (0.5,)) -> PdScenario:
     """Llama-3.1-8B on H100-80GBs: prompts of 512-4096 tokens, outputs of 64-512; each P:D
-    split against as many colocated instances (one GPU each)."""
+    split against as many colocated instances (one GPU each), and each share a 1:1 pair on
+    one GPU against one colocated instance."""
     model = "llama8b"
     wl = Workload((ModelStream(model, poisson(1.0, duration), Uniform(512, 4096),
                                Uniform(64, 512)),))
@@ -51,8 +52,11 @@ def pd_chat(link_gbps: float = 400.0, splits: Sequence[tuple[int, int]] = ((1, 1
     layouts: list[PdLayout] = []
     for p, d in splits:
         layouts += [PdLayout(0, p + d, link_gbps), PdLayout(p, d, link_gbps)]
+    if shares:
+        layouts.append(PdLayout(0, 1))
+    layouts += [PdLayout(1, 1, gpu_share=share) for share in shares]
     return PdScenario(
-        "pd", "Llama-3.1-8B, one H100-80GB per instance; Poisson arrivals, prompts U(512, 4096), "
+        "pd", "Llama-3.1-8B on H100-80GBs; Poisson arrivals, prompts U(512, 4096), "
               "outputs U(64, 512) tokens; chunked prefill, 2048-token step budget",
         ModelSpec(model, LLAMA_3_1_8B), cfg, wl, layouts,
         [Slo(1.0, 0.020), Slo(1.0, 0.040)], [float(r) for r in range(2, 33, 2)])
@@ -69,6 +73,7 @@ class RatePoint:
     tpot_p50: float
     tpot_p99: float
     kv_gib_moved: float
+    kv_gib_copied: float
     decode_recomputes: int
 
 
@@ -100,7 +105,7 @@ def run_point(scn: PdScenario, layout: PdLayout, rate: float, seed: int) -> Rate
     recomputes = sum(int(v["recomputes"]) for k, v in res.instance_stats.items()
                      if k.startswith("decode"))
     return RatePoint(rate, atts, s.ttft.p50, s.ttft.p99, s.tpot.p50, s.tpot.p99,
-                     res.kv_bytes_moved / 2**30, recomputes)
+                     res.kv_bytes_moved / 2**30, res.kv_bytes_copied / 2**30, recomputes)
 
 
 def sweep(scn: PdScenario, seed: int = 0) -> list[LayoutSweep]:
@@ -131,17 +136,18 @@ def markdown(scn: PdScenario, sweeps: list[LayoutSweep], seed: int) -> str:
              "| layout | GPUs | " + " | ".join(_slo_label(s) for s in scn.slos) + " |",
              "|---|---:|" + "---:|" * len(scn.slos)]
     for sw in sweeps:
-        gpus = sw.layout.instances * scn.config.num_gpus
+        gpus = sw.layout.gpus * scn.config.num_gpus
         cells = [f"{(g := sw.goodput(i, scn.target)):.1f} ({g / gpus:.1f})"
                  for i in range(len(scn.slos))]
         lines.append(f"| {sw.layout.label} | {gpus} | " + " | ".join(cells) + " |")
-    lines += ["", "Latencies (s; TPOT in ms) and attainment of each SLO at every rate run:", "",
+    lines += ["", "Latencies (s; TPOT in ms), attainment of each SLO, and KV handed over (GiB; "
+              "copied over a link in brackets) at every rate run:", "",
               "| layout | req/s | TTFT P50 | TTFT P99 | TPOT P50 | TPOT P99 | attainment | "
-              "KV moved GiB |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+              "KV GiB |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     for sw in sweeps:
         for pt in sw.points:
             att = " / ".join(f"{a:.2f}" for a in pt.attainment)
             lines.append(f"| {sw.layout.label} | {pt.rate:g} | {pt.ttft_p50:.3f} | "
                          f"{pt.ttft_p99:.3f} | {pt.tpot_p50 * 1e3:.1f} | {pt.tpot_p99 * 1e3:.1f} "
-                         f"| {att} | {pt.kv_gib_moved:.0f} |")
+                         f"| {att} | {pt.kv_gib_moved:.0f} ({pt.kv_gib_copied:.0f}) |")
     return "\n".join(lines) + "\n"

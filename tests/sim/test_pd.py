@@ -111,14 +111,14 @@ def test_layout_and_pd_parsing_reject_bad_input() -> None:
 
 
 def test_goodput_interpolates_between_grid_rates() -> None:
-    sw = LayoutSweep(PdLayout(0, 2), [RatePoint(r, (a,), 0, 0, 0, 0, 0, 0) for r, a in
+    sw = LayoutSweep(PdLayout(0, 2), [RatePoint(r, (a,), 0, 0, 0, 0, 0, 0, 0) for r, a in
                                       ((2, 1.0), (4, 0.95), (6, 0.85))])
     assert sw.goodput(0, 0.9) == pytest.approx(5.0)
     assert LayoutSweep(PdLayout(0, 2), sw.points[:2]).goodput(0, 0.9) == 4
 
 
 def test_sweep_and_cli_write_docs(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    scn = pd_chat(splits=[(1, 1)], duration=4.0)
+    scn = pd_chat(splits=[(1, 1)], duration=4.0, shares=[])
     scn.rates = [2.0, 4.0]
     out = sweep(scn)
     assert [s.layout.label for s in out] == ["colocated x2", "P/D 1:1 @ 400 Gbps"]
@@ -132,3 +132,21 @@ def test_sweep_and_cli_write_docs(tmp_path, capsys) -> None:  # type: ignore[no-
     assert "| P/D 1:1 @ 400 Gbps | 2 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli_pd.main(["--pd", "0:2"])
+
+
+def test_same_gpu_hand_off_moves_page_ownership_not_bytes() -> None:
+    reqs = [RequestSpec(0.0, "m", 3000, 8)]
+    sim = PdSimulator(SPEC, CFG, PdLayout(1, 1, gpu_share=0.25))
+    prefill, decode = (x.sim.config.device for x in sim.instances)
+    assert prefill.bf16_flops == pytest.approx(0.25 * H100_80GB.bf16_flops)
+    assert decode.hbm_bw == pytest.approx(0.75 * H100_80GB.hbm_bw)
+    res = sim.run(reqs)
+    [h] = res.handoffs
+    assert h.copied == 0 == res.kv_bytes_copied and h.nbytes == h.blocks * sim.block_bytes
+    pages = math.ceil(h.nbytes / CFG.page_size)
+    assert h.end - h.start == pytest.approx(2 * pages * H100_80GB.page_map_s)
+    assert res.records[0].first_token == h.end
+    assert_clean(sim)
+    assert PdLayout(1, 1, gpu_share=0.25).gpus == 1 and PdLayout(2, 1).gpus == 3
+    with pytest.raises(ValueError, match="gpu_share"):
+        PdLayout(2, 1, gpu_share=0.5)
