@@ -74,10 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_docs:
         command = docs_section.command_line("elasticserve.sim.cli_pd",
                                             None if argv is None else list(argv))
-        body = (f"Simulated (`elasticserve.sim.pd`): every instance runs the real scheduler, KV "
-                f"manager and block pool on its own GPU (roofline cost model). Command: "
-                f"`{command}`; run {docs_section.today()} at commit "
-                f"{docs_section.git_commit()}.\n\n" + text.replace("## ", "### ", 1))
+        head, _, rest = text.partition("\n")
+        body = (f"#{head}\n\nSimulated (`elasticserve.sim.pd`): every instance runs the real "
+                f"scheduler, KV manager and block pool (roofline cost model, static KV). "
+                f"Command: `{command}`; run {docs_section.today()} at commit "
+                f"{docs_section.git_commit()}.\n{rest}")
         path = docs_section.update_section("sim-pd", body, args.docs_path)
         print(f"wrote {path}", file=sys.stderr)
     return 0
