@@ -81,6 +81,7 @@ def _layout(tensors: Mapping[str, torch.Tensor]) -> WeightsManifest:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
         shape, is_opaque = tuple(t.shape), opaque_tensors.is_opaque(t)
+        ident: tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]
         size = opaque_tensors.nbytes(t) if is_opaque else _nbytes(shape, t.dtype)
         if is_opaque:  # never tied (a tied weight stays plain); strides: -1 marks the layout
             opaque.append((name, size, opaque_tensors.metadata(t)))
