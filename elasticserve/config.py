@@ -18,6 +18,7 @@ Device = Literal["cpu"]
 DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16", "float64", "double")
 MEMORY_BACKENDS = ("auto", "host", "cuda")
 ATTENTION_BACKENDS = ("auto", "native", "torch", "triton")
+LINEAR_BACKENDS = ("auto", "mkldnn", "torch")
 
 # the SLO policy's step-time model (a, b, c) when none is fitted: the demo model on this CPU
 # (13 ms/step, ~0.1 ms/token, ~0.5 us/context token; calibration in BENCHMARKS.md, rounded)
@@ -159,12 +160,16 @@ class ModelLoadConfig:
     # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch";
     # "triton": decode and prefill by kernels/triton_attention.py (interpreted without a GPU)
     attention_backend: str = "auto"
+    # linear layers: "mkldnn" (weights prepacked for oneDNN once per load), "torch" (F.linear);
+    # "auto": mkldnn for fp32 CPU models where torch has oneDNN, else torch
+    linear_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str):
             raise ValueError(f"model must be a path string, got {self.path!r}")
         _one_of(self, "dtype", DTYPES, "must name a torch dtype")
         _one_of(self, "attention_backend", ATTENTION_BACKENDS)
+        _one_of(self, "linear_backend", LINEAR_BACKENDS)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.num_threads is not None:

@@ -53,6 +53,7 @@ class EngineArgs:
     # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch",
     # "triton" (decode and prefill by the Triton kernel; Triton's interpreter without a GPU)
     attention_backend: str = "auto"
+    linear_backend: str = "auto"  # "mkldnn" (prepacked oneDNN weights), "torch"; "auto": see config
     device: Device = "cpu"
     # SLO-aware scheduling (core/slo.py): "fcfs" or "slo" (vLLM's option name); admission
     # "slo" refuses a request predicted to miss its TTFT target (SLOUnattainableError)
@@ -67,7 +68,8 @@ class EngineArgs:
         value raises ValueError naming its field."""
         model = ModelLoadConfig(path=self.model, dtype=self.dtype or "auto", seed=self.seed,
                                 num_threads=self.num_threads,
-                                attention_backend=self.attention_backend)
+                                attention_backend=self.attention_backend,
+                                linear_backend=self.linear_backend)
         memory = MemoryConfig(backend=self.memory_backend, page_size=self.page_size)
         return EngineConfig(model=model, cache=self.cache_config(), memory=memory,
                             scheduler=self.scheduler_config(model_max_len),

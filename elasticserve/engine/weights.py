@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 
 from elasticserve.config import EngineConfig
+from elasticserve.kernels.mkldnn_linear import use_mkldnn
 from elasticserve.models.hf_config import load_config
 from elasticserve.models.llama import CausalLM
 from elasticserve.models.loader import build_model, default_dtype, load_model
@@ -32,12 +33,26 @@ def model_dtype(config: EngineConfig) -> torch.dtype | None:
     return None if name == "auto" else getattr(torch, name)
 
 
+def pack_linears(model: CausalLM, config: EngineConfig) -> bool:
+    """Prepack the linear weights for oneDNN where `config.model.linear_backend` resolves to
+    it (kernels/mkldnn_linear.py). Done here, by every load (start and wake), and before a
+    shared copy is written (procs/weights.py writes what `DiskWeights.load` returns), so the
+    replicas map the packed bytes too. Returns whether it packed."""
+    weight = model.model.embed_tokens.weight
+    if not use_mkldnn(config.model.linear_backend, weight.dtype, weight.device):
+        return False
+    model.pack_linears()
+    return True
+
+
 class DiskWeights:
     """Each engine reads its own copy of the checkpoint (safetensors) into private memory."""
 
     def load(self, config: EngineConfig) -> CausalLM:
         # "auto" lets the loader choose (fp32 on CPU); the KV cache then takes the weights' dtype
-        return load_model(config.model.path, dtype=model_dtype(config))
+        model = load_model(config.model.path, dtype=model_dtype(config))
+        pack_linears(model, config)
+        return model
 
     def release(self) -> None:
         """Nothing to do: the engine's model held the only copy."""

@@ -9,6 +9,12 @@ Every mapper's RssShmem then includes the weights, while their Pss_Shmem splits 
 Read-only for real: the views are ordinary torch tensors (torch has no read-only tensors), but
 the pages are mapped without PROT_WRITE, so an in-place write through one kills the process
 with SIGSEGV instead of silently changing the weights of every replica.
+
+Opaque oneDNN tensors (prepacked linear weights, kernels/mkldnn_linear.py) are laid out too:
+their data bytes at their offset, their layout descriptor in the manifest (`opaque`), and
+`map_weights` rebuilds them over the mapping (memory/opaque_tensors.py). Such a tensor does not
+reference its memory, so the mapping is hung on it (and on the parameter `adopt_weights`
+makes of it) as the attribute `MAPPING_ATTR`; a `.detach()` of it loses that hold.
 """
 
 from __future__ import annotations
@@ -22,10 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from elasticserve.memory import opaque_tensors
+
 # 256 bytes: enough for any SIMD load and for CUDA's allocation granularity of tensor starts
 ALIGN = 256
 
 ManifestEntry = tuple[str, int, str, tuple[int, ...]]  # name, byte offset, dtype name, shape
+OpaqueEntry = tuple[str, int, bytes]  # name, data bytes, serialized oneDNN memory descriptor
+MAPPING_ATTR = "_shared_weights_mapping"  # on opaque views: what keeps their mapping alive
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +44,13 @@ class WeightsManifest:
 
     entries: tuple[ManifestEntry, ...]
     nbytes: int  # the file's size (a whole number of pages)
+    opaque: tuple[OpaqueEntry, ...] = ()  # the entries that are opaque oneDNN tensors
 
     def names(self) -> list[str]:
         return [e[0] for e in self.entries]
+
+    def opaque_by_name(self) -> dict[str, tuple[int, bytes]]:
+        return {name: (size, md) for name, size, md in self.opaque}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -60,21 +74,28 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 def _layout(tensors: Mapping[str, torch.Tensor]) -> WeightsManifest:
     """Offsets for every tensor; a tensor appearing under several names (tied) is laid out once."""
     entries: list[ManifestEntry] = []
+    opaque: list[OpaqueEntry] = []
     placed: dict[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]], int] = {}
     end = 0
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
-        shape = tuple(t.shape)
-        ident = (t.data_ptr(), t.dtype, shape, tuple(t.stride()))
+        shape, is_opaque = tuple(t.shape), opaque_tensors.is_opaque(t)
+        ident: tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]
+        size = opaque_tensors.nbytes(t) if is_opaque else _nbytes(shape, t.dtype)
+        if is_opaque:  # never tied (a tied weight stays plain); strides: -1 marks the layout
+            opaque.append((name, size, opaque_tensors.metadata(t)))
+            ident = (opaque_tensors.data_ptr(t), t.dtype, shape, (-1,))
+        else:
+            ident = (t.data_ptr(), t.dtype, shape, tuple(t.stride()))
         offset = placed.get(ident) if t.numel() else None
         if offset is None:
             offset = -(-end // ALIGN) * ALIGN
-            end = offset + _nbytes(shape, t.dtype)
+            end = offset + size
             placed[ident] = offset
         entries.append((name, offset, _dtype_name(t.dtype), shape))
     page = mmap.PAGESIZE
-    return WeightsManifest(tuple(entries), max(page, -(-end // page) * page))
+    return WeightsManifest(tuple(entries), max(page, -(-end // page) * page), tuple(opaque))
 
 
 def write_weights(fd: int, tensors: Mapping[str, torch.Tensor]) -> WeightsManifest:
@@ -97,11 +118,16 @@ def write_weights(fd: int, tensors: Mapping[str, torch.Tensor]) -> WeightsManife
 def _copy_into(mm: mmap.mmap, manifest: WeightsManifest,
                tensors: Mapping[str, torch.Tensor]) -> None:
     flat = torch.frombuffer(mm, dtype=torch.uint8)
+    opaque = manifest.opaque_by_name()
     done: set[int] = set()
     with torch.no_grad():
         for name, offset, dtype, shape in manifest.entries:
-            if offset not in done:
-                done.add(offset)
+            if offset in done:
+                continue
+            done.add(offset)
+            if name in opaque:
+                opaque_tensors.copy_to(tensors[name], flat.data_ptr() + offset)
+            else:
                 _view(flat, offset, _dtype(dtype), shape).copy_(tensors[name].detach().cpu())
 
 
@@ -126,12 +152,21 @@ def map_weights(fd: int, manifest: WeightsManifest) -> dict[str, torch.Tensor]:
         flat = torch.frombuffer(mm, dtype=torch.uint8)
     out: dict[str, torch.Tensor] = {}
     by_slot: dict[tuple[int, str, tuple[int, ...]], torch.Tensor] = {}
+    opaque = manifest.opaque_by_name()
     for name, offset, dtype, shape in manifest.entries:
         shape = tuple(shape)
-        if offset < 0 or offset + _nbytes(shape, _dtype(dtype)) > manifest.nbytes:
+        size = opaque[name][0] if name in opaque else _nbytes(shape, _dtype(dtype))
+        if offset < 0 or offset + size > manifest.nbytes:
             raise ValueError(f"manifest: tensor {name!r} lies outside the file")
         key = (offset, dtype, shape)
-        if key not in by_slot:
+        if key in by_slot:
+            pass
+        elif name in opaque:
+            view = opaque_tensors.from_blob(flat.data_ptr() + offset, shape, _dtype(dtype),
+                                            opaque[name][1])
+            setattr(view, MAPPING_ATTR, flat)  # the view alone would not keep the pages mapped
+            by_slot[key] = view
+        else:
             by_slot[key] = _view(flat, offset, _dtype(dtype), shape)
         out[name] = by_slot[key]
     return out
@@ -155,6 +190,8 @@ def adopt_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Non
             if new is None:
                 view = _matching(tensors, pre + leaf, param)
                 new = nn.Parameter(view, requires_grad=False)
+                if hasattr(view, MAPPING_ATTR):  # a new Python object: carry the hold over
+                    setattr(new, MAPPING_ATTR, getattr(view, MAPPING_ATTR))
                 replaced[id(param)] = new
             mod._parameters[leaf] = new
         for leaf, buf in list(mod._buffers.items()):

@@ -8,13 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elasticserve.kernels import native_ops
+from elasticserve.kernels import mkldnn_linear, native_ops
 from elasticserve.models.hf_config import RopeScaling
 
 
 class Linear(nn.Module):
     """y = x W^T (+ b) with uninitialized parameters: every value comes from a checkpoint,
-    so random init would only cost time."""
+    so random init would only cost time.
+
+    The weight is either plain or oneDNN-packed (`pack`, an opaque mkldnn tensor, also what
+    a replica maps from shared weights that were packed before sharing); `forward` follows
+    whichever the parameter holds."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -22,7 +26,15 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.is_mkldnn:
+            return mkldnn_linear.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def pack(self) -> None:
+        """Replace the weight by its oneDNN-packed form; the plain one is freed (unless
+        referenced elsewhere), so the weight stays counted once."""
+        if not self.weight.is_mkldnn:
+            self.weight = nn.Parameter(mkldnn_linear.pack(self.weight), requires_grad=False)
 
 
 class Embedding(nn.Module):

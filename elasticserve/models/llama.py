@@ -136,10 +136,25 @@ class CausalLM(nn.Module):
             if hasattr(module, "native"):
                 setattr(module, "native", enabled)  # noqa: B010 (mypy: Module's __setattr__)
 
+    def pack_linears(self) -> int:
+        """Prepack every Linear's weight for oneDNN (kernels/mkldnn_linear.py), in place;
+        returns how many were packed. A tied output projection stays plain: it is also the
+        embedding table, which is gathered from."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for module in linears:
+            module.pack()
+        return len(linears)
+
+    @property
+    def linears_packed(self) -> bool:
+        """Whether the Linear weights are oneDNN-packed (all or none are)."""
+        return any(isinstance(m, Linear) and m.weight.is_mkldnn for m in self.modules())
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] (fp32 regardless of model dtype)."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.model.embed_tokens.weight).float()
 
     def checkpoint_layout(self) -> dict[str, TensorSlot]:
         """Every Hugging Face tensor name this model expects, and where it goes."""

@@ -19,6 +19,7 @@ import torch
 
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.llm_engine import LLMEngine
+from elasticserve.memory import opaque_tensors
 from elasticserve.memory.procfs import shmem_usage
 from elasticserve.memory.shared_weights import write_weights
 from elasticserve.models.make_model import make_model
@@ -154,6 +155,11 @@ def _engine(path: str, channel: Channel, **kw: float) -> tuple[LLMEngine, Shared
     return LLMEngine(EngineArgs(model=path, **ENGINE_ARGS), weights=source), source  # type: ignore[arg-type]
 
 
+def _addr(t: torch.Tensor) -> int:
+    """Where a parameter's data lies (prepacked linear weights are opaque oneDNN tensors)."""
+    return opaque_tensors.data_ptr(t) if opaque_tensors.is_opaque(t) else t.data_ptr()
+
+
 def test_engines_in_one_process_share_and_detach_on_sleep(tiny_qwen2: str) -> None:
     path = tiny_qwen2
     disk = LLMEngine(EngineArgs(model=path, **ENGINE_ARGS))  # type: ignore[arg-type]
@@ -167,8 +173,9 @@ def test_engines_in_one_process_share_and_detach_on_sleep(tiny_qwen2: str) -> No
     mapper, source_b = _engine(path, b)
     assert source_a.loaded_here and not source_b.loaded_here
     assert greedy(loader) == want and greedy(mapper) == want
-    ptr = {n: p.data_ptr() for n, p in loader.model.named_parameters()}
-    assert all(ptr[n] != p.data_ptr() for n, p in mapper.model.named_parameters())  # 2 mappings
+    ptr = {n: _addr(p) for n, p in loader.model.named_parameters()}
+    assert all(ptr[n] != _addr(p) for n, p in mapper.model.named_parameters())  # 2 mappings
+    assert loader.model.linears_packed and mapper.model.linears_packed  # packed, then shared
     assert reg.weights_bytes(path) >= loader.weights_bytes
     loader.sleep()
     assert reg.report()[0]["workers"] == ["b"]
