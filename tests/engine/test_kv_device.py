@@ -57,4 +57,4 @@ def test_gpu_cache_binds_its_stream_and_pins_swap(tiny_llama: str, device: str):
     kv = llm.engine.kv
     assert kv.tensor.device.type == "cuda" and kv.backend.name == "cuda"
     assert kv.swap_tensor is not None and kv.swap_tensor.is_pinned()
-    assert getattr(kv.backend, "stream") == torch.cuda.current_stream().cuda_stream
+    assert kv.backend.stream == torch.cuda.current_stream().cuda_stream
