@@ -206,10 +206,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch per engine step")
     p.add_argument("--attention-backend", choices=["auto", "native", "torch", "triton"], default="auto",
                    help="decode attention: the C kernel where it builds (auto), always, or never")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where the models run (cuda: weights, KV over CUDA VMM, sampler on GPU)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="decode steps replay a CUDA graph per bucketed batch size")
+    _add_device_flags(p)
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests queued beyond the batch before new ones get 503")
     p.add_argument("--shutdown-timeout", type=parse_seconds, default=30.0, metavar="SECONDS",
@@ -236,6 +233,13 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
                    help="per model, an elastic host-memory KV tier of at most SIZE (outside "
                         "--memory): preempted requests' KV moves there instead of being "
                         "recomputed (default: none, a fixed 256MiB swap area)")
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the models run (cuda: weights, KV over CUDA VMM, sampler on GPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode steps replay a CUDA graph per bucketed batch size")
 
 
 def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]:
