@@ -96,7 +96,10 @@ class LLMEngine(SleepWake):
         self.model.use_native_ops(self.runner.native_decode)
 
     def _load_model(self) -> CausalLM:
-        return self.weights.load(self.config)
+        model = self.weights.load(self.config)
+        # a source that shares host memory (procs/weights.py) gives CPU tensors: the device
+        # gets its own copy
+        return model.to(self.config.device.device)
 
     def _param_dtype(self) -> torch.dtype:
         return self.model.model.embed_tokens.weight.dtype
