@@ -70,6 +70,11 @@ class DecodeGraphs:
         self.runs = 0  # steps through these buffers (replayed or, without capture, eager)
         self.replays = 0
 
+    def reset(self) -> None:
+        """Drop every captured graph (their memory pools with them): the model changed."""
+        self.graphs.clear()
+        self.outputs.clear()
+
     def bucket_for(self, n: int) -> int | None:
         """The smallest bucket holding ``n`` sequences; None: run eagerly (too large)."""
         return next((b for b in self.buckets if b >= n), None)

@@ -38,13 +38,13 @@ class ModelRunner:
                  block_size: int, tokenizer: Tokenizer, native_decode: bool = False,
                  triton_attention: bool = False, device: torch.device | str = "cpu",
                  graphs: DecodeGraphs | None = None) -> None:
+        self.graphs = graphs  # before the model: setting the model resets captured graphs
         self.model = model
         self.kv_cache = kv_cache
         self.swap_cache = swap_cache
         self.device = torch.device(device)
         if graphs is not None and not triton_attention:
             raise ValueError("cuda_graphs needs attention_backend='triton'")
-        self.graphs = graphs
         self.block_size = block_size
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
         self.native_decode = native_decode  # decode attention by the C kernel (kernels/native.py)
@@ -55,6 +55,18 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
         # structured outputs: compiled grammars (shared with validation) and per-sequence matchers
         self.grammars = GrammarStates(GrammarCompiler(tokenizer, model.config.vocab_size))
+
+    @property
+    def model(self) -> CausalLM:
+        return self._model
+
+    @model.setter
+    def model(self, model: CausalLM) -> None:
+        """A new model (a wake reloads the weights at new addresses): graphs captured over the
+        old one are dropped, to be captured again."""
+        self._model = model
+        if self.graphs is not None:
+            self.graphs.reset()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:

@@ -88,3 +88,15 @@ def test_a_bucket_is_captured_once_and_replayed(tiny_llama: str):
     graphs = llm.engine.runner.graphs
     assert graphs is not None and graphs.capture
     assert set(graphs.graphs) <= set(graphs.buckets) and graphs.replays >= len(graphs.graphs)
+
+
+def test_a_new_model_drops_the_captured_graphs(tiny_llama: str):
+    """A wake reloads the weights at new addresses: graphs over the old ones must go."""
+    llm = LLM(tiny_llama, cuda_graphs=True, max_num_seqs=4)
+    runner = llm.engine.runner
+    graphs = runner.graphs
+    assert graphs is not None
+    graphs.graphs[2], graphs.outputs[2] = object(), torch.zeros(2)  # as if captured
+    llm.engine.sleep()
+    assert llm.engine.wake()
+    assert graphs.graphs == {} and graphs.outputs == {} and runner.graphs is graphs
