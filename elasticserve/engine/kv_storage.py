@@ -61,6 +61,10 @@ class KVStorage:
         limit_blocks = max(1, cache.kv_limit_bytes(self.block_bytes) // self.block_bytes)
         self.backend = backend or _backend(cache, memory, limit_blocks * self.block_bytes)
         self.device = torch.device(device)
+        if (self.backend.name == "cuda") != (self.device.type == "cuda"):
+            # e.g. a worker process's shared host budget handed to a GPU engine
+            raise ValueError(f"device={self.device.type!r}: the KV memory backend "
+                             f"{self.backend.name!r} cannot serve it")
         bind_stream(self.backend, self.device)
         self.page_size = self.backend.page_size
         self.vt = VirtualTensor(self.backend, limit_blocks * self.block_bytes, dtype,

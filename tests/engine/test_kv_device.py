@@ -4,6 +4,7 @@ grow path), its stream bound only on a GPU, host swap space pinned only for a GP
 from __future__ import annotations
 
 import pytest
+import torch
 
 from elasticserve import LLM, SamplingParams
 from elasticserve.memory import factory
@@ -58,3 +59,19 @@ def test_gpu_cache_binds_its_stream_and_pins_swap(tiny_llama: str, device: str):
     assert kv.tensor.device.type == "cuda" and kv.backend.name == "cuda"
     assert kv.swap_tensor is not None and kv.swap_tensor.is_pinned()
     assert kv.backend.stream == torch.cuda.current_stream().cuda_stream
+
+
+def test_a_given_backend_must_serve_the_device(tiny_llama: str):
+    """A backend handed in (a worker's shared host budget) that the device cannot read is a
+    clear error, not a device mismatch at the first step."""
+    from elasticserve.config import CacheConfig, MemoryConfig
+    from elasticserve.engine.kv_storage import KVStorage
+    from elasticserve.models.hf_config import load_config
+
+    backend = HostBackend(page_size=1 << 16)
+    try:
+        with pytest.raises(ValueError, match="device='cuda': the KV memory backend 'host'"):
+            KVStorage(CacheConfig(), MemoryConfig(), load_config(tiny_llama), torch.float32,
+                      backend=backend, device="cuda")
+    finally:
+        backend.close()
