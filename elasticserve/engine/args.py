@@ -45,7 +45,7 @@ class EngineArgs:
     kv_keep_peak_s: float = 5.0  # a busy cache keeps its recent peak of live pages this long
     # host memory as an elastic KV tier (bytes; None: the fixed `swap_space` area as before)
     host_kv_cache_bytes: int | None = None
-    memory_backend: str = "host"
+    memory_backend: str = "auto"  # "auto": VMM pages on a cuda device, host pages on the CPU
     page_size: int | None = None
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
@@ -54,7 +54,8 @@ class EngineArgs:
     # "triton" (decode and prefill by the Triton kernel; Triton's interpreter without a GPU)
     attention_backend: str = "auto"
     linear_backend: str = "auto"  # "mkldnn" (prepacked oneDNN weights), "torch"; "auto": see config
-    device: Device = "cpu"
+    device: Device = "cpu"  # "cuda": weights, inputs, KV and sampler on the GPU
+    cuda_graphs: bool = False  # decode replays a CUDA graph per bucketed batch size
     # SLO-aware scheduling (core/slo.py): "fcfs" or "slo" (vLLM's option name); admission
     # "slo" refuses a request predicted to miss its TTFT target (SLOUnattainableError)
     scheduling_policy: str = "fcfs"
@@ -66,14 +67,21 @@ class EngineArgs:
     def create_engine_config(self, model_max_len: int) -> EngineConfig:
         """The validated config; `model_max_len` is the checkpoint's context limit. Every bad
         value raises ValueError naming its field."""
+        _check_device(self.device)
+        on_gpu = self.device == "cuda"
+        attention = self.attention_backend
+        if attention == "auto" and (on_gpu or self.cuda_graphs):
+            attention = "triton"  # the GPU's kernel; graphs need its static launch shapes
+        backend = self.memory_backend
+        if backend == "auto":
+            backend = "cuda" if on_gpu else "host"
         model = ModelLoadConfig(path=self.model, dtype=self.dtype or "auto", seed=self.seed,
-                                num_threads=self.num_threads,
-                                attention_backend=self.attention_backend,
+                                num_threads=self.num_threads, attention_backend=attention,
                                 linear_backend=self.linear_backend)
-        memory = MemoryConfig(backend=self.memory_backend, page_size=self.page_size)
+        memory = MemoryConfig(backend=backend, page_size=self.page_size)
         return EngineConfig(model=model, cache=self.cache_config(), memory=memory,
                             scheduler=self.scheduler_config(model_max_len),
-                            device=DeviceConfig(self.device))
+                            device=DeviceConfig(self.device, self.cuda_graphs))
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
@@ -100,3 +108,14 @@ class EngineArgs:
                                policy=self.scheduling_policy, admission=self.admission,
                                slo_ttft_ms=self.slo_ttft_ms, slo_tpot_ms=self.slo_tpot_ms,
                                step_cost=self.slo_step_cost or DEFAULT_STEP_COST)
+
+
+def _check_device(device: object) -> None:
+    """`device="cuda"` without a usable GPU is refused here, before anything is loaded."""
+    if device != "cuda":
+        return  # anything else but "cpu" is DeviceConfig's ValueError
+    import torch  # here, not at import: the config layer stays light
+
+    if not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device "
+                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")

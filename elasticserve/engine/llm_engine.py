@@ -29,6 +29,7 @@ from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
 from elasticserve.request import Sequence, SequenceGroup, next_seq_id
 from elasticserve.sampling_params import SamplingParams
+from elasticserve.worker.cuda_graphs import decode_graphs
 from elasticserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class LLMEngine(SleepWake):
         if broker is not None:
             broker.attach_model(self.weights_bytes)
         self.kv = KVStorage(self.cache_config, self.config.memory, self.model_config,
-                            self._param_dtype(), broker, kv_backend)
+                            self._param_dtype(), broker, kv_backend,
+                            device=self.config.device.device)
         self._build_scheduler_and_runner()
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler_config.max_model_len)
         self.groups: dict[str, SequenceGroup] = {}
@@ -88,12 +90,16 @@ class LLMEngine(SleepWake):
             self.model, self.kv.tensor, self.kv.swap_tensor, cache.block_size,
             self.tokenizer,
             native_decode=native.use_native(backend, self.kv.tensor, self._param_dtype()),
-            triton_attention=backend == "triton")
+            triton_attention=backend == "triton", device=self.config.device.device,
+            graphs=decode_graphs(self.config))
         # the fused element-wise ops come with the native backend (same library, same checks)
         self.model.use_native_ops(self.runner.native_decode)
 
     def _load_model(self) -> CausalLM:
-        return self.weights.load(self.config)
+        model = self.weights.load(self.config)
+        # a source that shares host memory (procs/weights.py) gives CPU tensors: the device
+        # gets its own copy
+        return model.to(self.config.device.device)
 
     def _param_dtype(self) -> torch.dtype:
         return self.model.model.embed_tokens.weight.dtype

@@ -49,9 +49,11 @@ class DiskWeights:
     """Each engine reads its own copy of the checkpoint (safetensors) into private memory."""
 
     def load(self, config: EngineConfig) -> CausalLM:
-        # "auto" lets the loader choose (fp32 on CPU); the KV cache then takes the weights' dtype
-        model = load_model(config.model.path, dtype=model_dtype(config))
-        pack_linears(model, config)
+        # "auto" lets the loader choose (fp32 on CPU, the checkpoint's on a GPU); the KV cache
+        # then takes the weights' dtype. Parameters are allocated on the device and filled there.
+        model = load_model(config.model.path, dtype=model_dtype(config),
+                           device=config.device.device)
+        pack_linears(model, config)  # oneDNN's prepacked layout where it applies (fp32 CPU)
         return model
 
     def release(self) -> None:
@@ -63,6 +65,7 @@ class DiskWeights:
         for a caller that adopts weights which already exist."""
         dtype = model_dtype(config)
         if dtype is None:
-            dtype = default_dtype(load_config(config.model.path), torch.device("cpu"))
+            dtype = default_dtype(load_config(config.model.path),
+                                  torch.device(config.device.device))
         return build_model(config.model.path, dtype=dtype, device="meta")
 

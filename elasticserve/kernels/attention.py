@@ -143,7 +143,8 @@ _T = TypeVar("_T", PrefillSeq, DecodeChunk, AttentionMetadata, "TritonWork")
 
 def _moved(obj: _T, device: torch.device | str) -> _T:
     """``obj`` with each of its tensor fields on ``device`` (other fields shared)."""
-    return replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in fields(obj)
+    return replace(obj, **{f.name: getattr(obj, f.name).to(device, non_blocking=True)
+                           for f in fields(obj)
                            if isinstance(getattr(obj, f.name), torch.Tensor)})
 
 

@@ -81,6 +81,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     """Engine settings shared by every served model (memory comes from the pool)."""
     return EngineArgs(model="", max_num_seqs=args.max_num_seqs, num_threads=args.threads,
                       attention_backend=args.attention_backend, max_model_len=args.max_model_len,
+                      device=args.device, cuda_graphs=args.cuda_graphs,
                       scheduling_policy=args.scheduling_policy, admission=args.admission,
                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
                       host_kv_cache_bytes=args.host_kv_memory)
@@ -205,6 +206,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch per engine step")
     p.add_argument("--attention-backend", choices=["auto", "native", "torch", "triton"], default="auto",
                    help="decode attention: the C kernel where it builds (auto), always, or never")
+    _add_device_flags(p)
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests queued beyond the batch before new ones get 503")
     p.add_argument("--shutdown-timeout", type=parse_seconds, default=30.0, metavar="SECONDS",
@@ -231,6 +233,13 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
                    help="per model, an elastic host-memory KV tier of at most SIZE (outside "
                         "--memory): preempted requests' KV moves there instead of being "
                         "recomputed (default: none, a fixed 256MiB swap area)")
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the models run (cuda: weights, KV over CUDA VMM, sampler on GPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode steps replay a CUDA graph per bucketed batch size")
 
 
 def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]:

@@ -7,10 +7,12 @@ import logging
 import torch
 
 from elasticserve.kernels.attention import AttentionMetadata, require_triton
+from elasticserve.kernels.block_copy import copy_rows, index_tensors
 from elasticserve.models.llama import CausalLM
 from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, SampleResult, ScheduledSeq, SchedulerOutput
 from elasticserve.sampling_params import SamplingParams
+from elasticserve.worker.cuda_graphs import DecodeGraphs
 from elasticserve.worker.sampler import Sampler, SamplingRow, prompt_logprobs
 from elasticserve.worker.structured import GrammarCompiler, GrammarStates, allowed_tokens
 
@@ -25,14 +27,24 @@ class ModelRunner:
     `kv_cache` is `[max_blocks, layers, 2, block_size, kv_heads, head_dim]`: a plain tensor for a
     static cache, or a view over a reserved virtual range for an elastic one (its data_ptr never
     moves, so the runner never needs to be told when pages come and go).
+
+    On a GPU (`device`) the batch's inputs are built on the host and copied over
+    asynchronously, the sampler works on the device, and the sampled ids and logprobs come back
+    together: one host sync per step. `graphs`: decode-only steps go through its static buffers
+    (CUDA graphs on a GPU; see worker/cuda_graphs.py).
     """
 
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
                  block_size: int, tokenizer: Tokenizer, native_decode: bool = False,
-                 triton_attention: bool = False) -> None:
+                 triton_attention: bool = False, device: torch.device | str = "cpu",
+                 graphs: DecodeGraphs | None = None) -> None:
+        self.graphs = graphs  # before the model: setting the model resets captured graphs
         self.model = model
         self.kv_cache = kv_cache
         self.swap_cache = swap_cache
+        self.device = torch.device(device)
+        if graphs is not None and not triton_attention:
+            raise ValueError("cuda_graphs needs attention_backend='triton'")
         self.block_size = block_size
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
         self.native_decode = native_decode  # decode attention by the C kernel (kernels/native.py)
@@ -44,6 +56,18 @@ class ModelRunner:
         # structured outputs: compiled grammars (shared with validation) and per-sequence matchers
         self.grammars = GrammarStates(GrammarCompiler(tokenizer, model.config.vocab_size))
 
+    @property
+    def model(self) -> CausalLM:
+        return self._model
+
+    @model.setter
+    def model(self, model: CausalLM) -> None:
+        """A new model (a wake reloads the weights at new addresses): graphs captured over the
+        old one are dropped, to be captured again."""
+        self._model = model
+        if self.graphs is not None:
+            self.graphs.reset()
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.apply_block_ops(out)
@@ -53,25 +77,36 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if not out.scheduled:
             return result
-        input_ids, positions, meta = self._prepare(out.scheduled)
-        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
+        hidden, meta = self._forward(out.scheduled)
         self._sample(out.scheduled, meta, hidden, result)
         self._prompt_logprobs(out.scheduled, meta, hidden, result)
         return result
 
     def apply_block_ops(self, out: SchedulerOutput) -> None:
         """Swap out, swap in, then copy (COW and compaction), in that order."""
+        # host <-> device: asynchronous copies from/to pinned swap space, in stream order
         if out.blocks_to_swap_out:
             assert self.swap_cache is not None, "swap-out scheduled without swap space"
-            dev, host = _pairs(out.blocks_to_swap_out)
-            self.swap_cache[host] = self.kv_cache[dev]
+            copy_rows(self.swap_cache, self.kv_cache, out.blocks_to_swap_out)
         if out.blocks_to_swap_in:
             assert self.swap_cache is not None, "swap-in scheduled without swap space"
-            host, dev = _pairs(out.blocks_to_swap_in)
-            self.kv_cache[dev] = self.swap_cache[host]
+            copy_rows(self.kv_cache, self.swap_cache, out.blocks_to_swap_in)
         if out.blocks_to_copy:
-            src, dst = _pairs(out.blocks_to_copy)
+            src, dst = index_tensors(out.blocks_to_copy, self.kv_cache.device)
             self.kv_cache[dst] = self.kv_cache[src]
+
+    def _forward(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Hidden states of every new token: a decode-only batch that fits a bucket goes
+        through the static buffers (graph replay on a GPU), anything else eagerly."""
+        bucket = None
+        if self.graphs is not None and all(len(s.token_ids) == 1 for s in scheduled):
+            bucket = self.graphs.bucket_for(len(scheduled))
+        if bucket is None or self.graphs is None:
+            input_ids, positions, meta = self._prepare(scheduled)
+            return self.model.forward(input_ids, positions, self.kv_cache, meta), meta
+        self.graphs.load([(s.token_ids[0], s.start_pos, s.block_table) for s in scheduled])
+        return (self.graphs.run(self.model, self.kv_cache, bucket, len(scheduled)),
+                self.graphs.meta(bucket))
 
     def _prepare(self, scheduled: list[ScheduledSeq]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -80,11 +115,16 @@ class ModelRunner:
         for item in scheduled:
             tokens.extend(item.token_ids)
             positions.extend(range(item.start_pos, item.start_pos + len(item.token_ids)))
+        on_host = self.device.type == "cpu"
         meta = AttentionMetadata.build(
             [(s.start_pos, len(s.token_ids), s.block_table) for s in scheduled], self.block_size,
+            device=None if on_host else self.device,
             native_decode=self.native_decode, triton=self.triton_attention)
-        return (torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                meta)
+        # built on the host, one asynchronous copy per tensor
+        return (self._to_device(tokens), self._to_device(positions), meta)
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
     def _sample(self, scheduled: list[ScheduledSeq], meta: AttentionMetadata,
                 hidden: torch.Tensor, result: ModelRunnerOutput) -> None:
@@ -110,10 +150,10 @@ class ModelRunner:
         if not rows:
             return
         unique = sorted(set(row_index))
-        logits = self.model.compute_logits(hidden[unique])
+        logits = self.model.compute_logits(hidden[self._to_device(unique)])
         if len(unique) != len(row_index):
             where = {r: k for k, r in enumerate(unique)}
-            logits = logits[[where[r] for r in row_index]]
+            logits = logits[self._to_device([where[r] for r in row_index])]
         self._mask(rows, parents, seq_ids, logits.shape[1])
         try:
             samples: list[SampleResult | None] = list(self.sampler(logits, rows))
@@ -233,7 +273,3 @@ def _has_penalties(params: SamplingParams) -> bool:
     return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
             or params.frequency_penalty != 0.0)
 
-
-def _pairs(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = zip(*pairs, strict=True)
-    return torch.tensor(a, dtype=torch.long), torch.tensor(b, dtype=torch.long)

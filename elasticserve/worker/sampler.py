@@ -13,6 +13,11 @@ Design notes (CPU, B up to 256, V ~32k):
 * A random row consumes exactly one uniform from its generator per step and
   samples by inverse CDF in token-id order, so a seeded row's token depends only
   on its own logits, params and generator, never on the rest of the batch.
+* Device: everything stays on the logits' device (a GPU's included); per-row parameters are
+  built on the host and copied over asynchronously, and the results (token ids, logprobs, top
+  candidates) come back in ONE transfer per call (`_fetch`). Extra host syncs remain only in
+  rarer paths: top_p without top_k (the cutoff bucket's size), a grammar row left with no
+  token, and prompt logprobs.
 * Returned logprobs are the raw model's (log_softmax of the logits as given,
   before banning/penalties/temperature), like vLLM v1. They are computed only for
   rows that need them (``params.logprobs`` set, or ``best_of > n`` ranking);
@@ -30,6 +35,9 @@ from torch import Tensor
 
 from elasticserve.outputs import SampleResult
 from elasticserve.sampling_params import SamplingParams
+from elasticserve.worker.logits_processors import _dev, apply_allowed, apply_penalties
+
+__all__ = ["Sampler", "SamplingRow", "apply_allowed", "apply_penalties", "prompt_logprobs"]
 
 _NUM_BUCKETS = 4096
 # Gaps beyond this many logits below the row max share the last bucket: their
@@ -51,89 +59,19 @@ class SamplingRow:
     allowed: Tensor | None = None  # [V] bool: structured outputs' grammar mask (None: no grammar)
 
 
-def _needs_penalties(row: SamplingRow) -> bool:
-    p = row.params
-    rep = p.repetition_penalty != 1.0
-    return bool(row.banned_token_ids) or rep or bool(p.presence_penalty or p.frequency_penalty)
-
-
 def _needs_logprob(row: SamplingRow) -> bool:
     p = row.params
     return row.num_candidates == 0 and (p.logprobs is not None or p.actual_best_of > p.n)
 
 
-def _pairs(row_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-    """(row index, token id) tensors for per-row token lists.
-
-    as_tensor per row converts in C (zero-copy for tensors), which matters for long prompts.
-    """
-    parts = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in token_lists]
-    lengths = torch.tensor([p.numel() for p in parts])
-    tokens = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-    return torch.repeat_interleave(torch.tensor(row_ids, dtype=torch.long), lengths), tokens
-
-
-def apply_penalties(logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
-    """Banned tokens, then repetition, then presence and frequency penalties.
-
-    Returns ``logits`` itself when no row needs any, else a new tensor (the input
-    is never modified). Updates touch only the (row, token) pairs that occur.
-    """
-    idx = [i for i, r in enumerate(rows) if _needs_penalties(r)]
-    if not idx:
-        return logits
-    out = logits.clone()
-    r, t = _pairs(idx, [sorted(rows[i].banned_token_ids) for i in idx])
-    out.index_put_((r, t), torch.tensor(-math.inf))
-    rep = [i for i in idx if rows[i].params.repetition_penalty != 1.0]
-    if rep:
-        seen = [(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in rep]
-        r, t = _pairs([i for i in rep for _ in range(2)], [s for pair in seen for s in pair])
-        penalty = torch.tensor([x.params.repetition_penalty for x in rows])[r]
-        vals = out[r, t]
-        # HF semantics: shrink toward zero, i.e. positive logits / rp, negative * rp.
-        # Duplicate pairs read and write the same value, so no dedup is needed.
-        out[r, t] = torch.where(vals > 0, vals / penalty, vals * penalty)
-    occ = [i for i in idx if rows[i].params.presence_penalty or rows[i].params.frequency_penalty]
-    if occ:
-        r, t = _pairs(occ, [rows[i].output_token_ids for i in occ])
-        freq = torch.tensor([x.params.frequency_penalty for x in rows])
-        # accumulate=True subtracts the frequency penalty once per occurrence.
-        out.index_put_((r, t), -freq[r], accumulate=True)
-        keys = torch.unique(r * out.shape[1] + t)
-        r, t = keys // out.shape[1], keys % out.shape[1]
-        pres = torch.tensor([x.params.presence_penalty for x in rows])
-        out.index_put_((r, t), -pres[r], accumulate=True)
-    return out
-
-
-def apply_allowed(logits: Tensor, processed: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
-    """Grammar masks: tokens a row's grammar forbids -> -inf. Rows without one cost nothing.
-
-    A row left with no token (min_tokens banned the only one its grammar allows, EOS) follows
-    its grammar alone: the grammar's structure wins over min_tokens. ``processed`` is written
-    in place when it is already a copy of ``logits``.
-    """
-    idx = [i for i, r in enumerate(rows) if r.allowed is not None]
-    if not idx:
-        return processed
-    out = logits.clone() if processed is logits else processed
-    allowed = torch.stack([rows[i].allowed for i in idx])  # type: ignore[misc]
-    sub = out[idx].masked_fill_(~allowed, -math.inf)
-    dead = torch.isneginf(sub).all(-1)
-    if bool(dead.any()):
-        sub[dead] = logits[idx][dead].masked_fill(~allowed[dead], -math.inf)
-    out[idx] = sub
-    return out
-
-
-def _top_k_top_p_cut(x: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+def _top_k_top_p_cut(x: Tensor, top_k: Tensor, top_p: Tensor, k_max: int) -> Tensor:
     """Logit threshold [R] implementing top_k then top_p (on the top-k renormalized).
 
-    Ties with the k-th logit are kept, so a row may keep slightly more than k.
+    Ties with the k-th logit are kept, so a row may keep slightly more than k. ``k_max`` is
+    ``top_k.max()``, known on the host.
     """
-    vals = x.topk(int(top_k.max()), dim=-1).values  # sorted descending
-    pos = torch.arange(vals.shape[1])
+    vals = x.topk(k_max, dim=-1).values  # sorted descending
+    pos = torch.arange(vals.shape[1], device=x.device)
     valid = pos < top_k.unsqueeze(1)
     probs = vals.masked_fill(~valid, -math.inf).softmax(-1)
     exclusive = probs.cumsum(-1) - probs
@@ -153,7 +91,7 @@ def _top_p_cut(x: Tensor, row_max: Tensor, weight: Tensor,
     logit, so every earlier bucket is entirely kept.
     """
     rows = x.shape[0]
-    offsets = torch.arange(rows, dtype=torch.int32).unsqueeze(1) * _NUM_BUCKETS
+    offsets = torch.arange(rows, dtype=torch.int32, device=x.device).unsqueeze(1) * _NUM_BUCKETS
     # Spread the buckets over the row's own logit range (capped) to keep the
     # cutoff bucket small; -inf (banned) entries just cap the range.
     span = (row_max - x.amin(-1, keepdim=True)).clamp_(min=1e-6, max=_MAX_GAP)
@@ -161,7 +99,7 @@ def _top_p_cut(x: Tensor, row_max: Tensor, weight: Tensor,
     bucket = torch.sub(row_max, x).mul_(scale).clamp_(max=_NUM_BUCKETS - 1).int()
     # int32 flat ids (row offset added) are ~10x cheaper here than scatter's int64.
     bucket.add_(offsets)
-    mass = torch.zeros(rows * _NUM_BUCKETS).index_add_(0, bucket.view(-1), weight.view(-1))
+    mass = torch.zeros(rows * _NUM_BUCKETS, device=x.device).index_add_(0, bucket.view(-1), weight.view(-1))
     mass = mass.view(rows, _NUM_BUCKETS)
     cum = mass.cumsum(-1)
     target = (top_p * cum[:, -1]).unsqueeze(1)
@@ -173,21 +111,23 @@ def _top_p_cut(x: Tensor, row_max: Tensor, weight: Tensor,
     # Push other buckets' logits to ~-1e38 (a fused add; where/masked_fill are
     # several times slower on CPU) so topk returns just the cutoff bucket.
     keyed = torch.add(x, outside, alpha=-1e38)
-    vals = keyed.topk(int(count.max()), -1).values
+    vals = keyed.topk(int(count.max()), -1).values  # a host sync: the bucket's size
     within = before + torch.sub(vals, row_max).exp_().cumsum(-1)
     pos = torch.searchsorted(within, target)
     pos = torch.minimum(pos, (count - 1).clamp(min=0).unsqueeze(1).long())
     return vals.gather(1, pos).squeeze(1)
 
 
-def _subset(t: Tensor, idx: Tensor | list[int]) -> Tensor:
+def _subset(t: Tensor, idx: list[int]) -> Tensor:
     # Skip the copy when the subset is every row, the common uniform-params case.
-    return t if len(idx) == t.shape[0] else t[idx]
+    return t if len(idx) == t.shape[0] else t[_dev(torch.tensor(idx), t)]
 
 
-def _put(tokens: list[int], idx: list[int], values: Tensor) -> None:
-    for i, t in zip(idx, values.tolist(), strict=True):
-        tokens[i] = t
+def _put(tokens: Tensor, idx: list[int], values: Tensor) -> None:
+    if len(idx) == tokens.shape[0]:
+        tokens.copy_(values)
+    else:
+        tokens[_dev(torch.tensor(idx), tokens)] = values
 
 
 def _thresholds(x: Tensor, row_max: Tensor, weight: Tensor,
@@ -196,17 +136,20 @@ def _thresholds(x: Tensor, row_max: Tensor, weight: Tensor,
     vocab = x.shape[1]
     if all(p.top_p >= 1.0 and not 0 < p.top_k < vocab and p.min_p == 0.0 for p in params):
         return None
-    cut = torch.full((len(params),), -math.inf)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in params])
-    top_p = torch.tensor([p.top_p for p in params])
-    with_k = (top_k > 0).nonzero().squeeze(1)
-    if with_k.numel():
-        cut[with_k] = _top_k_top_p_cut(_subset(x, with_k), top_k[with_k], top_p[with_k])
-    only_p = ((top_k == 0) & (top_p < 1.0)).nonzero().squeeze(1)
-    if only_p.numel():
-        cut[only_p] = _top_p_cut(_subset(x, only_p), row_max[only_p],
-                                 _subset(weight, only_p), top_p[only_p])
-    min_p = torch.tensor([p.min_p for p in params])
+    cut = torch.full((len(params),), -math.inf, device=x.device)
+    k_list = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    top_k = _dev(torch.tensor(k_list), x)
+    top_p = _dev(torch.tensor([p.top_p for p in params]), x)
+    with_k = [i for i, k in enumerate(k_list) if k > 0]  # row lists on the host: no nonzero()
+    if with_k:
+        sub = _dev(torch.tensor(with_k), x)
+        cut[sub] = _top_k_top_p_cut(_subset(x, with_k), top_k[sub], top_p[sub], max(k_list))
+    only_p = [i for i, k in enumerate(k_list) if k == 0 and params[i].top_p < 1.0]
+    if only_p:
+        sub = _dev(torch.tensor(only_p), x)
+        cut[sub] = _top_p_cut(_subset(x, only_p), row_max[sub], _subset(weight, only_p),
+                              top_p[sub])
+    min_p = _dev(torch.tensor([p.min_p for p in params]), x)
     # min_p keeps prob >= min_p * max prob, i.e. logit >= max + log(min_p).
     cut = torch.maximum(cut, row_max.squeeze(1) + min_p.log())
     return cut.unsqueeze(1)
@@ -227,9 +170,9 @@ def _sample_random(logits: Tensor, rows: Sequence[SamplingRow], owned: bool) -> 
     ``owned``: ``logits`` is a scratch copy that may be scaled in place.
     """
     params = [r.params for r in rows]
-    temps = torch.tensor([p.temperature for p in params]).unsqueeze(1)
     x = logits
-    if not bool((temps == 1.0).all()):
+    if any(p.temperature != 1.0 for p in params):
+        temps = _dev(torch.tensor([p.temperature for p in params]).unsqueeze(1), x)
         x = logits.div_(temps) if owned else logits / temps
     row_max = x.amax(-1, keepdim=True)
     weight = torch.sub(x, row_max).exp_()
@@ -242,7 +185,8 @@ def _sample_random(logits: Tensor, rows: Sequence[SamplingRow], owned: bool) -> 
     cdf = weight.cumsum_(-1)
     total = cdf[:, -1:]
     # Keep the target strictly below the total so it always lands on a token.
-    target = torch.minimum(_uniforms(rows) * total, torch.nextafter(total, torch.zeros(())))
+    target = torch.minimum(_dev(_uniforms(rows), x) * total,
+                           torch.nextafter(total, torch.zeros((), device=x.device)))
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
@@ -262,10 +206,9 @@ class Sampler:
         """Choose the next token for every row of ``logits`` [B, V] (not modified)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows), V], got {tuple(logits.shape)}")
-        # Sampling runs on CPU (a no-op for CPU float32; accelerator logits are copied).
-        logits = logits.to("cpu", torch.float32)
+        logits = logits.float()  # on its own device (a no-op for fp32)
         processed = apply_allowed(logits, apply_penalties(logits, rows), rows)
-        tokens = [-1] * len(rows)
+        tokens = torch.full((len(rows),), -1, dtype=torch.long, device=logits.device)
         # top_k == 1 keeps only the max, so it is an argmax without the draw.
         sampled = [i for i, r in enumerate(rows) if r.num_candidates == 0]
         is_greedy = [rows[i].params.is_greedy or rows[i].params.top_k == 1 for i in sampled]
@@ -277,34 +220,64 @@ class Sampler:
             sub = _subset(processed, rand)
             # A gathered subset or a penalized clone is ours to scale in place.
             _put(tokens, rand, _sample_random(sub, [rows[i] for i in rand], sub is not logits))
-        results = [SampleResult(t, math.nan, []) for t in tokens]
-        _fill_logprobs(logits, rows, results)
-        _fill_beams(processed, rows, results)
+        lp_idx = [i for i, r in enumerate(rows) if _needs_logprob(r)]
+        beam_idx = [i for i, r in enumerate(rows) if r.num_candidates > 0]
+        lp_k = max([rows[i].params.logprobs or 0 for i in lp_idx], default=0)
+        beam_k = min(max([rows[i].num_candidates for i in beam_idx], default=0), logits.shape[1])
+        parts = [tokens, *_logprob_parts(logits, tokens, lp_idx, lp_k),
+                 *_beam_parts(processed, beam_idx, beam_k)]
+        host = _fetch(parts)  # the step's one device -> host transfer
+        results = [SampleResult(int(t), math.nan, []) for t in host[0]]
+        if lp_idx:
+            chosen, vals, ids = host[1], host[2], host[3]
+            for n, i in enumerate(lp_idx):
+                c = rows[i].params.logprobs or 0
+                results[i].logprob = chosen[n]
+                results[i].top_logprobs = _pairs_of(ids, vals, n * lp_k, c)
+        if beam_idx:
+            vals, ids = host[-2], host[-1]
+            for n, i in enumerate(beam_idx):
+                c = min(rows[i].num_candidates, logits.shape[1])
+                results[i].top_logprobs = _pairs_of(ids, vals, n * beam_k, c)
         return results
 
 
-def _fill_logprobs(logits: Tensor, rows: Sequence[SamplingRow], results: list[SampleResult]) -> None:
-    idx = [i for i, r in enumerate(rows) if _needs_logprob(r)]
+def _fetch(parts: list[Tensor]) -> list[list[float]]:
+    """Every tensor of ``parts`` on the host in one transfer (float64 holds token ids exactly),
+    as flat lists in the same order: one host sync instead of one per tensor."""
+    if not parts:
+        return []
+    flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).tolist()
+    out, at = [], 0
+    for p in parts:
+        out.append(flat[at:at + p.numel()])
+        at += p.numel()
+    return out
+
+
+def _pairs_of(ids: list[float], vals: list[float], at: int, count: int
+              ) -> list[tuple[int, float]]:
+    return [(int(ids[at + j]), vals[at + j]) for j in range(count)]
+
+
+def _logprob_parts(logits: Tensor, tokens: Tensor, idx: list[int], k: int) -> list[Tensor]:
+    """[chosen logprob, top-k values, top-k ids] of the rows that asked for logprobs."""
     if not idx:
-        return
-    logprobs = logits[idx].log_softmax(-1)
-    chosen = torch.tensor([results[i].token_id for i in idx]).unsqueeze(1)
-    values = logprobs.gather(1, chosen).squeeze(1).tolist()
-    tops = _top_logprobs(logprobs, [rows[i].params.logprobs or 0 for i in idx])
-    for i, value, top in zip(idx, values, tops, strict=True):
-        results[i].logprob = value
-        results[i].top_logprobs = top
+        return []
+    sub = _dev(torch.tensor(idx), logits)
+    logprobs = logits[sub].log_softmax(-1)
+    chosen = logprobs.gather(1, tokens[sub].unsqueeze(1)).squeeze(1)
+    vals, ids = logprobs.topk(k, dim=-1)  # k may be 0: empty tensors
+    return [chosen, vals, ids]
 
 
-def _fill_beams(processed: Tensor, rows: Sequence[SamplingRow], results: list[SampleResult]) -> None:
+def _beam_parts(processed: Tensor, idx: list[int], k: int) -> list[Tensor]:
     # Beam scores must reflect banning and penalties, hence the processed logits.
-    idx = [i for i, r in enumerate(rows) if r.num_candidates > 0]
     if not idx:
-        return
-    counts = [min(rows[i].num_candidates, processed.shape[1]) for i in idx]
-    tops = _top_logprobs(processed[idx].log_softmax(-1), counts)
-    for i, top in zip(idx, tops, strict=True):
-        results[i].top_logprobs = top
+        return []
+    sub = _dev(torch.tensor(idx), processed)
+    vals, ids = processed[sub].log_softmax(-1).topk(k, dim=-1)
+    return [vals, ids]
 
 
 def prompt_logprobs(

@@ -22,6 +22,11 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path: Path) -> None:
     tp = res["throughput"]
     assert tp["greedy_parity"] == "2/2" and tp["engine_tok_s"] > 0 and tp["transformers_tok_s"] > 0
     assert tp["engine_gb_s"] > 0 and tp["roofline_pct"] is None
+    modes = res["modes"]
+    assert modes["bf16_vs_fp32"]["exact"].endswith("/4") and "ok" in modes["bf16_vs_fp32"]
+    overhead = modes["elastic_vs_static"]
+    assert overhead["same_tokens"] and overhead["static_tok_s"] > 0 and overhead["elastic_tok_s"] > 0
+    assert modes["cuda_graphs"].startswith("skipped")
     assert "| create |" in res["markdown"] and "kvcached A100" in res["markdown"]
     gpu_check.update_docs(res["markdown"], docs)
     assert "<!-- bench:gpu-check -->" in docs.read_text()
@@ -35,6 +40,7 @@ def test_failed_section_is_reported_and_fails_the_run(tmp_path: Path,
 
     monkeypatch.setattr(gpu_check.parts, "vmm_costs", broken)
     monkeypatch.setattr(gpu_check, "_throughput", lambda device, size, model_dir: {"skipped": 1})
+    monkeypatch.setattr(gpu_check.gpu_check_modes, "modes", lambda *args: {"skipped": 1})
     out = tmp_path / "check.json"
     assert gpu_check.main(["--device", "cpu", "--out", str(out)]) == 1
     res = json.loads(out.read_text())
@@ -65,3 +71,16 @@ def test_cuda_vmm_timing_against_the_fake_driver(monkeypatch: pytest.MonkeyPatch
     assert all(v is not None and v > 0 for v in res["median_us"].values())
     assert fake.calls["cuMemCreate"] == 4 and fake.calls["cuMemUnmap"] == 4
     assert not fake.allocs and not fake.maps and not fake.ranges  # nothing leaked
+
+
+def test_agreement_tolerance() -> None:
+    from elasticserve.bench.gpu_check_modes import agreement
+
+    same = agreement([[1, 2, 3, 4]] * 2, [[1, 2, 3, 4]] * 2)
+    assert same == {"exact": "2/2", "first_token": 1.0, "mean_prefix": 1.0, "ok": True}
+    late = agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 3, 9], [5, 6, 0, 0]])
+    assert late["exact"] == "0/2" and late["mean_prefix"] == 0.625 and late["ok"]
+    early = agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[9, 2, 3, 4], [5, 6, 7, 8]])
+    assert early["first_token"] == 0.5 and not early["ok"]
+    with pytest.raises(ValueError, match="outputs"):
+        agreement([], [])

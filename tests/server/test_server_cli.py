@@ -158,3 +158,12 @@ def test_server_built_from_vllm_flags(model_dir):
     finally:
         for engine in engines.values():
             engine.shutdown()
+
+
+def test_device_flags_reach_the_engine_args():
+    args = engine_args(_parse())
+    assert (args.device, args.cuda_graphs) == ("cpu", False)
+    args = engine_args(_parse("--device", "cuda", "--cuda-graphs"))
+    assert (args.device, args.cuda_graphs) == ("cuda", True)
+    with pytest.raises(SystemExit):
+        _parse("--device", "tpu")
