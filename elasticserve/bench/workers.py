@@ -53,12 +53,15 @@ def _run_level(url: str, concurrency: int, requests: int, input_len: int,
             "ttft_p50": s["ttft_ms"]["p50"], "ttft_p99": s["ttft_ms"]["p99"]}
 
 
+WAVES = 3  # requests per level = WAVES x concurrency (c=1: 8 one by one): runs of seconds
+
+
 def run_side(side: Side, model: str, levels: Sequence[int], input_len: int, output_len: int,
              seed: int) -> dict[int, dict[str, Any]]:
-    """One server of `side`, every concurrency level in turn (c=1: 8 requests one by one)."""
+    """One server of `side`, every concurrency level in turn."""
     with serve_process(["--model", f"m={model}", *side.argv], start_timeout_s=300) as url:
         _run_level(url, 4, 4, input_len, 8, seed + 99)  # warm-up: first steps, kernels
-        return {c: _run_level(url, c, 8 if c == 1 else c, input_len, output_len, seed)
+        return {c: _run_level(url, c, 8 if c == 1 else WAVES * c, input_len, output_len, seed)
                 for c in levels}
 
 
@@ -95,10 +98,10 @@ def _rows(runs: dict[str, dict[int, list[dict[str, Any]]]], a: str, b: str,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="elasticserve bench workers", description=__doc__)
     p.add_argument("--model-size", default="small", help="models/make_model.py size")
-    p.add_argument("--pairs", type=int, default=2, help="ABBA pairs per comparison")
+    p.add_argument("--pairs", type=int, default=3, help="ABBA pairs per comparison")
     p.add_argument("--concurrency", default="1,32,128", help="split levels")
     p.add_argument("--input-len", type=int, default=64, help="prompt tokens per request")
-    p.add_argument("--output-len", type=int, default=32, help="output tokens (ignore_eos)")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens (ignore_eos)")
     p.add_argument("--replica-load", type=int, default=64, help="requests at once (replicas)")
     p.add_argument("--memory", default="2GiB", help="each server's --memory")
     p.add_argument("--threads", type=int, default=2, help="total torch threads per side")
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
              f"- date: {docs_section.today()}; commit: {docs_section.git_commit()}; CPU: "
              f"{docs_section.cpu_model()} x {os.cpu_count()}; load before: "
              f"{docs_section.load_average()}; model: {args.model_size}; prompts "
-             f"{args.input_len} tokens, outputs {args.output_len} (ignore_eos); {args.pairs} "
+             f"{args.input_len} tokens, outputs {args.output_len} (ignore_eos); {WAVES} x c "
+             f"requests per level (c=1: 8 one by one); {args.pairs} "
              f"ABBA pairs; spread = (max - min) / median of either side", ""]
     mem = ("--memory", args.memory)
     if args.skip != "split":
