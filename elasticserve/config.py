@@ -157,6 +157,8 @@ class ModelLoadConfig:
     dtype: str = "auto"  # a torch dtype name; "auto": fp32 on CPU, the checkpoint's elsewhere
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
+    # a CPU step of at most this many tokens runs on one thread (worker/step_threads.py); 0: off
+    small_step_tokens: int = 64
     # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch";
     # "triton": decode and prefill by kernels/triton_attention.py (interpreted without a GPU)
     attention_backend: str = "auto"
@@ -174,6 +176,7 @@ class ModelLoadConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.num_threads is not None:
             _at_least(self, "num_threads", 1)
+        _at_least(self, "small_step_tokens", 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ class EngineArgs:
     page_size: int | None = None
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
+    small_step_tokens: int = 64  # steps of at most this many tokens run on one thread (CPU)
     dtype: str | None = None
     # decode attention: "auto" (the C kernel where it builds and applies), "native", "torch",
     # "triton" (decode and prefill by the Triton kernel; Triton's interpreter without a GPU)
@@ -77,6 +78,7 @@ class EngineArgs:
             backend = "cuda" if on_gpu else "host"
         model = ModelLoadConfig(path=self.model, dtype=self.dtype or "auto", seed=self.seed,
                                 num_threads=self.num_threads, attention_backend=attention,
+                                small_step_tokens=self.small_step_tokens,
                                 linear_backend=self.linear_backend)
         memory = MemoryConfig(backend=backend, page_size=self.page_size)
         return EngineConfig(model=model, cache=self.cache_config(), memory=memory,

@@ -31,6 +31,7 @@ from elasticserve.request import Sequence, SequenceGroup, next_seq_id
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.cuda_graphs import decode_graphs
 from elasticserve.worker.model_runner import ModelRunner
+from elasticserve.worker.step_threads import StepThreads
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class LLMEngine(SleepWake):
             graphs=decode_graphs(self.config))
         # the fused element-wise ops come with the native backend (same library, same checks)
         self.model.use_native_ops(self.runner.native_decode)
+        small, threads = self.config.model.small_step_tokens, torch.get_num_threads()
+        if small and threads > 1 and self.config.device.device == "cpu":
+            self.runner.step_threads = StepThreads(threads, small)
 
     def _load_model(self) -> CausalLM:
         model = self.weights.load(self.config)

@@ -14,6 +14,7 @@ from elasticserve.outputs import ModelRunnerOutput, SampleResult, ScheduledSeq, 
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.cuda_graphs import DecodeGraphs
 from elasticserve.worker.sampler import Sampler, SamplingRow, prompt_logprobs
+from elasticserve.worker.step_threads import StepThreads
 from elasticserve.worker.structured import GrammarCompiler, GrammarStates, allowed_tokens
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class ModelRunner:
             require_triton()  # fail at start, naming attention_backend, not at the first step
         self.triton_attention = triton_attention  # all attention by kernels/triton_attention.py
         self.sampler = Sampler()
+        self.step_threads: StepThreads | None = None  # CPU: one thread for small steps
         self._generators: dict[int, torch.Generator] = {}
         # structured outputs: compiled grammars (shared with validation) and per-sequence matchers
         self.grammars = GrammarStates(GrammarCompiler(tokenizer, model.config.vocab_size))
@@ -77,6 +79,8 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if not out.scheduled:
             return result
+        if self.step_threads is not None:
+            self.step_threads.apply(sum(len(s.token_ids) for s in out.scheduled))
         hidden, meta = self._forward(out.scheduled)
         self._sample(out.scheduled, meta, hidden, result)
         self._prompt_logprobs(out.scheduled, meta, hidden, result)
