@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from elasticserve.procs.transport import Channel, ChannelClosed, channel_pair
 from elasticserve.procs.worker_client import WorkerClient
@@ -40,7 +40,6 @@ class _Slot:
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     failures: int = 0  # consecutive short-lived incarnations
-    extra_fds: list[int] = field(default_factory=list)
 
 
 # extra channels a worker gets besides its data channel (the page broker's), and what to do
@@ -118,7 +117,15 @@ class Supervisor:
             _reap(proc, 5.0)
             self._exited(slot)
             raise
-        slot.client.attach(front, ready)
+        with self._lock:  # shutdown sets `closing` under this lock: attach or refuse, not both
+            closing = self.closing
+            if not closing:
+                slot.client.attach(front, ready)
+        if closing:  # shut down while it started (a restart): it must not serve
+            front.close()  # its reader sees EOF and exits at once
+            _reap(proc, 5.0)
+            self._exited(slot)
+            return
         logger.info("worker %s started (pid %d)", slot.spec.worker, ready.pid)
 
     def _handshake(self, front: Channel, spec: WorkerSpec) -> Ready:
@@ -176,8 +183,8 @@ class Supervisor:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every worker: ask, wait up to `timeout`, then kill."""
-        self.closing = True
         with self._lock:
+            self.closing = True
             slots = list(self._slots.values())
         for slot in slots:
             slot.client.shutdown(timeout)

@@ -162,3 +162,22 @@ def test_a_silent_worker_is_killed_and_its_requests_run_elsewhere(
     finally:
         pool.supervisor.stuck_after_s = 60.0
     pool.check_integrity()
+
+
+def test_closing_while_a_worker_restarts_stops_it_promptly(model_dir: str) -> None:
+    made = WorkerPool([ModelSpec("m", model_dir)], 128 << 20, EngineArgs(model=model_dir),
+                      supervisor=Supervisor(backoff_s=0.0))
+    made.start()
+    client = made.routers["m"].replicas[0]
+    old = client.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    _wait(lambda: client.state != "ready" or client.pid != old)
+    time.sleep(0.2)  # the restart is under way (spawned, loading) when the pool closes
+    started = time.monotonic()
+    made.close()
+    assert time.monotonic() - started < 8.0  # not the 10 s reap timeout of an unstopped worker
+    for pid in {old, client.pid} - {None}:
+        assert pid is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # reaped: nothing left running
