@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from elasticserve import docs_section
@@ -53,16 +54,22 @@ def _echo_zmq(path: str) -> None:
         sock.send_pyobj(msg)
 
 
+def _round_trips(send: Callable[[object], object], recv: Callable[[], object], msg: object,
+                 n: int) -> list[float]:
+    rtts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        send(msg)
+        recv()
+        rtts.append(time.perf_counter() - t)
+    return rtts
+
+
 def time_channel(msg: object, n: int) -> list[float]:
     a, b = channel_pair()
     proc = mp.get_context("fork").Process(target=_echo_channel, args=(b.sock.detach(),))
     proc.start()
-    rtts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        a.send(msg)
-        a.recv()
-        rtts.append(time.perf_counter() - t)
+    rtts = _round_trips(a.send, a.recv, msg, n)
     a.send(None)
     proc.join(10)
     return rtts
@@ -76,12 +83,7 @@ def time_zmq(msg: object, n: int) -> list[float]:
     sock.bind(f"ipc://{path}")
     proc = mp.get_context("spawn").Process(target=_echo_zmq, args=(path,))
     proc.start()
-    rtts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        sock.send_pyobj(msg)
-        sock.recv_pyobj()
-        rtts.append(time.perf_counter() - t)
+    rtts = _round_trips(sock.send_pyobj, sock.recv_pyobj, msg, n)
     sock.send_pyobj(None)
     proc.join(10)
     sock.close()
