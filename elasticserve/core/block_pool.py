@@ -286,6 +286,14 @@ class BlockPool:
             out.append(block)
         return out
 
+    def forget(self, block_id: int) -> None:
+        """Drop a used block's prefix-cache entry: its content is leaving this pool (its page
+        was handed to another process), so no later prompt may hit it here."""
+        self._check_id(block_id)
+        if self._ref[block_id] <= 0:
+            raise ValueError(f"block {block_id} is not in use")
+        self._drop_entry(block_id)
+
     def _drop_entry(self, block: int) -> None:
         entry = self._entry[block]
         if entry is not None:

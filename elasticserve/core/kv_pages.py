@@ -99,6 +99,9 @@ class ElasticPages:
         self.pool: BlockPool | None = None
         self.manager: KVCacheManager | None = None
         self.preempt_to_fit: Callable[[int], Pairs] | None = None
+        # rows that must stay where they are (blocks lent to another process, whose page
+        # indices it was told): no shrink goes below them and no compaction moves them
+        self.pinned_rows: Callable[[], int] | None = None
         self._over_since: float | None = None
         self._peak, self._peak_at = 0, 0.0  # live pages held for keep_peak_s
 
@@ -149,7 +152,8 @@ class ElasticPages:
         """Shrink to `pages` (never below live blocks): compact, resize, unmap. Returns the
         pages unmapped; `notify` releases them to the broker (not when it reclaimed them)."""
         assert self.pool is not None
-        pages = max(pages, self._live_pages())
+        pinned = self.pages_for_blocks(self.pinned_rows()) if self.pinned_rows else 0
+        pages = max(pages, self._live_pages(), pinned)
         gone = self.mapped_pages - pages
         if gone <= 0:
             return 0

@@ -64,10 +64,11 @@ class Scheduler(Preemption):
         self.clock: Callable[[], float] = time.monotonic
 
     # ---- requests -------------------------------------------------------------------------
-    def add(self, group: SequenceGroup) -> None:
+    def add(self, group: SequenceGroup, admission: bool = True) -> None:
         """Queue a request; with ``admission="slo"`` raise SLOUnattainableError instead if it
-        is predicted to miss its TTFT target (nothing is queued then)."""
-        if self.slo is not None and self.config.admission == "slo":
+        is predicted to miss its TTFT target (nothing is queued then). ``admission=False``:
+        a request already admitted elsewhere (a prefill/decode hand-off) is always queued."""
+        if admission and self.slo is not None and self.config.admission == "slo":
             self.slo.check_admission(group, self.waiting, list(self.running), self.clock())
         for seq in group.seqs:
             self.seqs[seq.seq_id] = seq
@@ -83,6 +84,23 @@ class Scheduler(Preemption):
         for seq in group.live_seqs():
             self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
         return group
+
+    def detach(self, request_id: str) -> SequenceGroup | None:
+        """Take a running request out of every queue but keep its sequences' KV blocks (a
+        prefill worker handing it to a decode worker frees them once the hand-off is done).
+        None if it is in no queue."""
+        if (group := dequeue((self.waiting, self.running, self.swapped), request_id)) is None:
+            return None
+        for seq in group.seqs:
+            self.seqs.pop(seq.seq_id, None)
+        return group
+
+    def free_detached(self, group: SequenceGroup) -> None:
+        """Free the KV blocks a `detach`ed request still holds (its hand-off is over)."""
+        for seq in group.seqs:
+            if self.kv.has_seq(seq.seq_id):
+                self.kv.free(seq.seq_id)
+            self._finished_ids.append(seq.seq_id)  # the runner drops its per-sequence state
 
     def finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:
         seq.status = status

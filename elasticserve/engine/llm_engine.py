@@ -16,6 +16,7 @@ from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.beam_search import beam_step
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
+from elasticserve.engine.pd import KVHandOff, PDRole
 from elasticserve.engine.sleep_wake import SleepWake
 from elasticserve.engine.step_stats import StepRecorder
 from elasticserve.engine.validation import PromptInput, check_fits, tokenize_prompt
@@ -75,6 +76,10 @@ class LLMEngine(SleepWake):
         self.sleeps = self.wakes = 0
         self.wake_latencies_s: list[float] = []
         self.last_active = time.monotonic()
+        # prefill/decode disaggregation (engine/pd.py): set by a worker of either role; the
+        # requests a prefill step handed over wait in `handoffs` for the worker to send them
+        self.pd: PDRole | None = None
+        self.handoffs: list[KVHandOff] = []
         self.kv.start_reclaimer()
 
     def _build_scheduler_and_runner(self) -> None:
@@ -155,6 +160,8 @@ class LLMEngine(SleepWake):
         """Stop a request and free every block it holds; unknown ids are ignored."""
         with self.kv.lock:  # the idle reclaimer may be compacting blocks
             group = self.scheduler.abort(request_id)
+            if self.pd is not None:
+                self.pd.forget(request_id)
         if group is not None:
             self.groups.pop(request_id, None)
 
@@ -175,6 +182,8 @@ class LLMEngine(SleepWake):
         self.kv.before_step(self.scheduler)
         try:
             out, began = self.scheduler.schedule(), time.monotonic()
+            if self.pd is not None:
+                self.pd.before_execute(out)
             start = time.perf_counter()
             result = self.runner.execute(out)
             if self.step_trace is not None and out.scheduled:
@@ -186,11 +195,15 @@ class LLMEngine(SleepWake):
             self._process(out, result)
             streaming = self._streaming(out)
             finished = self.scheduler.pop_finished_groups() + self._failed_groups()
+            handed = self.pd.hand_off(out) if self.pd is not None else []
         finally:
             self.kv.after_step(self.scheduler)
         now = time.monotonic()
         self.step_stats.record(out, self.scheduler.stats, began, now)
         outputs = [self._output(g, now) for g in streaming if not g.is_finished]
+        for handoff in handed:  # its stream continues on a decode worker
+            self.groups.pop(handoff.request_id, None)
+        self.handoffs += handed
         for group in finished:
             self.groups.pop(group.request_id, None)
             outputs.append(self._output(group, now))

@@ -230,6 +230,16 @@ class ModelRunner:
             generator=self._generator(seq_id, params.seed, fork_index),
             banned_token_ids=banned, num_candidates=item.num_candidates)
 
+    def generator_state(self, seq_id: int) -> bytes | None:
+        """A seeded sequence's RNG state (it moves with the sequence to another engine)."""
+        gen = self._generators.get(seq_id)
+        return None if gen is None else gen.get_state().numpy().tobytes()
+
+    def set_generator_state(self, seq_id: int, state: bytes) -> None:
+        gen = torch.Generator()
+        gen.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        self._generators[seq_id] = gen
+
     def _generator(self, seq_id: int, seed: int | None, fork_index: int) -> torch.Generator | None:
         if seed is None:
             return None

@@ -1,0 +1,134 @@
+"""Prefill/decode disaggregation between two engines in one process (engine/pd.py), KV moved by
+the copy connector: outputs equal a colocated engine's for mixed prompts with prefix caching,
+seeded n=2 sampling and a decode side forced to preempt; every block comes back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from elasticserve import LLM, SamplingParams
+from elasticserve.engine.kv_connector import CopyConnector
+from elasticserve.engine.llm_engine import LLMEngine
+from elasticserve.engine.pd import DecodeSide, PrefillSide
+from tests.engine.conftest import mixed_prompts
+from tests.helpers import run_until_done
+
+KiB = 1 << 10
+BLOCK = 16 * KiB  # one tiny-model block
+
+
+def pd_pair(model: str, **decode_kwargs: Any) -> tuple[LLMEngine, LLMEngine]:
+    prefill = LLM(model, page_size=BLOCK, enable_prefix_caching=True).engine
+    decode = LLM(model, page_size=BLOCK, enable_prefix_caching=True, **decode_kwargs).engine
+    prefill.pd = PrefillSide(prefill, CopyConnector(prefill.kv.tensor, "p"))
+    decode.pd = DecodeSide(decode, CopyConnector(decode.kv.tensor, "d"))
+    return prefill, decode
+
+
+def run_pd(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]],
+           params: SamplingParams) -> tuple[dict[str, Any], list[str]]:
+    """What the front does: prefill, hand over, decode, release; integrity after each step."""
+    ids = [prefill.add_request({"prompt_token_ids": p}, params) for p in prompts]
+    done: dict[str, Any] = {}
+    assert isinstance(prefill.pd, PrefillSide) and isinstance(decode.pd, DecodeSide)
+    for _ in range(2000):
+        if not (prefill.has_unfinished_requests() or decode.has_unfinished_requests()):
+            break
+        if prefill.has_unfinished_requests():
+            done.update({o.request_id: o for o in prefill.step() if o.finished})
+        for handoff in prefill.handoffs:
+            decode.pd.adopt(handoff)
+        prefill.handoffs.clear()
+        if decode.has_unfinished_requests():
+            done.update({o.request_id: o for o in decode.step() if o.finished})
+        for rid in decode.pd.pop_received():
+            assert prefill.pd.release(rid)
+        prefill.check_integrity()
+        decode.check_integrity()
+    assert not prefill.pd.held
+    return done, ids
+
+
+def colocated(model: str, prompts: list[list[int]], params: SamplingParams) -> list[Any]:
+    engine = LLM(model, page_size=BLOCK, enable_prefix_caching=True).engine
+    ids = [engine.add_request({"prompt_token_ids": p}, params) for p in prompts]
+    done = run_until_done(engine, each_step=engine.check_integrity)
+    engine.close()
+    return [done[rid].outputs for rid in ids]
+
+
+def completions(done: dict[str, Any], ids: list[str]) -> list[Any]:
+    return [done[rid].outputs for rid in ids]
+
+
+def same(a: list[Any], b: list[Any]) -> None:
+    assert [[(c.token_ids, c.text, c.finish_reason) for c in outs] for outs in a] == \
+        [[(c.token_ids, c.text, c.finish_reason) for c in outs] for outs in b]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=20, temperature=0.0),
+    SamplingParams(max_tokens=12, temperature=0.9, n=2, seed=7),
+], ids=["greedy", "n2-seeded"])
+def test_pd_equals_colocated(tiny_llama: str, params: SamplingParams) -> None:
+    prompts = mixed_prompts(tiny_llama, 8)
+    prefill, decode = pd_pair(tiny_llama)
+    try:
+        expected = colocated(tiny_llama, prompts, params)
+        for wave in range(2):  # the second wave hits the prefill side's prefix cache
+            done, ids = run_pd(prefill, decode, prompts, params)
+            same(completions(done, ids), expected)
+            assert (prefill.stats()["prefix_cache_hit_tokens"] > 0) == (wave == 1)
+        assert prefill.pd is not None and decode.pd is not None
+        handed = 2 * len(prompts) * params.n
+        assert decode.pd.stats.sequences == prefill.pd.stats.sequences == handed
+        assert decode.pd.stats.bytes_copied > 0  # the copy connector moved every block
+        assert decode.stats()["prefix_cache_hit_tokens"] == 0  # it adopted KV, computed none
+        for engine in (prefill, decode):
+            assert engine.kv_manager.pool.num_used == 0
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_pd_with_preemption_on_the_decode_side(tiny_llama: str) -> None:
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    prompts = [[(i * 31 + j * 7) % 400 + 3 for j in range(50)] for i in range(8)]
+    prefill, decode = pd_pair(tiny_llama, kv_cache_max_bytes=20 * BLOCK, kv_reserve_pages=0)
+    try:
+        done, ids = run_pd(prefill, decode, prompts, params)
+        same(completions(done, ids), colocated(tiny_llama, prompts, params))
+        assert decode.stats()["preemptions"] > 0
+        assert decode.kv_manager.pool.num_used == 0
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_aborts_free_both_sides(tiny_llama: str) -> None:
+    params = SamplingParams(max_tokens=30, temperature=0.0)
+    prefill, decode = pd_pair(tiny_llama)
+    try:
+        assert isinstance(prefill.pd, PrefillSide) and isinstance(decode.pd, DecodeSide)
+        for p in mixed_prompts(tiny_llama, 4):
+            prefill.add_request({"prompt_token_ids": p}, params)
+        prefill.step()  # every prompt fits one step: all handed over
+        handoffs, prefill.handoffs = list(prefill.handoffs), []
+        assert handoffs and prefill.kv_manager.pool.num_used > 0
+        decode.pd.adopt(handoffs[0])
+        decode.pd.adopt(handoffs[1])
+        decode.abort_request(handoffs[0].request_id)  # aborted before its KV arrived
+        decode.step()
+        assert decode.pd.pop_received() == [handoffs[1].request_id]
+        decode.abort_request(handoffs[1].request_id)  # aborted while decoding
+        for h in handoffs:  # the front releases every hand-off, whatever became of it
+            assert prefill.pd.release(h.request_id)
+        assert not prefill.pd.release(handoffs[0].request_id)  # once only
+        assert prefill.kv_manager.pool.num_used == decode.kv_manager.pool.num_used == 0
+        prefill.check_integrity()
+        decode.check_integrity()
+    finally:
+        prefill.close()
+        decode.close()
