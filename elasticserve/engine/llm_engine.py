@@ -16,7 +16,7 @@ from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.beam_search import beam_step
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
-from elasticserve.engine.pd import KVHandOff, PDRole
+from elasticserve.engine.pd import KVHandOff, PDRole, role_stats
 from elasticserve.engine.sleep_wake import SleepWake
 from elasticserve.engine.step_stats import StepRecorder
 from elasticserve.engine.validation import PromptInput, check_fits, tokenize_prompt
@@ -316,6 +316,7 @@ class LLMEngine(SleepWake):
             "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
             "num_swapped": len(self.scheduler.swapped),
             "asleep": self.asleep, "sleeps": self.sleeps, "wakes": self.wakes,
+            **role_stats(self.pd),
         }
 
     def check_integrity(self) -> None:

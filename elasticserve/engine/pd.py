@@ -76,12 +76,39 @@ class KVHandedOver(Exception):
         self.handoff = handoff
 
 
+# upper bounds (s) of the hand-off latency histogram: hand-off sent -> KV in the decode blocks
+LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
 @dataclass(slots=True)
 class HandOffStats:
     sequences: int = 0  # sequences handed over (sender) or adopted (receiver)
     pages: int = 0  # pages lent (sender) or taken (receiver)
     bytes_copied: int = 0
-    latencies_s: list[float] = field(default_factory=list)  # receiver: hand-off to KV in place
+    # receiver: cumulative counts per LATENCY_BOUNDS bucket (the last one is +Inf), and the sum
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1))
+    latency_sum_s: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.latency_sum_s += seconds
+        for i, bound in enumerate((*LATENCY_BOUNDS, float("inf"))):
+            if seconds <= bound:
+                self.latency_buckets[i] += 1
+
+
+def role_stats(role: PDRole | None) -> dict[str, Any]:
+    """An engine's hand-off counters for `stats()`: what a decode side received (the
+    `kv_handoff_*` metrics) or what a prefill side sent (`kv_handoff_sent_*`)."""
+    if not isinstance(role, PrefillSide | DecodeSide):
+        return {}
+    s = role.stats
+    key = "kv_handoff" if isinstance(role, DecodeSide) else "kv_handoff_sent"
+    out: dict[str, Any] = {f"{key}_sequences": s.sequences, f"{key}_pages": s.pages,
+                           f"{key}_bytes_copied": s.bytes_copied}
+    if isinstance(role, DecodeSide):
+        out["kv_handoff_latency_buckets"] = list(s.latency_buckets)
+        out["kv_handoff_latency_sum_s"] = s.latency_sum_s
+    return out
 
 
 def can_hand_off(group: SequenceGroup) -> bool:
@@ -250,7 +277,7 @@ class DecodeSide:
         self.stats.sequences += len(group.seqs)
         self.stats.pages += got.pages
         self.stats.bytes_copied += got.bytes_copied
-        self.stats.latencies_s.append(time.monotonic() - handoff.handed_at)
+        self.stats.observe(time.monotonic() - handoff.handed_at)
 
     def pop_received(self) -> list[str]:
         received, self.received = self.received, []

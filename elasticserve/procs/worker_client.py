@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from elasticserve.engine.client_streams import Stream, StreamTable, iterate
+from elasticserve.engine.pd import KVHandedOver, KVHandOff
 from elasticserve.engine.protocol import (
     EngineDeadError,
     EnginePrompt,
@@ -29,8 +30,10 @@ from elasticserve.procs.transport import Channel, ChannelClosed
 from elasticserve.procs.worker_messages import (
     AbortRequest,
     AddRequest,
+    AdoptRequest,
     Call,
     Ready,
+    ReleaseHandOff,
     Reply,
     Status,
     StepResult,
@@ -53,9 +56,13 @@ class WorkerClient:
     """One replica slot: the current worker process (if any) and its open requests."""
 
     def __init__(self, worker: str, model: str, tokenizer: TokenizerLike, max_queue: int,
-                 max_num_seqs: int, call_timeout_s: float = 60.0) -> None:
+                 max_num_seqs: int, call_timeout_s: float = 60.0,
+                 role: str = "colocated") -> None:
         self.worker = worker
         self.model = model
+        self.role = role  # colocated | prefill | decode
+        # decode role: called with a request id once its handed-over KV is in place
+        self.on_received: Callable[[str], None] | None = None
         self._tokenizer = tokenizer
         self.observer: OutputObserver | None = None
         self.call_timeout_s = call_timeout_s
@@ -105,6 +112,11 @@ class WorkerClient:
                 self.streams.send(request_id, exc, final=True)
             self.streams.observe_step(msg.step_stats, self.observer)
             self.streams.deliver(msg.outputs, self.observer)
+            for handoff in msg.handoffs:  # the request goes on elsewhere: its stream ends here
+                self.streams.send(handoff.request_id, KVHandedOver(handoff), final=True)
+            if self.on_received is not None:
+                for request_id in msg.received:
+                    self.on_received(request_id)
         elif isinstance(msg, Status):
             self.last_stats, self.last_memory = msg.stats, msg.memory_stats
         elif isinstance(msg, Reply):
@@ -162,15 +174,36 @@ class WorkerClient:
 
     def generate(self, prompt: EnginePrompt, params: SamplingParams,
                  request_id: str | None = None, priority: int = 0,
-                 stream: bool = False, arrival_time: float | None = None
-                 ) -> AsyncIterator[RequestOutput]:
+                 stream: bool = False, arrival_time: float | None = None,
+                 timing: RequestTiming | None = None) -> AsyncIterator[RequestOutput]:
+        """`timing`: share one with the stream that continues this request elsewhere (P/D),
+        so that its metrics see one request; by default a new one from `arrival_time`."""
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        timing = RequestTiming(time.monotonic() if arrival_time is None else arrival_time)
+        timing = timing or RequestTiming(time.monotonic() if arrival_time is None
+                                         else arrival_time)
+        return self._submit(request_id, timing,
+                            AddRequest(request_id, prompt, params, priority, stream))
+
+    def adopt(self, handoff: KVHandOff, timing: RequestTiming) -> AsyncIterator[RequestOutput]:
+        """Decode role: continue a request a prefill worker handed over."""
+        return self._submit(handoff.request_id, timing, AdoptRequest(handoff))
+
+    def release_handoff(self, request_id: str) -> None:
+        """Prefill role: the hand-off of `request_id` is over; its blocks may go."""
+        channel = self._channel
+        if channel is not None:
+            try:
+                channel.send(ReleaseHandOff(request_id))
+            except ChannelClosed:
+                pass  # a dead worker holds nothing any more
+
+    def _submit(self, request_id: str, timing: RequestTiming,
+                message: AddRequest | AdoptRequest) -> AsyncIterator[RequestOutput]:
         channel = self._live_channel()
         queue = self.streams.open(request_id, timing)
         self.last_busy = time.monotonic()
         try:
-            channel.send(AddRequest(request_id, prompt, params, priority, stream))
+            channel.send(message)
         except ChannelClosed:
             pass  # the reader sees the close and fails the stream (retryable)
         return iterate(queue, lambda: self.abort(request_id))
@@ -243,7 +276,7 @@ class WorkerClient:
     def report(self) -> dict[str, Any]:
         """This worker for /admin/workers (pages and weights are added by the pool)."""
         mem = self.last_memory
-        return {"worker": self.worker, "model": self.model, "role": "colocated",
+        return {"worker": self.worker, "model": self.model, "role": self.role,
                 "pid": self.pid, "state": self.state, "device": "cpu",
                 "restarts": self.restarts, "in_flight": len(self.streams),
                 "kv_pages": mem.get("pages_mapped", 0),

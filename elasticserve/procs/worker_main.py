@@ -20,15 +20,24 @@ import sys
 import threading
 from typing import Any
 
+from elasticserve.engine.kv_connector import (
+    CopyConnector,
+    KVConnector,
+    PageConnector,
+    PageLender,
+)
 from elasticserve.engine.llm_engine import LLMEngine
+from elasticserve.engine.pd import DecodeSide, PrefillSide
 from elasticserve.procs.page_client import RemotePageBroker, serve_reclaims
 from elasticserve.procs.transport import Channel, ChannelClosed, channel_from_fd
 from elasticserve.procs.weights import SharedWeights
 from elasticserve.procs.worker_messages import (
     AbortRequest,
     AddRequest,
+    AdoptRequest,
     Call,
     Ready,
+    ReleaseHandOff,
     Reply,
     Status,
     StepResult,
@@ -37,7 +46,7 @@ from elasticserve.procs.worker_messages import (
 )
 
 logger = logging.getLogger(__name__)
-Command = AddRequest | AbortRequest
+Command = AddRequest | AbortRequest | AdoptRequest | ReleaseHandOff
 
 
 class Worker:
@@ -57,7 +66,7 @@ class Worker:
         try:
             while True:
                 msg, _ = self.data.recv()
-                if isinstance(msg, AddRequest | AbortRequest):
+                if isinstance(msg, AddRequest | AbortRequest | AdoptRequest | ReleaseHandOff):
                     with self._cv:
                         self._commands.append(msg)
                         self._cv.notify()
@@ -100,10 +109,13 @@ class Worker:
             if commands is None:
                 return
             errors = self._apply(commands)
-            if self.engine.has_unfinished_requests():
-                outputs = self.engine.step()
-                self.data.send(StepResult(outputs, self.engine.step_stats.pop(),
-                                          self.engine.stats(), self.memory_stats(), errors))
+            engine = self.engine
+            if engine.has_unfinished_requests():
+                outputs = engine.step()
+                handoffs, engine.handoffs = engine.handoffs, []
+                received = engine.pd.pop_received() if isinstance(engine.pd, DecodeSide) else []
+                self.data.send(StepResult(outputs, engine.step_stats.pop(), engine.stats(),
+                                          self.memory_stats(), errors, handoffs, received))
             elif errors:  # every add failed: their callers still need an answer
                 self.data.send(StepResult([], None, self.engine.stats(), self.memory_stats(),
                                           errors))
@@ -124,13 +136,28 @@ class Worker:
         for cmd in commands:
             if isinstance(cmd, AbortRequest):
                 self.engine.abort_request(cmd.request_id)
-                continue
-            try:
-                self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
-                                        priority=cmd.priority, stream=cmd.stream)
-            except Exception as exc:  # noqa: BLE001 - bad input goes back to its caller
-                errors.append((cmd.request_id, _picklable(exc)))
+            elif isinstance(cmd, ReleaseHandOff):
+                if isinstance(self.engine.pd, PrefillSide):
+                    self.engine.pd.release(cmd.request_id)
+            else:
+                try:
+                    self._add(cmd)
+                except Exception as exc:  # noqa: BLE001 - bad input goes back to its caller
+                    rid = cmd.request_id if isinstance(cmd, AddRequest) else \
+                        cmd.handoff.request_id
+                    errors.append((rid, _picklable(exc)))
         return errors
+
+    def _add(self, cmd: AddRequest | AdoptRequest) -> None:
+        engine = self.engine
+        if isinstance(cmd, AddRequest):
+            engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
+                               priority=cmd.priority, stream=cmd.stream)
+        elif isinstance(engine.pd, DecodeSide):
+            engine.pd.adopt(cmd.handoff)
+        else:
+            raise ValueError(f"worker {self.spec.worker} ({self.spec.role}) adopts no "
+                             "handed-over request")
 
     def memory_stats(self) -> dict[str, int]:
         broker = self.engine.broker
@@ -166,7 +193,10 @@ def build_engine(spec: WorkerSpec, pages: Channel | None, reclaim: Channel | Non
     broker over `pages` (the model's one copy of the weights, mapped read-only), and the
     broker's reclaims arrive on `reclaim`, answered by a thread that never waits for a step."""
     if not spec.shared:
-        return LLMEngine(spec.engine_args)
+        engine = LLMEngine(spec.engine_args)
+        if spec.role != "colocated":
+            set_role(engine, spec, None)
+        return engine
     assert pages is not None and reclaim is not None, "a shared worker needs its broker channels"
     args = spec.engine_args
     broker = RemotePageBroker(pages, spec.worker, args.kv_cache_max_bytes, args.page_size,
@@ -175,9 +205,22 @@ def build_engine(spec: WorkerSpec, pages: Channel | None, reclaim: Channel | Non
     engine = LLMEngine(args, broker=broker, weights=SharedWeights(pages, key=spec.model),
                        kv_backend=broker.backend)
     broker.reclaimer.engine = engine
+    if spec.role != "colocated":
+        set_role(engine, spec, broker)
     threading.Thread(target=serve_reclaims, args=(reclaim, broker.reclaimer), daemon=True,
                      name="reclaims").start()
     return engine
+
+
+def set_role(engine: LLMEngine, spec: WorkerSpec, lender: PageLender | None) -> None:
+    """Make `engine` the prefill or decode side of a P/D pair. Under the front's page broker
+    KV pages are lent (zero-copy), else (or with kv_handoff="copy") blocks are copied."""
+    kv = engine.kv
+    connector: KVConnector = CopyConnector(kv.tensor, spec.worker)
+    if lender is not None and spec.kv_handoff == "pages":
+        connector = PageConnector(kv.tensor, spec.worker, lender, kv.page_size, kv.block_bytes)
+    engine.pd = (PrefillSide(engine, connector) if spec.role == "prefill"
+                 else DecodeSide(engine, connector))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,9 @@ class WorkerSpec:
     priority: int = 0  # the model's priority and limits for the arbiter (shared only)
     min_bytes: int = 0
     max_bytes: int | None = None
+    # P/D: the workers of one model share a KV group at the broker, so pages can change owner
+    kv_group: str | None = None
+    kv_handoff: str = "pages"  # "pages": lend whole pages where possible; "copy": always copy
 
 
 # ---- front -> worker ----------------------------------------------------------------------
@@ -40,6 +43,21 @@ class AddRequest:
 
 @dataclass(frozen=True, slots=True)
 class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptRequest:
+    """Decode worker: continue a request a prefill worker handed over (engine.pd.KVHandOff)."""
+
+    handoff: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseHandOff:
+    """Prefill worker: the hand-off of `request_id` is over (received, or abandoned): free its
+    blocks, taking back blanks for the pages the decode worker took."""
+
     request_id: str
 
 
@@ -77,6 +95,8 @@ class StepResult:
     stats: dict[str, Any]
     memory_stats: dict[str, int]
     errors: list[tuple[str, BaseException]] = field(default_factory=list)  # failed adds
+    handoffs: list[Any] = field(default_factory=list)  # prefill: engine.pd.KVHandOff each
+    received: list[str] = field(default_factory=list)  # decode: requests whose KV arrived
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
+
 from elasticserve.engine.args import EngineArgs
+from elasticserve.engine.kv_storage import kv_block_bytes
 from elasticserve.engine.multi_model import ModelSpec, checkpoint_bytes
 from elasticserve.engine.periodic import run_periodically
 from elasticserve.errors import InvalidFieldError
 from elasticserve.memory.backend import DEFAULT_PAGE_SIZE
+from elasticserve.models.hf_config import load_config
+from elasticserve.models.loader import default_dtype
 from elasticserve.models.tokenizer import Tokenizer
+from elasticserve.procs.pd_router import PDRouter
 from elasticserve.procs.router import ReplicaRouter
 from elasticserve.procs.shared_budget import SharedBudget
 from elasticserve.procs.supervisor import Supervisor
 from elasticserve.procs.worker_client import WorkerClient
-from elasticserve.procs.worker_messages import WorkerSpec
+from elasticserve.procs.worker_messages import Role, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +43,26 @@ class WorkerPool:
     def __init__(self, specs: list[ModelSpec], memory_bytes: int, base: EngineArgs,
                  replicas: dict[str, int] | None = None, max_queue: int = 256,
                  policy: str = "arbiter", idle_sleep_s: float | None = None,
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None,
+                 pd: dict[str, tuple[int, int]] | None = None, kv_handoff: str = "pages") -> None:
+        """`pd`: model -> (prefill workers, decode workers) for the models served
+        disaggregated (engine/pd.py); `kv_handoff`: "pages" (lend pages, zero-copy) or "copy"."""
         if not specs:
             raise ValueError("at least one model is needed")
         if policy not in ("arbiter", "static"):
             raise ValueError(f"memory policy must be 'arbiter' or 'static', got {policy!r}")
-        replicas = replicas or {}
-        unknown = sorted(set(replicas) - {s.name for s in specs})
-        if unknown:
-            raise ValueError(f"--replicas names unknown model(s) {unknown}")
+        replicas, self.pd = replicas or {}, pd or {}
+        names = {s.name for s in specs}
+        for flag, given in (("--replicas", replicas), ("--pd", self.pd)):
+            if unknown := sorted(set(given) - names):
+                raise ValueError(f"{flag} names unknown model(s) {unknown}")
+        if both := sorted(set(replicas) & set(self.pd)):
+            raise ValueError(f"model(s) {both} given both --replicas and --pd")
+        if kv_handoff not in ("pages", "copy"):
+            raise ValueError(f"kv_handoff must be 'pages' or 'copy', got {kv_handoff!r}")
+        self.kv_handoff = kv_handoff
         self.memory_bytes, self.policy, self.idle_sleep_s = memory_bytes, policy, idle_sleep_s
-        self.page_size = base.page_size or DEFAULT_PAGE_SIZE
+        self.page_size = base.page_size or pd_page_size(specs, self.pd, base) or DEFAULT_PAGE_SIZE
         self.budget = SharedBudget(memory_bytes, self.page_size) if policy == "arbiter" else None
         self.supervisor = supervisor or Supervisor()
         if self.budget is not None:
@@ -54,25 +70,37 @@ class WorkerPool:
             self.supervisor.on_exit = self.budget.worker_exited
         self.routers: dict[str, ReplicaRouter] = {}
         self._plans: list[tuple[WorkerSpec, WorkerClient]] = []
-        total = sum(max(1, replicas.get(s.name, 1)) for s in specs)
+        counts = {s.name: sum(self.pd[s.name]) if s.name in self.pd
+                  else max(1, replicas.get(s.name, 1)) for s in specs}
+        total = sum(counts.values())
         for spec in specs:
-            self._plan_model(spec, base, max(1, replicas.get(spec.name, 1)), total, max_queue)
+            self._plan_model(spec, base, counts[spec.name], total, max_queue)
         self.closed = False
 
     def _plan_model(self, spec: ModelSpec, base: EngineArgs, n: int, total: int,
                     max_queue: int) -> None:
         args = self._engine_args(spec, base, total)
         tokenizer = Tokenizer.from_dir(spec.path)
+        split = self.pd.get(spec.name)
+        colocated: list[Role] = ["colocated"]
+        prefill: list[Role] = ["prefill"]
+        decode: list[Role] = ["decode"]
+        roles = colocated * n if split is None else prefill * split[0] + decode * split[1]
         clients = []
-        for i in range(n):
-            worker = f"{spec.name}#{i}"
-            client = WorkerClient(worker, spec.name, tokenizer, max_queue, base.max_num_seqs)
-            self._plans.append((WorkerSpec(worker, spec.name, i, args,
-                                           shared=self.budget is not None,
-                                           priority=spec.priority, min_bytes=spec.min_bytes,
-                                           max_bytes=spec.max_bytes), client))
+        for i, role in enumerate(roles):
+            worker = f"{spec.name}#{i}" if role == "colocated" else f"{spec.name}#{role[0]}{i}"
+            client = WorkerClient(worker, spec.name, tokenizer, max_queue, base.max_num_seqs,
+                                  role=role)
+            self._plans.append((WorkerSpec(
+                worker, spec.name, i, args, role=role, shared=self.budget is not None,
+                priority=spec.priority, min_bytes=spec.min_bytes, max_bytes=spec.max_bytes,
+                kv_group=spec.name if split is not None else None,
+                kv_handoff=self.kv_handoff), client))
             clients.append(client)
-        self.routers[spec.name] = ReplicaRouter(spec.name, clients)
+        if split is None:
+            self.routers[spec.name] = ReplicaRouter(spec.name, clients)
+        else:
+            self.routers[spec.name] = PDRouter(spec.name, clients[:split[0]], clients[split[0]:])
 
     def _engine_args(self, spec: ModelSpec, base: EngineArgs, total: int) -> EngineArgs:
         if self.budget is not None:
@@ -184,3 +212,18 @@ class WorkerPool:
             self.supervisor.shutdown(timeout)
             if self.budget is not None:
                 self.budget.close()
+
+
+def pd_page_size(specs: list[ModelSpec], pd: dict[str, tuple[int, int]],
+                 base: EngineArgs) -> int | None:
+    """The page size that lets P/D hand-offs lend pages: one KV block of the first P/D model
+    (a page then holds one block, which one sequence owns), if that is a multiple of the OS
+    page; None (the default page size) otherwise or without P/D."""
+    for spec in specs:
+        if spec.name in pd:
+            config = load_config(spec.path)
+            dtype = getattr(torch, base.dtype) if base.dtype and base.dtype != "auto" \
+                else default_dtype(config, torch.device(base.device or "cpu"))
+            block = kv_block_bytes(config, base.block_size, dtype)
+            return block if block % mmap.PAGESIZE == 0 else None
+    return None

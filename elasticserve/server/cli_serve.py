@@ -15,6 +15,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from elasticserve.engine.args import EngineArgs
+from elasticserve.server.cli_workers import add_worker_flags, start_workers
 
 if TYPE_CHECKING:
     from elasticserve.engine.protocol import EngineClient
@@ -136,17 +137,6 @@ def model_specs(args: argparse.Namespace) -> list[Any]:
             for name, path in models.items()]
 
 
-def parse_replicas(specs: list[str]) -> dict[str, int]:
-    """['a=2'] -> {'a': 2}: worker processes per model."""
-    out: dict[str, int] = {}
-    for spec in specs:
-        name, sep, value = spec.partition("=")
-        if not sep or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"--replicas must be NAME=N with N >= 1, got {spec!r}")
-        out[name] = int(value)
-    return out
-
-
 def _add_vllm_flags(p: argparse.ArgumentParser) -> None:
     """vLLM's `serve` flags of the same meaning."""
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -195,12 +185,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--admin-token", default=os.environ.get("ELASTICSERVE_ADMIN_TOKEN"),
                    help="bearer token for /admin routes (or $ELASTICSERVE_ADMIN_TOKEN); "
                         "without one they are off")
-    p.add_argument("--replicas", action="append", default=[], metavar="NAME=N",
-                   help="run N worker processes of model NAME (they share one copy of its "
-                        "weights); default 1")
-    p.add_argument("--in-process", action="store_true",
-                   help="run every model inside the server process instead of one worker "
-                        "process per replica (no --replicas)")
+    add_worker_flags(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per engine (per worker process)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch per engine step")
@@ -250,7 +235,8 @@ def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]
     from elasticserve.server.api_server import build_app
     from elasticserve.server.shutdown import GracefulServer
 
-    pool, engines = _in_process(args) if args.in_process else _workers(args)
+    pool, engines = (_in_process(args) if args.in_process
+                     else start_workers(args, model_specs(args), engine_args(args)))
     app = build_app(engines, pool=pool, admin_token=args.admin_token,
                     max_request_bytes=args.max_request_bytes, options=serve_options(args))
     config = uvicorn.Config(app, host=args.host, port=args.port,
@@ -263,26 +249,12 @@ def _in_process(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]
     from elasticserve.engine.async_engine import AsyncEngine
     from elasticserve.engine.multi_model import ModelPool
 
-    if args.replicas:
-        raise ValueError("--replicas needs worker processes (drop --in-process)")
+    if args.replicas or args.pd:
+        raise ValueError("--replicas and --pd need worker processes (drop --in-process)")
     pool = ModelPool(model_specs(args), args.memory, engine_args(args),
                      policy=args.memory_policy, idle_sleep_s=args.idle_sleep_s)
     return pool, {name: AsyncEngine(engine, max_queue=args.max_queue, name=name)
                   for name, engine in pool.engines.items()}
-
-
-def _workers(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]:
-    from elasticserve.procs.worker_pool import WorkerPool
-
-    pool = WorkerPool(model_specs(args), args.memory, engine_args(args),
-                      replicas=parse_replicas(args.replicas), max_queue=args.max_queue,
-                      policy=args.memory_policy, idle_sleep_s=args.idle_sleep_s)
-    try:
-        pool.start()
-    except BaseException:
-        pool.close()
-        raise
-    return pool, dict(pool.routers)
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:

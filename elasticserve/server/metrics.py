@@ -14,10 +14,16 @@ from collections.abc import Iterator, Mapping
 
 from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from elasticserve.engine.pd import LATENCY_BOUNDS
 from elasticserve.engine.protocol import EngineClient
 from elasticserve.server.metrics_batch import BatchHistogramCollector
 from elasticserve.server.metrics_observer import ModelObserver
@@ -151,6 +157,13 @@ _COUNTERS = (
      "pages_reclaimed", "mem"),
     ("model_sleeps", "Times the model was put to sleep.", "sleeps", "stats"),
     ("model_wakes", "Times the model was woken.", "wakes", "stats"),
+    # prefill/decode disaggregation (--pd), counted where the KV arrives
+    ("kv_handoff_sequences", "Sequences handed from a prefill worker to a decode worker.",
+     "kv_handoff_sequences", "stats"),
+    ("kv_handoff_pages", "KV pages that changed owner in hand-offs (nothing copied).",
+     "kv_handoff_pages", "stats"),
+    ("kv_handoff_bytes_copied", "KV bytes copied in hand-offs (0 when every page is lent).",
+     "kv_handoff_bytes_copied", "stats"),
 )
 
 
@@ -188,4 +201,19 @@ class _EngineCollector(Collector):
         yield usage
         yield info
         yield from (family for family, _, _ in counters)
+        yield self._handoff_latency()
+
+    def _handoff_latency(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(
+            "elasticserve:kv_handoff_latency_seconds",
+            "From a prefill worker handing a request over to its KV in the decode worker's "
+            "blocks.", labels=[LABEL])
+        for model, engine in self.engines.items():
+            stats = engine.stats()
+            counts = stats.get("kv_handoff_latency_buckets")
+            if counts:
+                bounds = [str(b) for b in LATENCY_BOUNDS] + ["+Inf"]
+                family.add_metric([model], list(zip(bounds, map(float, counts), strict=True)),
+                                  float(stats.get("kv_handoff_latency_sum_s", 0.0)))
+        return family
 

@@ -8,7 +8,8 @@ import pytest
 
 from elasticserve.cli import build_parser
 from elasticserve.models.make_model import make_model
-from elasticserve.server.cli_serve import make_server, parse_replicas
+from elasticserve.server.cli_serve import make_server
+from elasticserve.server.cli_workers import parse_replicas
 
 pytest.importorskip("fastapi")
 
