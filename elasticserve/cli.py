@@ -107,6 +107,7 @@ BENCHES = {
     "gpu-check": "elasticserve.bench.gpu_check",
     "peer": "elasticserve.bench.peer",
     "host-tier": "elasticserve.bench.host_tier",
+    "pd": "elasticserve.bench.pd",
 }
 
 

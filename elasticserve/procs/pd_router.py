@@ -97,6 +97,10 @@ class PDRouter(ReplicaRouter):
                 await aclose()  # an early exit aborts the request where it runs
             self._release(request_id)
 
+    def abort(self, request_id: str) -> None:
+        super().abort(request_id)
+        self._release(request_id)
+
     def _release(self, request_id: str) -> None:
         """The prefill worker may free the request's KV (once; any thread)."""
         with self._lock:

@@ -1,0 +1,152 @@
+"""``elasticserve bench pd``: prefill/decode disaggregation vs colocated serving, side by side.
+
+Each side is a real ``elasticserve serve`` child process driven over HTTP by the same client
+with the same arrivals, runs alternated (ABBA), medians reported with their spread:
+
+* **colocated**: one worker process of the model with ``--threads T``;
+* **P/D**: ``--pd m=1:1``, a prefill and a decode worker with ``T / 2`` threads each (the same
+  total CPU threads), KV handed over by page ownership (or ``--kv-handoff copy``).
+
+The load mixes short chat requests that decode for a while (Poisson arrivals) with long
+prompts arriving among them: colocated, a long prefill shares the decodes' steps and stalls
+them; disaggregated, decodes never wait behind a prefill, but each phase has half the cores.
+Reported per class: TTFT P50/P99, TPOT P50/P99 (short requests), output tokens/s.
+
+Run: ``python -m elasticserve.bench.pd --pairs 2 --write-docs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+from dataclasses import dataclass
+
+from elasticserve import docs_section
+from elasticserve.bench.fairness import abba, noise_pct
+from elasticserve.bench.serve_client import ClientConfig, run_benchmark
+from elasticserve.bench.serve_process import serve_process
+from elasticserve.bench.serve_report import SLO, summarize_records
+from elasticserve.workload.generators import RequestSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    label: str
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    duration_s: float
+    short_rate: float
+    short_in: int
+    short_out: int
+    long_rate: float
+    long_in: int
+    long_out: int
+
+    def specs(self, seed: int) -> list[RequestSpec]:
+        rng = random.Random(seed)
+        out = []
+        for rate, n_in, n_out in ((self.short_rate, self.short_in, self.short_out),
+                                  (self.long_rate, self.long_in, self.long_out)):
+            t = rng.expovariate(rate)
+            while t < self.duration_s:
+                out.append(RequestSpec(t, "m", n_in, n_out))
+                t += rng.expovariate(rate)
+        return sorted(out, key=lambda s: s.arrival)
+
+
+METRICS = (("short_ttft_p50", "short TTFT P50 ms"), ("short_ttft_p99", "short TTFT P99 ms"),
+           ("short_tpot_p50", "short TPOT P50 ms"), ("short_tpot_p99", "short TPOT P99 ms"),
+           ("long_ttft_p50", "long TTFT P50 ms"), ("long_ttft_p99", "long TTFT P99 ms"),
+           ("tok_s", "output tok/s"))
+
+
+def run_side(side: Side, model: str, load: Load, seed: int) -> dict[str, float]:
+    """One server of `side` under the load; latency percentiles per request class."""
+    with serve_process(["--model", f"m={model}", *side.argv], start_timeout_s=300) as url:
+        warm = ClientConfig(url, max_concurrency=4, memory_interval_s=0.0, progress=False)
+        asyncio.run(run_benchmark([RequestSpec(0.0, "m", load.long_in, 4)] * 2, warm))
+        cfg = ClientConfig(url, max_concurrency=256, memory_interval_s=0.0, progress=False,
+                           prompt_seed=seed, label=side.label)
+        run = asyncio.run(run_benchmark(load.specs(seed), cfg))
+    result: dict[str, float] = {}
+    for cls, n_in in (("short", load.short_in), ("long", load.long_in)):
+        records = [r for r in run.records if r.input_len == n_in]
+        s = summarize_records(records, run.duration_s, SLO())
+        if s["failed"]:
+            raise RuntimeError(f"{side.label}: {s['failed']} requests failed: {s['failures']}")
+        result[f"{cls}_ttft_p50"], result[f"{cls}_ttft_p99"] = (s["ttft_ms"]["p50"],
+                                                                s["ttft_ms"]["p99"])
+        result[f"{cls}_tpot_p50"], result[f"{cls}_tpot_p99"] = (s["tpot_ms"]["p50"],
+                                                                s["tpot_ms"]["p99"])
+    s = summarize_records(run.records, run.duration_s, SLO())
+    result["tok_s"] = s["output_token_throughput"]
+    return result
+
+
+def rows(runs: dict[str, list[dict[str, float]]], a: str, b: str) -> list[str]:
+    out = [f"| metric | {a} (median) | {b} (median) | {b} / {a} | spread |",
+           "|---|---|---|---|---|"]
+    for key, name in METRICS:
+        va, vb = [r[key] for r in runs[a]], [r[key] for r in runs[b]]
+        ma, mb = statistics.median(va), statistics.median(vb)
+        out.append(f"| {name} | {ma:.1f} | {mb:.1f} | {mb / ma if ma else float('nan'):.2f}x | "
+                   f"{noise_pct(va, vb):.0f}% |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="elasticserve bench pd", description=__doc__)
+    p.add_argument("--model-size", default="small", help="models/make_model.py size")
+    p.add_argument("--pairs", type=int, default=2, help="ABBA pairs")
+    p.add_argument("--threads", type=int, default=2, help="total torch threads per side")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals")
+    p.add_argument("--short-rate", type=float, default=2.0, help="short requests per second")
+    p.add_argument("--short-len", default="48:96", help="short prompt:output tokens")
+    p.add_argument("--long-rate", type=float, default=0.25, help="long prompts per second")
+    p.add_argument("--long-len", default="1536:8", help="long prompt:output tokens")
+    p.add_argument("--kv-handoff", choices=["pages", "copy"], default="pages",
+                   help="how the P/D side hands KV over")
+    p.add_argument("--memory", default="2GiB", help="each server's --memory")
+    p.add_argument("--write-docs", action="store_true",
+                   help="write the result into docs/BENCHMARKS.md")
+    args = p.parse_args(argv)
+    from elasticserve.models.make_model import ensure_model
+
+    model = ensure_model(size=args.model_size)
+    (s_in, s_out), (l_in, l_out) = ([int(x) for x in v.split(":")]
+                                    for v in (args.short_len, args.long_len))
+    load = Load(args.duration, args.short_rate, s_in, s_out, args.long_rate, l_in, l_out)
+    half = str(max(1, args.threads // 2))
+    a = Side("colocated", ("--threads", str(args.threads), "--memory", args.memory))
+    b = Side("P/D 1:1", ("--pd", "m=1:1", "--kv-handoff", args.kv_handoff, "--threads", half,
+                         "--memory", args.memory))
+    runs: dict[str, list[dict[str, float]]] = {a.label: [], b.label: []}
+    for i, (first, second) in enumerate(abba(a, b, args.pairs)):
+        for side in (first, second):
+            print(f"  run {i}: {side.label} ...", file=sys.stderr, flush=True)
+            runs[side.label].append(run_side(side, model, load, seed=i))
+    n = len(load.specs(0))
+    lines = [f"Command: `{docs_section.command_line('elasticserve.bench.pd', argv or sys.argv[1:])}`",
+             f"- date: {docs_section.today()}; commit: {docs_section.git_commit()}; CPU: "
+             f"{docs_section.cpu_model()} x {os.cpu_count()}; load before: "
+             f"{docs_section.load_average()}; model: {args.model_size}; {args.duration:.0f} s of "
+             f"arrivals (~{n} requests): short {s_in}:{s_out} tokens at {args.short_rate}/s, "
+             f"long {l_in}:{l_out} at {args.long_rate}/s (Poisson, same arrivals both sides); "
+             f"colocated {args.threads} threads, P/D {half} + {half}; {args.pairs} ABBA pairs; "
+             "spread = (max - min) / median of either side", "", *rows(runs, a.label, b.label)]
+    body = "\n".join(lines)
+    print(body)
+    if args.write_docs:
+        docs_section.update_section("pd", "## Prefill/decode disaggregation (issue 12)\n\n" + body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
