@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -109,6 +110,20 @@ def role_stats(role: PDRole | None) -> dict[str, Any]:
         out["kv_handoff_latency_buckets"] = list(s.latency_buckets)
         out["kv_handoff_latency_sum_s"] = s.latency_sum_s
     return out
+
+
+def block_checksums(engine: LLMEngine, request_id: str) -> list[list[int]]:
+    """Per sequence, the CRC32 of each KV block `request_id` holds in `engine` (held for a
+    hand-off, or live): what a test compares across the two workers' mappings."""
+    with engine.kv.lock:
+        pd, group = engine.pd, engine.groups.get(request_id)
+        if isinstance(pd, PrefillSide) and request_id in pd.held:
+            group = pd.held[request_id][0]
+        if group is None:
+            raise ValueError(f"request_id {request_id!r} holds no KV here")
+        manager, rows = engine.kv_manager, engine.kv.tensor
+        return [[zlib.crc32(rows[b].cpu().numpy().tobytes()) for b in
+                 manager.block_table(s.seq_id)] for s in group.seqs if manager.has_seq(s.seq_id)]
 
 
 def can_hand_off(group: SequenceGroup) -> bool:

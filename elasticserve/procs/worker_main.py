@@ -27,7 +27,7 @@ from elasticserve.engine.kv_connector import (
     PageLender,
 )
 from elasticserve.engine.llm_engine import LLMEngine
-from elasticserve.engine.pd import DecodeSide, PrefillSide
+from elasticserve.engine.pd import DecodeSide, PrefillSide, block_checksums
 from elasticserve.procs.page_client import RemotePageBroker, serve_reclaims
 from elasticserve.procs.transport import Channel, ChannelClosed, channel_from_fd
 from elasticserve.procs.weights import SharedWeights
@@ -96,6 +96,8 @@ class Worker:
             return engine.sleep()
         if op == "wake":
             return engine.wake()
+        if op == "kv_checksums":
+            return block_checksums(engine, *args)
         if op == "check_integrity":
             with engine.kv.lock:
                 engine.check_integrity()
