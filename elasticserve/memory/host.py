@@ -8,10 +8,12 @@
   of a slot over the reservation; unmapping = mmap(MAP_FIXED) of the read-only zero
   mapping back over it; releasing = fallocate(PUNCH_HOLE), so RssShmem and the file's
   blocks really fall (munmap alone leaves the memory in the page cache of the memfd).
-* Page files (memory/page_file.py): one shared file per backend (free list, lowest slot first) keeps the fd
-  count at one; a page created with a ``PagePlacement`` goes to a per-range file at
-  slot == range offset, so a range's mapped pages always sit at contiguous file offsets
-  and the kernel merges them into ONE mapping however allocations interleave.
+* Page files (memory/page_file.py): one shared file per backend (free list, lowest slot
+  first) keeps the fd count at one; a page created with a ``PagePlacement`` goes to a
+  per-range file at slot == range offset, so a range's mapped pages always sit at contiguous
+  file offsets and the kernel merges them into ONE mapping however allocations interleave.
+  An adopted file (a worker's KV group file) takes the slots its owner queues
+  (``queue_slots``); ``remap`` swaps the slot behind a mapped page in place.
 * Every non-merged mapping is a VMA and a process may own only ``vm.max_map_count`` of
   them; the backend models merges exactly (see ``_entries_delta``) and refuses to map
   past the limit with :class:`MapCountLimitError` instead of failing at random later.
