@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from elasticserve.core.arbiter import ArbiterError
 from elasticserve.memory.vtensor import VirtualTensor
 from elasticserve.procs.page_broker import PageBroker
 from elasticserve.procs.page_client import PageBrokerError, RemotePageBroker
@@ -146,6 +147,14 @@ def test_an_offer_dies_with_a_released_page_and_self_take_is_refused(
     with pytest.raises(PageBrokerError, match="lost a page"):
         d.client.take("P", "h", [0, 1])
     assert p.client.withdraw("h") == 0
+    broker.check_integrity()
+    with pytest.raises(RuntimeError, match="no slot queued"):
+        p.vt.map_pages(1)  # a page the broker did not grant
+    group = broker.groups["g"]
+    mine, group.backing["D"][1] = group.backing["D"][1], group.backing["P"][0]
+    with pytest.raises(ArbiterError, match="a slot backs two pages"):
+        broker.check_integrity()  # the books' check catches a slot behind two pages
+    group.backing["D"][1] = mine
     broker.check_integrity()
     p.close()
     d.close()
