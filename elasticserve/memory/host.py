@@ -8,10 +8,12 @@
   of a slot over the reservation; unmapping = mmap(MAP_FIXED) of the read-only zero
   mapping back over it; releasing = fallocate(PUNCH_HOLE), so RssShmem and the file's
   blocks really fall (munmap alone leaves the memory in the page cache of the memfd).
-* Page files: one shared file per backend (free list, lowest slot first) keeps the fd
-  count at one; a page created with a ``PagePlacement`` goes to a per-range file at
-  slot == range offset, so a range's mapped pages always sit at contiguous file offsets
-  and the kernel merges them into ONE mapping however allocations interleave.
+* Page files (memory/page_file.py): one shared file per backend (free list, lowest slot
+  first) keeps the fd count at one; a page created with a ``PagePlacement`` goes to a
+  per-range file at slot == range offset, so a range's mapped pages always sit at contiguous
+  file offsets and the kernel merges them into ONE mapping however allocations interleave.
+  An adopted file (a worker's KV group file) takes the slots its owner queues
+  (``queue_slots``); ``remap`` swaps the slot behind a mapped page in place.
 * Every non-merged mapping is a VMA and a process may own only ``vm.max_map_count`` of
   them; the backend models merges exactly (see ``_entries_delta``) and refuses to map
   past the limit with :class:`MapCountLimitError` instead of failing at random later.
@@ -20,10 +22,11 @@
 from __future__ import annotations
 
 import ctypes
-import heapq
 import mmap
 import os
 import threading
+from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -45,58 +48,10 @@ from elasticserve.memory.linux import (
     PROT_WRITE,
     MapCountGuard,
     map_zero,
-    punch_hole,
     sys_mmap,
     sys_munmap,
 )
-
-
-class _PageFile:
-    """A memfd whose page-sized slots are physical pages; sparse, grown on demand."""
-
-    def __init__(self, name: str, page_size: int, size: int = 0, fd: int | None = None) -> None:
-        # an adopted fd (another process's memfd of `size` bytes): its owner sizes it and
-        # punches the slots released here
-        self.adopted = fd is not None
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC) if fd is None else fd
-        self.page_size = page_size
-        self.capacity = size // page_size  # slots covered by the file size
-        if size and not self.adopted:
-            os.ftruncate(self.fd, size)
-        self.free: list[int] = []  # heap of released slots below next_slot
-        self.next_slot = 0
-        self.used: set[int] = set()
-        self.retired = False  # set when its range is released; close once empty
-
-    def alloc(self, slot: int | None = None) -> int | None:
-        """Byte offset of a new page: ``slot`` exactly (None if taken) or the lowest free."""
-        if slot is None:
-            slot = heapq.heappop(self.free) if self.free else self.next_slot
-        elif slot in self.used:
-            return None
-        self.next_slot = max(self.next_slot, slot + 1)
-        if slot >= self.capacity and self.adopted:
-            raise ValueError(f"slot {slot} is beyond the {self.capacity} of the adopted file")
-        if slot >= self.capacity:  # sparse growth: ftruncate allocates nothing
-            self.capacity = max(slot + 1, 2 * self.capacity, 64)
-            os.ftruncate(self.fd, self.capacity * self.page_size)
-        self.used.add(slot)
-        return slot * self.page_size
-
-    def release(self, offset: int) -> None:
-        slot = offset // self.page_size
-        if not self.adopted:
-            punch_hole(self.fd, offset, self.page_size)
-        self.used.remove(slot)
-        if self.retired:
-            return
-        heapq.heappush(self.free, slot)
-
-    def close_if_done(self) -> bool:
-        if self.retired and not self.used:
-            os.close(self.fd)
-            return True
-        return False
+from elasticserve.memory.page_file import PageFile
 
 
 class HostBackend:
@@ -112,12 +67,13 @@ class HostBackend:
         self.page_size = page_size
         self._lock = threading.RLock()
         self._table = MappingTable(page_size)
-        self._shared = _PageFile("elasticserve-pages", page_size)
-        self._files: dict[int, _PageFile] = {self._shared.fd: self._shared}
-        self._range_files: dict[int, _PageFile] = {}  # range base -> its own page file
+        self._shared = PageFile("elasticserve-pages", page_size)
+        self._files: dict[int, PageFile] = {self._shared.fd: self._shared}
+        self._range_files: dict[int, PageFile] = {}  # range base -> its own page file
         self._entries: dict[int, int] = {}  # range base -> kernel mappings it occupies
         self._guard = MapCountGuard(max_map_count, map_headroom)
-        self._adopted: _PageFile | None = None
+        self._adopted: PageFile | None = None  # a KV group file (adopt_range_file)
+        self._adopted_base: int | None = None  # the range it backs
         self._closed = False
 
     # -- address space ---------------------------------------------------------------
@@ -173,16 +129,16 @@ class HostBackend:
             self._table.add_page(page)
             return page
 
-    def _range_file(self, vrange: VirtualRange) -> _PageFile:
+    def _range_file(self, vrange: VirtualRange) -> PageFile:
         self._table.pages_of(vrange)  # validates the range
         file = self._range_files.get(vrange.base)
-        if file is None and self._adopted is not None:
-            file, self._adopted = self._adopted, None
+        if file is None and self._adopted is not None and self._adopted_base is None:
+            file, self._adopted_base = self._adopted, vrange.base
             if vrange.size > file.capacity * self.page_size:
                 raise ValueError(f"the adopted page file holds {file.capacity} pages, the range "
                                  f"{vrange.size // self.page_size}")
         if file is None:
-            file = _PageFile("elasticserve-range", self.page_size, vrange.size)
+            file = PageFile("elasticserve-range", self.page_size, vrange.size)
         self._range_files[vrange.base] = file
         self._files[file.fd] = file
         return file
@@ -200,13 +156,59 @@ class HostBackend:
                 del self._files[file.fd]
 
     def adopt_range_file(self, fd: int, size: int) -> None:
-        """Back the next range that gets pages with slots of ``fd`` (slot i = page i), a memfd
-        of ``size`` bytes owned by another process (a worker's KV on the front's page broker,
-        procs/page_broker.py): released pages are not punched here, the owner does it.
-        The backend closes ``fd``."""
+        """Back the next range that gets pages with slots of ``fd``, a memfd of at least
+        ``size`` bytes owned by another process (a worker's KV group file on the front's page
+        broker, procs/page_broker.py). The owner chooses the slots (`queue_slots`) and punches
+        released ones: pages released here are only unmapped. The backend closes ``fd``."""
         with self._lock:
-            self._adopted = _PageFile("", self.page_size, size, fd=fd)
+            if self._adopted is not None:
+                raise ValueError("a page file was adopted already")
+            self._adopted = PageFile("", self.page_size, size, fd=fd)
             self._files[fd] = self._adopted
+
+    def queue_slots(self, slots: Sequence[int]) -> None:
+        """The next pages created for the adopted range use these slots of its file, in
+        order (a grant's slots); replaces slots queued before and not used."""
+        with self._lock:
+            if self._adopted is None:
+                raise ValueError("queue_slots: no page file was adopted")
+            self._adopted.queued = list(slots)
+
+    def adopted_range(self) -> VirtualRange | None:
+        """The range the adopted file backs (None until it got its first page)."""
+        with self._lock:
+            entry = self._table.ranges.get(self._adopted_base or -1)
+            return None if entry is None else entry[0]
+
+    def remap(self, vrange: VirtualRange, offset: int, slot: int) -> None:
+        """Replace the page mapped at ``offset`` of the adopted range by slot ``slot`` of the
+        adopted file, with one MAP_FIXED mmap (no moment where the offset reads zeros). The
+        page keeps its id; its old slot is only dropped (the file's owner swapped it)."""
+        with self._lock:
+            index = self._table.index_of(vrange, offset)
+            pages = self._table.pages_of(vrange)
+            file, old = self._range_files.get(vrange.base), pages.get(index)
+            if file is None or file is not self._adopted or old is None:
+                raise ValueError(f"remap: offset {offset} of {vrange} is not a mapped page of "
+                                 f"the adopted range")
+            if old.offset == slot * self.page_size:
+                return
+            if self._table.map_refs[old.page_id] != 1:
+                raise ValueError(f"remap: page {old.page_id} is mapped in several places")
+            new = replace(old, offset=slot * self.page_size)
+            delta = self._entries_delta(vrange, pages, index, new)
+            self._guard.check(delta)
+            file.claim(slot)
+            try:
+                sys_mmap(vrange.base + offset, self.page_size, PROT_READ | PROT_WRITE,
+                         MAP_SHARED | MAP_FIXED, file.fd, new.offset)
+            except OSError as exc:
+                file.release(new.offset)
+                raise self._guard.translate(exc) from exc
+            pages[index] = self._table.live_pages[old.page_id] = new
+            file.release(old.offset)
+            self._entries[vrange.base] += delta
+            self._guard.commit(delta)
 
     # -- mapping ---------------------------------------------------------------------
     def map(self, vrange: VirtualRange, offset: int, page: PhysicalPage) -> None:

@@ -6,7 +6,8 @@ answers each with one message (and, where a reply says so, file descriptors ridi
 Besides its step channel, each worker has two channels to the front's page broker
 (procs/page_broker.py):
 
-* ``pages`` (worker -> broker): register, grants, releases, wake-ups (and the weights
+* ``pages`` (worker -> broker): register, grants, releases, wake-ups, hand-offs of pages
+  between workers of one KV group (Offer/Take/Withdraw) (and the weights
   messages below, served by the same per-worker thread). Every message that changes what the
   worker maps carries ``mapped`` / ``mapped_after``, the pages the worker maps, so the
   broker's books follow the worker even after a reclaim reply came too late.
@@ -43,22 +44,34 @@ class RegisterWorker:
     min_bytes: int = 0
     max_bytes: int | None = None
     priority: int = 0
+    # workers of one group share one KV file and may hand pages to each other (Offer/Take);
+    # None: a group of its own
+    kv_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Registered:
     page_size: int
-    kv_pages: int  # slots of the memfd: slot i backs page i of the worker's KV range
+    kv_pages: int  # the worker's KV reservation in pages (the fd: its group's file)
 
 
 @dataclass(frozen=True, slots=True)
 class Grant:
     """Up to `pages` more pages, at least `at_least`, for a worker that maps `mapped` now.
-    Reply: the pages granted (int), 0 or in [at_least, pages]."""
+    Reply: `Granted`."""
 
     pages: int
     at_least: int
     mapped: int
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """`pages` granted (0 or in [at_least, pages]); `slots`: the group file's slot behind
+    each new page, in page order (page `mapped + k` is backed by `slots[k]`)."""
+
+    pages: int
+    slots: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,50 @@ class Wake:
 @dataclass(frozen=True, slots=True)
 class CancelWake:
     """Undo a Wake whose weights failed to load (its pages were released). Reply: None."""
+
+
+# hand-offs (procs/kv_groups.py): pages change owner within a KV group, zero bytes copied
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """Lend my pages `indices` (each < the pages I hold) under `handoff_id`. Reply: Ack. I do
+    not write them until I withdraw the offer."""
+
+    handoff_id: str
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Take:
+    """Take `peer`'s offer: my page `mine[k]` gets the slot behind the offer's k-th page, the
+    offerer's page gets the slot behind `mine[k]` (punched: blank). Reply: `Taken`."""
+
+    peer: str
+    handoff_id: str
+    mine: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """The new slots behind the taker's `mine` pages, in order: remap them."""
+
+    slots: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Withdraw:
+    """Close my offer `handoff_id` (taken or not). Reply: `Withdrawn`."""
+
+    handoff_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawn:
+    """(index, slot) for each offered page whose slot changed (it was taken): the offerer
+    remaps them before it reuses those pages."""
+
+    changed: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True, slots=True)

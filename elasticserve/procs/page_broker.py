@@ -1,15 +1,17 @@
 """The front process's page broker: one budget (the `Arbiter`) and the physical KV pages of
 every worker process.
 
-Each worker's KV pages are slots of one memfd the broker creates, sized (sparse) to the
-worker's KV reservation and passed to it once (SCM_RIGHTS) at registration: the worker maps
-slot i at page i of its KV range, always a prefix, so its mapped pages are one kernel mapping.
+Each worker's KV pages are slots of a memfd the broker creates (sparse) and passes to it once
+(SCM_RIGHTS) at registration: its KV group's file (procs/kv_groups.py; a worker without a
+group is a group of one, whose slot i backs page i of its KV range, one kernel mapping).
 The broker decides every grant under the arbiter's lock (no check-then-allocate race between
-processes) and keeps, per worker, the pages it holds (``WorkerPages.held``, = the arbiter's
-KV grant). Every page that leaves a worker (a release, a reclaim, a sleep, its death) is
-punched out of the memfd by the broker, so the memory really returns however the worker
-behaves. The same per-worker thread serves other front services' messages
-(``extra_handlers``, e.g. shared weights) on the worker's ``pages`` channel.
+processes), picks its slots (the `Granted` reply) and keeps, per worker, the slot behind each
+page it holds (``WorkerPages.held``, = the arbiter's KV grant). Every page that leaves a
+worker (a release, a reclaim, a sleep, its death) is punched out of the file by the broker,
+so the memory really returns however the worker behaves. Workers of one group hand pages to
+each other (Offer/Take/Withdraw) by swapping slots, zero bytes copied. The same per-worker
+thread serves other front services' messages (``extra_handlers``, e.g. shared weights) on the
+worker's ``pages`` channel.
 """
 
 from __future__ import annotations
@@ -21,15 +23,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from elasticserve.core.arbiter import Arbiter, ArbiterError, ArbiterPolicy
-from elasticserve.memory.linux import punch_hole
+from elasticserve.procs.kv_groups import KVGroup
 from elasticserve.procs.messages import (
+    Ack,
     BrokerError,
     CancelWake,
     Grant,
+    Granted,
+    Offer,
     Registered,
     RegisterWorker,
     Release,
+    Take,
+    Taken,
     Wake,
+    Withdraw,
+    Withdrawn,
 )
 from elasticserve.procs.remote_reclaimer import RemoteReclaimer
 from elasticserve.procs.transport import Channel, ChannelClosed
@@ -43,17 +52,26 @@ Handler = Callable[[str, object], tuple[object, list[int]]]
 
 @dataclass(slots=True)
 class WorkerPages:
-    """The broker's record of one worker: its channels, its KV memfd, the pages it holds."""
+    """The broker's record of one worker: its channels, its KV group, its reservation."""
 
     worker: str
     pages: Channel
     reclaim: Channel
     reclaimer: RemoteReclaimer | None = None
-    fd: int = -1  # the KV memfd, owned by the broker (-1 until registered, or once closed)
-    slots: int = 0
-    held: int = 0  # slots [0, held) are the worker's pages
+    group: KVGroup | None = None  # its KV group (None until registered)
+    slots: int = 0  # its KV reservation in pages: it never holds more
     registered: bool = False
     thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def fd(self) -> int:
+        """Its group's file, owned by the broker (-1 until registered, or once closed)."""
+        return -1 if self.group is None else self.group.fd
+
+    @property
+    def held(self) -> int:
+        """Pages it holds: page indices [0, held), each backed by a slot of the group file."""
+        return 0 if self.group is None else len(self.group.backing.get(self.worker, ()))
 
 
 class PageBroker:
@@ -73,6 +91,7 @@ class PageBroker:
         self.on_worker_gone = list(on_worker_gone)
         self.workers: dict[str, WorkerPages] = {}
         self.dead: list[str] = []  # workers seen dying, in order
+        self.groups: dict[str, KVGroup] = {}  # named KV groups with members
 
     # ---- workers -------------------------------------------------------------------------------
     def serve(self, worker: str, pages: Channel, reclaim: Channel) -> WorkerPages:
@@ -124,39 +143,54 @@ class PageBroker:
         if msg.kv_max_bytes <= 0:
             raise ValueError(f"kv_max_bytes must be > 0, got {msg.kv_max_bytes}")
         slots = -(-msg.kv_max_bytes // self.page_size)
-        fd = os.memfd_create(f"elasticserve-kv-{rec.worker}", os.MFD_CLOEXEC)
         with self.arbiter.lock:  # a reclaim may reach the worker as soon as it is registered
-            os.ftruncate(fd, slots * self.page_size)  # sparse: nothing allocated yet
-            rec.fd, rec.slots = fd, slots
+            group = self._join(rec.worker, msg.kv_group, slots)
             rec.reclaimer = RemoteReclaimer(rec.reclaim, lambda after: self._shrink(rec, after),
                                             self.reclaim_deadline_s)
             try:
-                # never more pages than the memfd (the worker's reservation) has slots
+                # never more pages than the worker's reservation
                 ceiling = min(msg.max_bytes or slots * self.page_size, slots * self.page_size)
                 self.arbiter.register(rec.worker, msg.weights_bytes, msg.min_bytes, ceiling,
                                       msg.priority, reclaimer=rec.reclaimer,
                                       weights_key=msg.weights_key)
             except BaseException:
-                os.close(fd)
-                rec.fd, rec.reclaimer = -1, None
+                self._leave(rec.worker, group)
+                rec.reclaimer = None
                 raise
-            rec.registered = True
-        return Registered(self.page_size, slots), [fd]
+            rec.group, rec.slots, rec.registered = group, slots, True
+        return Registered(self.page_size, slots), [group.fd]
+
+    def _join(self, worker: str, name: str | None, slots: int) -> KVGroup:
+        if name is not None and not name:
+            raise ValueError("kv_group must be a non-empty name or None")
+        group = self.groups.get(name) if name is not None else None
+        if group is None:
+            group = KVGroup(name, self.page_size)
+        group.join(worker, slots)
+        if name is not None:
+            self.groups[name] = group
+        return group
+
+    def _leave(self, worker: str, group: KVGroup) -> None:
+        if group.leave(worker) and group.name is not None:
+            self.groups.pop(group.name, None)
 
     def _pages_message(self, rec: WorkerPages, msg: object) -> object:
         if not rec.registered:
             raise ValueError(f"worker {rec.worker!r} sent {type(msg).__name__} before "
                              f"RegisterWorker")
-        name = rec.worker
+        name, group = rec.worker, rec.group
+        assert group is not None
         with self.arbiter.lock:  # decided and booked together: no two workers get one page
+            if self.workers.get(name) is not rec:
+                raise ValueError(f"worker {name!r} is gone")
             if isinstance(msg, Grant):
                 self._sync(rec, msg.mapped)
                 pages = min(msg.pages, rec.slots - rec.held)  # an admin may raise the ceiling
                 if pages < msg.at_least:
-                    return 0
+                    return Granted(0, ())
                 got = self.arbiter.request(name, pages, msg.at_least)
-                rec.held += got
-                return got
+                return Granted(got, group.grant(name, got))
             if isinstance(msg, Release):
                 self._sync(rec, msg.mapped_after)
                 return None
@@ -166,6 +200,13 @@ class PageBroker:
                 self._sync(rec, 0)
                 self.arbiter.cancel_wake(name)
                 return None
+            if isinstance(msg, Offer):
+                group.offer(name, msg.handoff_id, tuple(msg.indices))
+                return Ack()
+            if isinstance(msg, Take):
+                return Taken(group.take(name, msg.peer, msg.handoff_id, tuple(msg.mine)))
+            if isinstance(msg, Withdraw):
+                return Withdrawn(group.withdraw(name, msg.handoff_id))
         raise ValueError(f"unknown message {type(msg).__name__} on the pages channel")
 
     def _sync(self, rec: WorkerPages, mapped: int) -> None:
@@ -177,18 +218,16 @@ class PageBroker:
             self.arbiter.release(rec.worker, freed)
 
     def _shrink(self, rec: WorkerPages, mapped_after: int) -> int:
-        """Punch slots [mapped_after, held) out of the memfd; returns how many (the caller
-        books them). Called under the arbiter's lock."""
-        freed = rec.held - max(0, mapped_after)
-        if freed <= 0 or rec.fd < 0:
+        """Punch the slots behind page indices [mapped_after, held) out of the group file;
+        returns how many (the caller books them). Called under the arbiter's lock."""
+        if rec.group is None or rec.held <= max(0, mapped_after):
             return 0
-        punch_hole(rec.fd, mapped_after * self.page_size, freed * self.page_size)
-        rec.held = mapped_after
-        return freed
+        return rec.group.shrink(rec.worker, max(0, mapped_after))
 
     def worker_died(self, worker: str) -> None:
-        """The worker is gone (EOF, kill -9, exit): its pages go back to the budget, its memfd
-        is punched and closed (its mappings died with it), it leaves the arbiter. Idempotent."""
+        """The worker is gone (EOF, kill -9, exit): its pages go back to the budget, their
+        slots are punched (its mappings died with it), its offers die, it leaves the arbiter;
+        its group file is closed with the last member. Idempotent."""
         with self.arbiter.lock:
             rec = self.workers.pop(worker, None)
             if rec is None:
@@ -199,10 +238,8 @@ class PageBroker:
             if rec.registered:
                 self.arbiter.release(worker, self.arbiter.kv_pages(worker))
                 self.arbiter.unregister(worker)
-            if rec.fd >= 0:
-                punch_hole(rec.fd, 0, rec.slots * self.page_size)
-                os.close(rec.fd)
-                rec.fd, rec.held = -1, 0
+            if rec.group is not None:  # its slots only: other members keep the file
+                self._leave(worker, rec.group)
         rec.pages.close()
         rec.reclaim.close()
         for hook in self.on_worker_gone:
@@ -222,17 +259,22 @@ class PageBroker:
 
     def check_integrity(self) -> None:
         """Raise ArbiterError unless the arbiter's books hold, every worker's grant equals the
-        pages it holds, and no memfd has more memory allocated than its held pages."""
+        pages it holds, and every KV group's invariants hold (`KVGroup.problems`: no slot
+        behind two pages, free slots apart, no more memory allocated than pages held)."""
         with self.arbiter.lock:
             self.arbiter.check_integrity()
+            groups = {}
             for rec in self.workers.values():
-                if not rec.registered:
+                if not rec.registered or rec.group is None:
                     continue
+                groups[id(rec.group)] = rec.group
                 booked = self.arbiter.kv_pages(rec.worker)
-                allocated = os.fstat(rec.fd).st_blocks * 512
-                if booked != rec.held or allocated > rec.held * self.page_size:
+                if booked != rec.held:
                     raise ArbiterError(f"worker {rec.worker!r}: booked {booked} pages, holds "
-                                       f"{rec.held}, memfd has {allocated} bytes allocated")
+                                       f"{rec.held}")
+            for group in groups.values():
+                if problems := group.problems():
+                    raise ArbiterError(f"KV group {group.name!r}: {'; '.join(problems)}")
 
     def close(self) -> None:
         """Close every worker's channels (their threads end and clean up)."""

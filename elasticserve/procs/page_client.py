@@ -2,10 +2,12 @@
 the ``pages`` channel), the KV memory backend over the broker's memfd, and the thread that
 answers the broker's reclaim requests.
 
-The worker maps its KV pages from slots of a memfd the front's broker owns
-(procs/page_broker.py): slot i backs page i of the KV range, as `HostBackend` places a
-range's own file. Releasing a page here only unmaps it; the broker punches it out of the
-memfd when it books the release, so memory returns even if this process dies mid-way.
+The worker maps its KV pages from slots of its KV group's memfd, which the front's broker owns
+(procs/page_broker.py, procs/kv_groups.py): every grant names the slot behind each new page
+(`HostBackend.queue_slots`). Releasing a page here only unmaps it; the broker punches it out
+of the memfd when it books the release, so memory returns even if this process dies mid-way.
+Pages change owner within a group with `offer` / `take` / `withdraw`: the broker swaps slots
+and each side remaps the pages whose slot changed (`HostBackend.remap`), zero bytes copied.
 
 Reclaims are answered by an `EngineReclaimer` (engine/multi_model.py, the same one a model
 in the front process uses): it only try-locks the engine's KV storage, so it answers at once
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from elasticserve.engine.multi_model import EngineReclaimer
@@ -26,12 +29,18 @@ from elasticserve.procs.messages import (
     BrokerError,
     CancelWake,
     Grant,
+    Granted,
+    Offer,
     Reclaim,
     Reclaimed,
     Registered,
     RegisterWorker,
     Release,
+    Take,
+    Taken,
     Wake,
+    Withdraw,
+    Withdrawn,
 )
 from elasticserve.procs.transport import Channel, ChannelClosed
 
@@ -48,10 +57,13 @@ class RemotePageBroker:
 
     def __init__(self, channel: Channel, worker: str, kv_max_bytes: int, page_size: int,
                  weights_key: str | None = None, min_bytes: int = 0,
-                 max_bytes: int | None = None, priority: int = 0) -> None:
+                 max_bytes: int | None = None, priority: int = 0,
+                 kv_group: str | None = None) -> None:
+        """``kv_group``: workers registered with one group name may hand pages to each other
+        (`offer` / `take`); None: a group of its own."""
         self.channel = channel
         self.register = RegisterWorker(worker, weights_key, 0, kv_max_bytes, min_bytes,
-                                       max_bytes, priority)
+                                       max_bytes, priority, kv_group)
         self._backend = HostBackend(page_size)
         self.backend: MemoryBackend = self._backend
         self.reclaimer = EngineReclaimer()  # bind .engine once the engine is built
@@ -79,8 +91,10 @@ class RemotePageBroker:
 
     def grant(self, pages: int, at_least: int) -> int:
         got = self._ask(Grant(pages, at_least, self.mapped_pages))
-        assert isinstance(got, int)
-        return got
+        if not isinstance(got, Granted) or len(got.slots) != got.pages:
+            raise PageBrokerError(f"unexpected reply {got!r}")
+        self._backend.queue_slots(got.slots)  # the slots behind the pages mapped next
+        return got.pages
 
     def release(self, pages: int) -> None:
         self._ask(Release(pages, self.mapped_pages))
@@ -90,6 +104,36 @@ class RemotePageBroker:
 
     def cancel_wake(self) -> None:
         self._ask(CancelWake())
+
+    # ---- hand-offs within a KV group -----------------------------------------------------------
+    def offer(self, handoff_id: str, indices: Sequence[int]) -> None:
+        """Lend KV pages ``indices`` (page indices of the KV range) to a peer of the group under
+        ``handoff_id``; do not write them until `withdraw`."""
+        self._ask(Offer(handoff_id, tuple(indices)))
+
+    def take(self, peer: str, handoff_id: str, mine: Sequence[int]) -> None:
+        """Take ``peer``'s offer into my KV pages ``mine`` (page ``mine[k]`` then holds the
+        offer's k-th page, zero bytes copied; what ``mine`` held is gone)."""
+        taken = self._ask(Take(peer, handoff_id, tuple(mine)))
+        if not isinstance(taken, Taken) or len(taken.slots) != len(mine):
+            raise PageBrokerError(f"unexpected reply {taken!r}")
+        self._remap(zip(mine, taken.slots, strict=True))
+
+    def withdraw(self, handoff_id: str) -> int:
+        """Close my offer; remaps the pages a peer took (each now a blank page); returns how
+        many pages changed hands. Call it before reusing the offered pages."""
+        withdrawn = self._ask(Withdraw(handoff_id))
+        if not isinstance(withdrawn, Withdrawn):
+            raise PageBrokerError(f"unexpected reply {withdrawn!r}")
+        self._remap(withdrawn.changed)
+        return len(withdrawn.changed)
+
+    def _remap(self, pairs: Iterable[tuple[int, int]]) -> None:
+        vrange = self._backend.adopted_range()
+        for index, slot in pairs:
+            if vrange is None:
+                raise PageBrokerError("no KV range is mapped from the broker's file")
+            self._backend.remap(vrange, index * self._backend.page_size, slot)
 
     @property
     def mapped_pages(self) -> int:
