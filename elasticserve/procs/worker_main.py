@@ -203,7 +203,8 @@ def build_engine(spec: WorkerSpec, pages: Channel | None, reclaim: Channel | Non
     args = spec.engine_args
     broker = RemotePageBroker(pages, spec.worker, args.kv_cache_max_bytes, args.page_size,
                               weights_key=spec.model, min_bytes=spec.min_bytes,
-                              max_bytes=spec.max_bytes, priority=spec.priority)
+                              max_bytes=spec.max_bytes, priority=spec.priority,
+                              kv_group=spec.kv_group)
     engine = LLMEngine(args, broker=broker, weights=SharedWeights(pages, key=spec.model),
                        kv_backend=broker.backend)
     broker.reclaimer.engine = engine

@@ -43,7 +43,7 @@ def expected(model_dir: str) -> dict[str, list[list[tuple[int, ...]]]]:
             for name, p in (("greedy", GREEDY), ("seeded", SEEDED))}
 
 
-@pytest.fixture(scope="module", params=["copy"])
+@pytest.fixture(scope="module", params=["pages", "copy"])
 def pool(request: pytest.FixtureRequest, model_dir: str) -> Iterator[WorkerPool]:
     made = WorkerPool([ModelSpec("m", model_dir)], 256 << 20, EngineArgs(model=model_dir),
                       pd={"m": (1, 1)}, kv_handoff=request.param,
@@ -101,7 +101,13 @@ def test_pd_outputs_equal_colocated(pool: WorkerPool, name: str,
           == before + 2 * len(PROMPTS) * params.n)
     stats = router.stats()
     assert stats["kv_handoff_sent_sequences"] == stats["kv_handoff_sequences"]
-    assert router.prefill[0].stats()["prefix_cache_hit_tokens"] > 0
+    if pool.kv_handoff == "copy":  # the prefill worker's prefix cache keeps every block
+        assert router.prefill[0].stats()["prefix_cache_hit_tokens"] > 0
+        assert stats["kv_handoff_pages"] == 0
+    elif name == "greedy":  # one sequence per request: every block goes by page
+        assert stats["kv_handoff_pages"] > 0 and stats["kv_handoff_bytes_copied"] == 0
+    else:  # n=2 shares the prompt's blocks: those are copied
+        assert stats["kv_handoff_bytes_copied"] > 0
     roles = {w["worker"]: w["role"] for w in pool.workers_report()}
     assert sorted(roles.values()) == ["decode", "prefill"]
     pool.check_integrity()
