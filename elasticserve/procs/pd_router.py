@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from elasticserve.engine.pd import KVHandedOver
@@ -65,19 +65,27 @@ class PDRouter(ReplicaRouter):
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         timing = RequestTiming(time.monotonic() if arrival_time is None else arrival_time)
         prefill = self._any_ready()
-        first = prefill.generate(prompt, params, request_id, priority, stream, timing=timing)
-        return self._follow_pd(first, prefill, request_id, timing)
 
-    async def _follow_pd(self, first: AsyncIterator[RequestOutput], prefill: WorkerClient,
-                      request_id: str, timing: RequestTiming) -> AsyncIterator[RequestOutput]:
-        current = first
+        def submit(worker: WorkerClient) -> AsyncIterator[RequestOutput]:
+            return worker.generate(prompt, params, request_id, priority, stream, timing=timing)
+
+        return self._follow_pd(submit, submit(prefill), prefill, request_id, timing)
+
+    async def _follow_pd(self, submit: Callable[[WorkerClient], AsyncIterator[RequestOutput]],
+                         current: AsyncIterator[RequestOutput], prefill: WorkerClient,
+                         request_id: str, timing: RequestTiming) -> AsyncIterator[RequestOutput]:
+        tried, handoff = {prefill.worker}, None
         try:
-            try:
-                async for out in first:
-                    yield out
-                return  # it finished on the prefill worker
-            except KVHandedOver as over:
-                handoff = over.handoff
+            while handoff is None:
+                try:
+                    async for out in current:
+                        yield out
+                    return  # it finished on the prefill worker
+                except KVHandedOver as over:
+                    handoff = over.handoff
+                except WorkerDiedError as exc:  # nothing seen yet: rerun on another
+                    prefill = self._retry(exc, tried)
+                    current = submit(prefill)
             with self._lock:
                 self._held[request_id] = prefill
             self.handed_over += 1
@@ -96,6 +104,16 @@ class PDRouter(ReplicaRouter):
             if aclose is not None:
                 await aclose()  # an early exit aborts the request where it runs
             self._release(request_id)
+
+    def _retry(self, exc: WorkerDiedError, tried: set[str]) -> WorkerClient:
+        """Another ready prefill worker for a request whose worker died before the consumer
+        saw anything of it; re-raises `exc` when there is none or it is too late."""
+        nxt = self.pick(frozenset(tried)) if exc.retryable else None
+        if nxt is None:
+            raise exc
+        self.retries += 1
+        tried.add(nxt.worker)
+        return nxt
 
     def abort(self, request_id: str) -> None:
         super().abort(request_id)

@@ -6,6 +6,8 @@ shows through the prefill worker's mapping before the prefill worker lets the pa
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from elasticserve.engine.multi_model import ModelSpec
 from elasticserve.engine.pd import KVHandedOver, KVHandOff
 from elasticserve.engine.protocol import RequestTiming
 from elasticserve.models.make_model import make_model
+from elasticserve.outputs import RequestOutput
 from elasticserve.procs.pd_router import PDRouter
 from elasticserve.procs.supervisor import Supervisor
 from elasticserve.procs.worker_pool import WorkerPool
@@ -110,3 +113,44 @@ def test_greedy_requests_hand_over_with_zero_bytes_copied(pool: WorkerPool) -> N
 async def _drain(router: PDRouter, prompt: str, params: SamplingParams) -> None:
     async for _ in router.generate(prompt, params):
         pass
+
+
+def test_a_prefill_worker_killed_during_the_hand_off(pool: WorkerPool) -> None:
+    """Its offer dies with it: the decode worker's take is refused, that request ends with an
+    error, everything else goes on; the dead worker's pages are back and it restarts."""
+    router = pool.routers["m"]
+    assert isinstance(router, PDRouter)
+    prefill, decode = router.prefill[0], router.decode[0]
+    old = prefill.pid
+    assert old is not None
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    async def flow() -> list[RequestOutput]:
+        timing = RequestTiming(time.monotonic())
+        with pytest.raises(KVHandedOver) as over:
+            async for _ in prefill.generate(PROMPT, params, "zc-kill", timing=timing):
+                pass
+        assert over.value.handoff.kv.pages
+        os.kill(old, signal.SIGKILL)
+        await asyncio.to_thread(_wait_gone, pool, prefill.worker)
+        return [o async for o in decode.adopt(over.value.handoff, timing)]
+
+    outs = asyncio.run(flow())
+    assert outs[-1].finished and "KV hand-off" in str(outs[-1].error)
+    deadline = time.monotonic() + 30
+    while not (prefill.state == "ready" and prefill.pid != old):
+        assert time.monotonic() < deadline, "the prefill worker was not restarted"
+        time.sleep(0.05)
+    pool.check_integrity()
+    asyncio.run(_drain(router, PROMPT, params))  # serving goes on
+    pool.check_integrity()
+
+
+def _wait_gone(pool: WorkerPool, worker: str) -> None:
+    """Until the broker has seen the worker die (its offers died with it)."""
+    assert pool.budget is not None
+    broker = pool.budget.broker
+    deadline = time.monotonic() + 10
+    while worker not in broker.dead:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
