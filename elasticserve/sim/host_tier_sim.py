@@ -148,3 +148,21 @@ class LayerSpill:
         if granted != mapped - self.host_pages:
             raise AssertionError(f"{self.name}: arbiter granted {granted} pages, "
                                  f"{mapped - self.host_pages} are device pages")
+
+
+def tier_parts(arbiter: Arbiter, name: str, cost: CostModel, block_bytes: int, block_size: int,
+               host_kv_bytes: int, layer_offload_bytes: int,
+               policy: str) -> tuple[LayerSpill | None, int | None]:
+    """The tier of one model: (its layer-wise spill, its ``CacheConfig.host_kv_cache_bytes``);
+    (None, None) unless ``policy`` is "tiered" (and for a zero budget). ValueError names a
+    negative budget."""
+    for field, value in (("host_kv_bytes", host_kv_bytes),
+                         ("layer_offload_bytes", layer_offload_bytes)):
+        if value < 0:
+            raise ValueError(f"{field} must be >= 0, got {value}")
+    if policy != "tiered":
+        return None, None
+    spill = (LayerSpill(arbiter, name, cost, block_bytes, block_size,
+                        layer_offload_bytes // arbiter.page_size)
+             if layer_offload_bytes > 0 else None)
+    return spill, host_kv_bytes or None

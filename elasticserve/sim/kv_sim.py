@@ -114,7 +114,12 @@ class SimKVStorage:
         self.pending_cost_s += self.cost.page_map_time(n)
 
     def copy_blocks(self, pairs: Pairs) -> None:
-        self.pending_cost_s += self.cost.copy_time(len(pairs), self.block_bytes)
+        # compaction out of host-backed rows (spill) crosses the host link, not HBM
+        edge = self.spill.device_rows if self.spill is not None and self.spill.host_pages else None
+        link = 0 if edge is None else sum(1 for s, d in pairs if s >= edge or d >= edge)
+        self.pending_cost_s += self.cost.copy_time(len(pairs) - link, self.block_bytes)
+        if link:
+            self.pending_cost_s += self.cost.swap_time(link, self.block_bytes)
 
     def swap_out(self, pairs: Pairs) -> None:
         self.pending_cost_s += self.cost.swap_time(len(pairs), self.block_bytes)

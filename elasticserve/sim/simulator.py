@@ -32,7 +32,7 @@ from elasticserve.config import CacheConfig, MiB, SchedulerConfig
 from elasticserve.core.arbiter import Arbiter, ArbiterError, ArbiterPolicy
 from elasticserve.sim.cost_model import CostModel
 from elasticserve.sim.gpu_specs import DeviceSpec
-from elasticserve.sim.host_tier_sim import LayerSpill
+from elasticserve.sim.host_tier_sim import tier_parts
 from elasticserve.sim.kv_sim import SimKVStorage
 from elasticserve.sim.metrics import Slo
 from elasticserve.sim.runtime import ModelRuntime, ModelSpec, RequestRecord
@@ -157,16 +157,13 @@ class Simulator:
             min_bytes, max_bytes = spec.min_kv_bytes, spec.max_kv_bytes
             max_pages = arb.budget_pages if max_bytes is None else max_bytes // cfg.page_size
             min_pages = min(max_pages, -(-min_bytes // cfg.page_size))
-        tier = self.policy == "tiered"
-        spill = (LayerSpill(arb, spec.name, cost, block_bytes, cfg.block_size,
-                            cfg.layer_offload_bytes // cfg.page_size)
-                 if tier and cfg.layer_offload_bytes > 0 else None)
+        spill, host_kv = tier_parts(arb, spec.name, cost, block_bytes, cfg.block_size,
+                                    cfg.host_kv_bytes, cfg.layer_offload_bytes, self.policy)
         storage = SimKVStorage(
             spec.name, arb, cost, block_bytes, elastic=not static, min_pages=min_pages,
             max_pages=max_pages, reserve_pages=cfg.reserve_pages,
             shrink_after_s=cfg.shrink_after_s, keep_peak_s=cfg.keep_peak_s, idle_after_s=cfg.idle_after_s,
             clock=lambda: self.now, spill=spill)
-        host_kv = cfg.host_kv_bytes if tier and cfg.host_kv_bytes > 0 else None
         cache = CacheConfig(block_size=cfg.block_size,
                             enable_prefix_caching=cfg.enable_prefix_caching,
                             kv_cache_mode="static" if static else "elastic",
