@@ -89,12 +89,17 @@ def _target_lines(comp: Comparison) -> list[str]:
     ratio = comp.ratio()
     text = (f"Target arbiter / static >= {target:g}x: **{'met' if ratio >= target else 'missed'} "
             f"({_f(ratio)}x)**")
+    return [text + _reach(comp, target) + ".", ""]
+
+
+def _reach(comp: Comparison, target: float) -> str:
+    """Whether the unbounded-memory ceiling (when searched) leaves ``target`` within reach."""
     top, static = comp.ceiling, comp.outcomes["static"]
-    if top is not None and static.max_rate > 0:
-        bound = top.max_rate / static.max_rate
-        reach = "out of reach on this cost model" if bound < target else "within reach"
-        text += f"; memory ceiling {_f(bound)}x static: the target is {reach}"
-    return [text + ".", ""]
+    if top is None or static.max_rate <= 0:
+        return ""
+    bound = top.max_rate / static.max_rate
+    reach = "out of reach on this cost model" if bound < target else "within reach"
+    return f"; memory ceiling {_f(bound)}x static: the target is {reach}"
 
 
 def _policy_target_lines(comp: Comparison) -> list[str]:
@@ -104,7 +109,7 @@ def _policy_target_lines(comp: Comparison) -> list[str]:
         return []
     ratio = comp.ratio(policy)
     return [f"Target {policy} / static >= {target:g}x: **{'met' if ratio >= target else 'missed'} "
-            f"({_f(ratio)}x)**.", ""]
+            f"({_f(ratio)}x)**{_reach(comp, target)}.", ""]
 
 
 def _ceiling_lines(comp: Comparison) -> list[str]:

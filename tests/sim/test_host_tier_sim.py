@@ -13,9 +13,12 @@ from elasticserve.core.block_pool import BlockPool
 from elasticserve.outputs import ScheduledSeq
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.sim.cost_model import CostModel
+from elasticserve.sim.experiment import compare
 from elasticserve.sim.gpu_specs import H100_80GB
 from elasticserve.sim.host_tier_sim import LayerSpill
 from elasticserve.sim.model_shapes import QWEN3_0_6B
+from elasticserve.sim.report import docs_section
+from elasticserve.sim.scenarios import get_scenario
 from elasticserve.sim.simulator import SimConfig, SimResult, Simulator
 from elasticserve.workload.generators import ModelStream, RequestSpec, Uniform, Workload, poisson
 from tests.sim.sim_helpers import assert_clean, config, qwen_models
@@ -183,3 +186,20 @@ def test_spill_grants_host_pages_only_past_the_device_and_promotes_them_back() -
     assert (arb.kv_pages("a"), m.spill.host_pages, m.spill.promoted_blocks) == (5, 0, 1)
     m.spill.check_integrity()
     assert m.spill.link_time([]) == pytest.approx(H100_80GB.transfer_seconds(page))
+
+
+def test_longctx_compares_tiered_and_judges_it_against_static() -> None:
+    scn = get_scenario("longctx")
+    assert "tiered" in scn.policies and scn.config.host_kv_bytes > 0
+    small = dataclasses.replace(
+        scn, name="longctx", models=qwen_models("a"),
+        config=dataclasses.replace(_TIGHT, ttft_slo_s=0.5, host_kv_bytes=4 * GiB),
+        workload=Workload((ModelStream("a", poisson(20, 3), Uniform(100, 400),
+                                       Uniform(50, 200)),)),
+        policies=("static", "tiered"), bisect_iters=1)
+    comp = compare(small, seed=0)
+    assert set(comp.outcomes) == {"static", "tiered"}
+    text = docs_section(comp, "cmd", "today", "abc")
+    verdict = "met" if comp.ratio("tiered") >= 2.0 else "missed"
+    assert f"Target tiered / static >= 2x: **{verdict} ({comp.ratio('tiered'):.2f}x)**" in text
+    assert "**tiered / static max-rate ratio:" in text
