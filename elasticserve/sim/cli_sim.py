@@ -30,7 +30,7 @@ from elasticserve.sim.scenarios import (
     get_scenario,
     trace_scenario,
 )
-from elasticserve.sim.simulator import POLICIES, SimSetupError
+from elasticserve.sim.simulator import ALL_POLICIES, SimSetupError
 from elasticserve.workload.trace import TraceSource
 
 TRACE = "trace"
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", choices=sorted([*SCENARIOS, TRACE]),
                    help="a built-in scenario, or trace (see the subcommands below)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    p.add_argument("--policies", default=",".join(POLICIES),
-                   help="comma-separated subset of " + ", ".join(POLICIES))
+    p.add_argument("--policies", default=None,
+                   help="comma-separated subset of " + ", ".join(ALL_POLICIES)
+                   + " (default: the scenario's; tiered only in longctx)")
     p.add_argument("--target", type=float, default=0.99, help="TTFT SLO attainment target")
     p.add_argument("--bisect-iters", type=int, default=None,
                    help="bisection steps after bracketing (precision vs run time)")
@@ -150,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     scn = _load_scenario(parser, args)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    bad = [p for p in policies if p not in POLICIES]
+    policies = ([p.strip() for p in args.policies.split(",") if p.strip()]
+                if args.policies else list(scn.policies))
+    bad = [p for p in policies if p not in ALL_POLICIES]
     if bad:
         raise SystemExit(f"unknown policy: {', '.join(bad)}")
     if args.bisect_iters is not None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from elasticserve.sim.metrics import Summary, summarize, summarize_by_model, ttft_attainment
 from elasticserve.sim.scenarios import Scenario
-from elasticserve.sim.simulator import POLICIES, Policy, SimResult, simulate
+from elasticserve.sim.simulator import Policy, SimResult, simulate
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +133,12 @@ def memory_ceiling(scn: Scenario, seed: int = 0, target: float = 0.99) -> Policy
                          probes, at_max=passed.get(best))
 
 
-def compare(scn: Scenario, seed: int = 0, policies: Sequence[Policy] = POLICIES,
+def compare(scn: Scenario, seed: int = 0, policies: Sequence[Policy] | None = None,
             target: float = 0.99, ceiling: bool = False) -> Comparison:
-    """Max rate per policy at the attainment target, plus every policy at the reference scale;
-    with ``ceiling``, also :func:`memory_ceiling`."""
+    """Max rate per policy (default: the scenario's) at the attainment target, plus every
+    policy at the reference scale; with ``ceiling``, also :func:`memory_ceiling`."""
     t0 = time.perf_counter()
+    policies = scn.policies if policies is None else policies
     outcomes: dict[str, PolicyOutcome] = {}
     cache: dict[tuple[str, float], SimResult] = {}
     for policy in policies:

@@ -7,7 +7,8 @@ blocks and swapping are charged to the device when the current step ends
 (`take_pending_cost`); the idle reclaimer's shrinks run beside the steps and delay only a step
 of the same model that starts before they finish (`reclaim_in_background`). Pages are granted
 by the shared `Arbiter`; the class also implements the arbiter's `Reclaimer` protocol by
-delegating to `ElasticPages`.
+delegating to `ElasticPages`. With a `LayerSpill` (sim/host_tier_sim.py, the "tiered" policy)
+the pages come from it instead: device pages from the arbiter first, then host-backed ones.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from elasticserve.core.arbiter import Arbiter
 from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_pages import ElasticPages, PagePolicy, Pairs
 from elasticserve.core.scheduler import Scheduler
+from elasticserve.outputs import ScheduledSeq
 from elasticserve.sim.cost_model import CostModel
+from elasticserve.sim.host_tier_sim import LayerSpill
 
 
 class _ArbiterBroker:
@@ -39,7 +42,8 @@ class SimKVStorage:
                  elastic: bool, min_pages: int, max_pages: int, reserve_pages: int = 1,
                  shrink_after_s: float = 0.5, keep_peak_s: float = 5.0,
                  idle_after_s: float = 2.0,
-                 clock: Callable[[], float] = lambda: 0.0) -> None:
+                 clock: Callable[[], float] = lambda: 0.0,
+                 spill: LayerSpill | None = None) -> None:
         self.name = name
         self.arbiter = arbiter
         self.cost = cost
@@ -53,15 +57,23 @@ class SimKVStorage:
         self.last_active = 0.0
         # a static cache maps everything at start and never moves: its floor is its size
         policy = PagePolicy(self.page_size, block_bytes,
-                            min_pages=min_pages if elastic else max_pages, max_pages=max_pages,
+                            min_pages=min_pages if elastic else max_pages,
+                            # layer-wise spill: up to its host pages beyond the device ceiling
+                            max_pages=max_pages + (spill.max_host_pages if spill else 0),
                             reserve_pages=reserve_pages if elastic else 0,
                             shrink_after_s=shrink_after_s, keep_peak_s=keep_peak_s)
-        self.pages = ElasticPages(policy, self, _ArbiterBroker(arbiter, name), clock=clock)
+        self.spill = spill
+        broker = spill if spill is not None else _ArbiterBroker(arbiter, name)
+        self.pages = ElasticPages(policy, self, broker, clock=clock)
+        if spill is not None:
+            spill.mapped = lambda: self.pages.mapped_pages
         self._scheduler: Scheduler | None = None
 
     def attach(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
         self.pages.attach(scheduler.kv.pool, scheduler.kv, scheduler.preempt_to_fit)
+        if self.spill is not None:
+            self.spill.pool = scheduler.kv.pool
 
     @property
     def scheduler(self) -> Scheduler:
@@ -102,7 +114,12 @@ class SimKVStorage:
         self.pending_cost_s += self.cost.page_map_time(n)
 
     def copy_blocks(self, pairs: Pairs) -> None:
-        self.pending_cost_s += self.cost.copy_time(len(pairs), self.block_bytes)
+        # compaction out of host-backed rows (spill) crosses the host link, not HBM
+        edge = self.spill.device_rows if self.spill is not None and self.spill.host_pages else None
+        link = 0 if edge is None else sum(1 for s, d in pairs if s >= edge or d >= edge)
+        self.pending_cost_s += self.cost.copy_time(len(pairs) - link, self.block_bytes)
+        if link:
+            self.pending_cost_s += self.cost.swap_time(link, self.block_bytes)
 
     def swap_out(self, pairs: Pairs) -> None:
         self.pending_cost_s += self.cost.swap_time(len(pairs), self.block_bytes)
@@ -119,6 +136,18 @@ class SimKVStorage:
         self.last_active = self.clock()
         if self.elastic:
             self.pages.after_step(memory_pressure)
+        if self.spill is not None:
+            self.spill.try_promote()
+
+    def link_time(self, scheduled: list[ScheduledSeq]) -> float:
+        """Seconds the host link needs this step for spilled KV, overlapped with compute
+        (0 without a spill)."""
+        return 0.0 if self.spill is None else self.spill.link_time(scheduled)
+
+    @property
+    def spilling(self) -> bool:
+        """Some pages are host-backed: the model is short of device memory itself."""
+        return self.spill is not None and self.spill.host_pages > 0
 
     def maybe_shrink(self) -> None:
         if self.elastic and self.pages.mapped_pages:
@@ -148,16 +177,17 @@ class SimKVStorage:
 
     # ---- Reclaimer protocol ---------------------------------------------------------------
     def reclaimable(self) -> tuple[int, int]:
-        return self.pages.reclaimable() if self.elastic else (0, 0)
+        # a spilling model has no device page to spare (its top pages are host-backed)
+        return self.pages.reclaimable() if self.elastic and not self.spilling else (0, 0)
 
     def free_pages(self, n: int) -> int:
-        return self.pages.free_pages(n) if self.elastic else 0
+        return self.pages.free_pages(n) if self.elastic and not self.spilling else 0
 
     def drop_cached(self, n: int) -> int:
-        return self.pages.drop_cached(n) if self.elastic else 0
+        return self.pages.drop_cached(n) if self.elastic and not self.spilling else 0
 
     def preempt(self, n: int) -> int:
-        return self.pages.preempt(n) if self.elastic else 0
+        return self.pages.preempt(n) if self.elastic and not self.spilling else 0
 
     def sleep(self) -> int:
         return self.pages.release_all()
@@ -174,6 +204,9 @@ class SimKVStorage:
         """The pool matches the mapped pages and the arbiter's grant."""
         self.scheduler.kv.check_integrity()
         self.pages.check_integrity()
+        if self.spill is not None:
+            self.spill.check_integrity()
+            return
         granted = self.arbiter.kv_pages(self.name)
         if granted != self.mapped_pages:
             raise AssertionError(f"{self.name}: arbiter granted {granted} pages, "

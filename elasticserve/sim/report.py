@@ -17,6 +17,8 @@ from elasticserve.sim.metrics import Summary
 PLOT_NAMES = ("memory", "ttft_cdf", "attainment")
 # arbiter / static max-rate targets of the project's goals (README), per built-in scenario
 TARGET_RATIOS = {"ramp3": 3.0, "zipf16": 3.0}
+# other policies judged against static: scenario -> (policy, target) (issue 13: the host tier)
+TARGET_POLICY_RATIOS = {"longctx": ("tiered", 2.0)}
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -52,6 +54,8 @@ def markdown(comp: Comparison) -> str:
                      f"{pre} | {sleeps} |")
     if "arbiter" in comp.outcomes and static:
         lines += ["", f"**arbiter / static max-rate ratio: {_f(comp.ratio())}x**"]
+    if "tiered" in comp.outcomes and static:
+        lines += ["", f"**tiered / static max-rate ratio: {_f(comp.ratio('tiered'))}x**"]
     lines += _ceiling_lines(comp)
     lines += ["", *_per_model(comp)]
     return "\n".join(lines) + "\n"
@@ -72,7 +76,7 @@ def docs_section(comp: Comparison, command: str, when: str, commit: str) -> str:
              f"Command: `{command}`; run {when} at commit {commit}.", ""]
     if scn.name == "trace":
         lines += [f"At the trace's recorded rate: {_f(scn.rate_at(1.0))} {scn.rate_label}.", ""]
-    lines += _target_lines(comp)
+    lines += _target_lines(comp) + _policy_target_lines(comp)
     body = markdown(comp).replace("\n## ", "\n### ")
     return "\n".join([*lines, "#" + body if body.startswith("## ") else body])
 
@@ -85,12 +89,27 @@ def _target_lines(comp: Comparison) -> list[str]:
     ratio = comp.ratio()
     text = (f"Target arbiter / static >= {target:g}x: **{'met' if ratio >= target else 'missed'} "
             f"({_f(ratio)}x)**")
+    return [text + _reach(comp, target) + ".", ""]
+
+
+def _reach(comp: Comparison, target: float) -> str:
+    """Whether the unbounded-memory ceiling (when searched) leaves ``target`` within reach."""
     top, static = comp.ceiling, comp.outcomes["static"]
-    if top is not None and static.max_rate > 0:
-        bound = top.max_rate / static.max_rate
-        reach = "out of reach on this cost model" if bound < target else "within reach"
-        text += f"; memory ceiling {_f(bound)}x static: the target is {reach}"
-    return [text + ".", ""]
+    if top is None or static.max_rate <= 0:
+        return ""
+    bound = top.max_rate / static.max_rate
+    reach = "out of reach on this cost model" if bound < target else "within reach"
+    return f"; memory ceiling {_f(bound)}x static: the target is {reach}"
+
+
+def _policy_target_lines(comp: Comparison) -> list[str]:
+    """A non-arbiter policy's target against static (e.g. longctx: tiered >= 2x)."""
+    policy, target = TARGET_POLICY_RATIOS.get(comp.scenario.name, ("", 0.0))
+    if not policy or not {policy, "static"} <= set(comp.outcomes):
+        return []
+    ratio = comp.ratio(policy)
+    return [f"Target {policy} / static >= {target:g}x: **{'met' if ratio >= target else 'missed'} "
+            f"({_f(ratio)}x)**{_reach(comp, target)}.", ""]
 
 
 def _ceiling_lines(comp: Comparison) -> list[str]:

@@ -142,7 +142,9 @@ class ModelRuntime:
             read += s + n
         cost = self.cost
         dt = cost.step_time(tokens, pairs, read, len(out.scheduled))
-        if swaps:
+        # layer-wise spilled KV streams on a copy stream beside the compute
+        dt = max(dt, self.storage.link_time(out.scheduled))
+        if swaps:  # group offload/onload: applied before the forward pass, not overlapped
             dt += cost.swap_time(swaps, self.block_bytes)
         if out.blocks_to_copy:
             dt += cost.copy_time(len(out.blocks_to_copy), self.block_bytes)
@@ -154,6 +156,20 @@ class ModelRuntime:
         self.storage.after_step(sched.memory_pressure)
         self._collect_failed()
         return dt, finished
+
+    def stats(self) -> dict[str, float]:
+        """Counters of the run: steps, preemptions, KV moved to host and back, page events."""
+        st, sto = self.scheduler.stats, self.storage
+        out: dict[str, float] = {
+            "steps": self.steps, "busy_s": self.busy_s, "preemptions": st.preemptions,
+            "swap_outs": st.swap_outs, "recomputes": st.recomputes,
+            "kv_offloaded_blocks": st.kv_offloaded_blocks,
+            "kv_onloaded_blocks": st.kv_onloaded_blocks,
+            "grow_events": sto.grow_events, "shrink_events": sto.shrink_events,
+            "compactions": sto.compactions}
+        if sto.spill is not None:
+            out.update(sto.spill.stats())
+        return out
 
     def _sample(self, scheduled: list[ScheduledSeq], end: float) -> bool:
         """Fake runner: every sampled sequence gets one token; stop at the output length."""

@@ -8,7 +8,8 @@
   bandwidth and FLOP/s). Zipf(1) popularity over an interleaved size order; every model has
   its own Gamma renewal arrivals with CV 3; chat-like log-normal lengths.
 * ``longctx``: one Llama-3.1-8B on one H100: 128K-token prompts mixed with short chat requests;
-  prefill chunks are capped at 2048 tokens per sequence so short requests are not starved.
+  prefill chunks are capped at 2048 tokens per sequence so short requests are not starved. Also
+  runs the ``tiered`` policy: 64 GiB of host KV tier and 64 GiB of layer-wise spill.
 
 * ``trace``: a recorded trace (JSONL or Azure CSV, see ``workload/trace.py``) replayed on a chosen
   device; every distinct model name runs a built-in shape. Built by :func:`trace_scenario`.
@@ -34,7 +35,7 @@ from elasticserve.sim.model_shapes import (
     get_shape,
 )
 from elasticserve.sim.runtime import ModelSpec
-from elasticserve.sim.simulator import SimConfig
+from elasticserve.sim.simulator import POLICIES, Policy, SimConfig
 from elasticserve.workload.generators import (
     CHAT_INPUT,
     CHAT_OUTPUT,
@@ -71,6 +72,7 @@ class Scenario:
     start_scale: float = 1.0  # first bisection probe
     bisect_iters: int = 3
     notes: list[str] = field(default_factory=list)
+    policies: tuple[Policy, ...] = POLICIES  # compared by default
 
     def requests(self, seed: int, scale: float = 1.0) -> list[RequestSpec]:
         return self.workload.generate(seed, scale)
@@ -131,14 +133,19 @@ def longctx(short_rate: float = 2.0, long_rate: float = 0.05, duration: float = 
     # holds: 1 s plus 0.1 ms per prompt token (a 128K prompt gets ~14 s).
     cfg = SimConfig(H100_80GB, max_num_seqs=1024, max_num_batched_tokens=8192,
                     max_model_len=long_len + 4096, long_prefill_token_threshold=2048,
-                    ttft_slo_s=1.0, tpot_slo_s=0.1, ttft_slo_per_token_s=1e-4)
+                    ttft_slo_s=1.0, tpot_slo_s=0.1, ttft_slo_per_token_s=1e-4,
+                    host_kv_bytes=64 << 30, layer_offload_bytes=64 << 30)
     return Scenario(
         "longctx", "1x Llama-3.1-8B on one H100-80GB; 128K-token prompts among short chats",
         [ModelSpec(model, LLAMA_3_1_8B)], cfg, Workload(streams),
         rate_label="mean req/s", rate_at=lambda s: (short_rate + long_rate) * s,
         notes=["TTFT SLO = 1 s + 0.1 ms per prompt token; a prefill chunk is capped at 2048 "
                "tokens per sequence (long_prefill_token_threshold), so short requests share "
-               "the steps of a 128K prefill (~11 s) instead of queueing behind it"])
+               "the steps of a 128K prefill (~11 s) instead of queueing behind it",
+               "tiered = elastic + 64 GiB host KV tier (preempted groups offloaded, not "
+               "recomputed) + 64 GiB layer-wise spill (KV beyond the device streamed over "
+               "the host link, overlapped with compute)"],
+        policies=(*POLICIES, "tiered"))
 
 
 DEFAULT_TRACE_SHAPE = LLAMA_3_1_8B.name

@@ -15,6 +15,10 @@ Policies:
   free and cached pages; no priorities, no preemption, no sleep.
 * ``arbiter``: the full arbiter: priorities, preemption of lower-priority or idle models, fair
   share, and sleeping idle models; waking costs ``weights_bytes / host bandwidth``.
+* ``tiered``: ``elastic`` plus a host KV tier (sim/host_tier_sim.py): preemption victims are
+  offloaded to ``host_kv_bytes`` of host memory (the engine's tier, core policy), and pages
+  beyond the device spill to ``layer_offload_bytes`` of host memory, streamed layer-wise. With
+  both budgets 0 it is ``elastic`` exactly.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ from elasticserve.config import CacheConfig, MiB, SchedulerConfig
 from elasticserve.core.arbiter import Arbiter, ArbiterError, ArbiterPolicy
 from elasticserve.sim.cost_model import CostModel
 from elasticserve.sim.gpu_specs import DeviceSpec
+from elasticserve.sim.host_tier_sim import tier_parts
 from elasticserve.sim.kv_sim import SimKVStorage
 from elasticserve.sim.metrics import Slo
 from elasticserve.sim.runtime import ModelRuntime, ModelSpec, RequestRecord
 from elasticserve.workload.generators import RequestSpec
 
-Policy = Literal["static", "elastic", "arbiter"]
+Policy = Literal["static", "elastic", "arbiter", "tiered"]
 POLICIES: tuple[Policy, ...] = ("static", "elastic", "arbiter")
+ALL_POLICIES: tuple[Policy, ...] = (*POLICIES, "tiered")
 
 
 @dataclass(slots=True)
@@ -51,6 +57,8 @@ class SimConfig:
     max_model_len: int = 32768
     long_prefill_token_threshold: int = 0  # per-sequence prefill chunk cap; 0: none
     swap_bytes: int = 16 << 30  # host swap space per model
+    host_kv_bytes: int = 0  # "tiered": host KV tier per model, for offloaded groups
+    layer_offload_bytes: int = 0  # "tiered": host memory per model for layer-wise spill
     reserve_pages: int = 1
     shrink_after_s: float = 0.5
     keep_peak_s: float = 5.0
@@ -90,11 +98,11 @@ class SimResult:
 def _arbiter_policy(policy: Policy) -> ArbiterPolicy:
     if policy == "static":
         return ArbiterPolicy(False, False, False, False, False)
-    if policy == "elastic":
+    if policy in ("elastic", "tiered"):
         return ArbiterPolicy(True, True, preempt=False, sleep_idle=False, fair_share=False)
     if policy == "arbiter":
         return ArbiterPolicy()
-    raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(ALL_POLICIES)}")
 
 
 class SimSetupError(ValueError):
@@ -149,19 +157,24 @@ class Simulator:
             min_bytes, max_bytes = spec.min_kv_bytes, spec.max_kv_bytes
             max_pages = arb.budget_pages if max_bytes is None else max_bytes // cfg.page_size
             min_pages = min(max_pages, -(-min_bytes // cfg.page_size))
+        spill, host_kv = tier_parts(arb, spec.name, cost, block_bytes, cfg.block_size,
+                                    cfg.host_kv_bytes, cfg.layer_offload_bytes, self.policy)
         storage = SimKVStorage(
             spec.name, arb, cost, block_bytes, elastic=not static, min_pages=min_pages,
             max_pages=max_pages, reserve_pages=cfg.reserve_pages,
             shrink_after_s=cfg.shrink_after_s, keep_peak_s=cfg.keep_peak_s, idle_after_s=cfg.idle_after_s,
-            clock=lambda: self.now)
+            clock=lambda: self.now, spill=spill)
         cache = CacheConfig(block_size=cfg.block_size,
                             enable_prefix_caching=cfg.enable_prefix_caching,
-                            kv_cache_mode="static" if static else "elastic")
+                            kv_cache_mode="static" if static else "elastic",
+                            host_kv_cache_bytes=host_kv)
         sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
                                 max_num_batched_tokens=cfg.max_num_batched_tokens,
                                 max_model_len=cfg.max_model_len,
                                 long_prefill_token_threshold=cfg.long_prefill_token_threshold)
-        runtime = ModelRuntime(spec, storage, cost, sched, cache, cfg.swap_bytes // block_bytes,
+        # the tier replaces the swap area, as in the engine (engine/kv_storage.py)
+        runtime = ModelRuntime(spec, storage, cost, sched, cache,
+                               (host_kv or cfg.swap_bytes) // block_bytes,
                                drain_costs=self._drain_costs)
         # with sleep, more models than fit at once are fine: the rest start asleep
         awake = self.policy != "arbiter" or arb.free_pages >= -(-shape.weights_bytes
@@ -288,12 +301,7 @@ class Simulator:
         result.arbiter_stats = dict(self.arbiter.stats)
         for m in self.models:
             m.storage.check_integrity()
-            st, sto = m.scheduler.stats, m.storage
-            result.model_stats[m.name] = {
-                "steps": m.steps, "busy_s": m.busy_s, "preemptions": st.preemptions,
-                "swap_outs": st.swap_outs, "recomputes": st.recomputes,
-                "grow_events": sto.grow_events, "shrink_events": sto.shrink_events,
-                "compactions": sto.compactions}
+            result.model_stats[m.name] = m.stats()
         self.arbiter.check_integrity()
         return result
 
