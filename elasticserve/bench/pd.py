@@ -23,6 +23,7 @@ import os
 import random
 import statistics
 import sys
+import urllib.request
 from dataclasses import dataclass
 
 from elasticserve import docs_section
@@ -75,7 +76,7 @@ def run_side(side: Side, model: str, load: Load, seed: int) -> dict[str, float]:
         cfg = ClientConfig(url, max_concurrency=256, memory_interval_s=0.0, progress=False,
                            prompt_seed=seed, label=side.label)
         run = asyncio.run(run_benchmark(load.specs(seed), cfg))
-    result: dict[str, float] = {}
+        result = handoff_metrics(url)
     for cls, n_in in (("short", load.short_in), ("long", load.long_in)):
         records = [r for r in run.records if r.input_len == n_in]
         s = summarize_records(records, run.duration_s, SLO())
@@ -90,11 +91,45 @@ def run_side(side: Side, model: str, load: Load, seed: int) -> dict[str, float]:
     return result
 
 
+def handoff_metrics(url: str) -> dict[str, float]:
+    """The P/D counters from the server's /metrics (none for a colocated server)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        for key in ("kv_handoff_latency_seconds_sum", "kv_handoff_latency_seconds_count",
+                    "kv_handoff_pages_total", "kv_handoff_bytes_copied_total",
+                    "kv_handoff_sequences_total"):
+            if name.startswith(f"elasticserve:{key}{{"):
+                values[key] = values.get(key, 0.0) + float(value)
+    count = values.get("kv_handoff_latency_seconds_count", 0.0)
+    if not count:
+        return {}
+    return {"handoff_ms": 1000 * values["kv_handoff_latency_seconds_sum"] / count,
+            "handoff_pages": values.get("kv_handoff_pages_total", 0.0) / count,
+            "handoff_bytes_copied": values.get("kv_handoff_bytes_copied_total", 0.0)}
+
+
+def handoff_line(runs: list[dict[str, float]]) -> str:
+    if not all("handoff_ms" in r for r in runs):
+        return ""
+    return (f"P/D hand-offs: mean {statistics.median(r['handoff_ms'] for r in runs):.2f} ms "
+            "from the prefill worker handing a request over to its KV in the decode worker's "
+            f"blocks (median of runs); {statistics.median(r['handoff_pages'] for r in runs):.1f} "
+            f"pages changed owner per request; bytes copied "
+            f"{max(r['handoff_bytes_copied'] for r in runs):.0f}.")
+
+
 def rows(runs: dict[str, list[dict[str, float]]], a: str, b: str) -> list[str]:
     out = [f"| metric | {a} (median) | {b} (median) | {b} / {a} | spread |",
            "|---|---|---|---|---|"]
     for key, name in METRICS:
-        va, vb = [r[key] for r in runs[a]], [r[key] for r in runs[b]]
+        va = [r[key] for r in runs[a] if r.get(key) is not None]
+        vb = [r[key] for r in runs[b] if r.get(key) is not None]
+        if not va or not vb:  # a class with no request in this run
+            out.append(f"| {name} | - | - | - | - |")
+            continue
         ma, mb = statistics.median(va), statistics.median(vb)
         out.append(f"| {name} | {ma:.1f} | {mb:.1f} | {mb / ma if ma else float('nan'):.2f}x | "
                    f"{noise_pct(va, vb):.0f}% |")
@@ -140,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
              f"arrivals (~{n} requests): short {s_in}:{s_out} tokens at {args.short_rate}/s, "
              f"long {l_in}:{l_out} at {args.long_rate}/s (Poisson, same arrivals both sides); "
              f"colocated {args.threads} threads, P/D {half} + {half}; {args.pairs} ABBA pairs; "
-             "spread = (max - min) / median of either side", "", *rows(runs, a.label, b.label)]
+             "spread = (max - min) / median of either side", "", *rows(runs, a.label, b.label),
+             "", handoff_line(runs[b.label])]
     body = "\n".join(lines)
     print(body)
     if args.write_docs:
