@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 
 from elasticserve.core.errors import IntegrityError, NoFreeBlocksError
 from elasticserve.core.prefix_hash import CacheEntry, PrefixIndex
@@ -41,6 +42,9 @@ class BlockPool:
         self._lru: OrderedDict[int, None] = OrderedDict()
         self._index = PrefixIndex()
         self._num_used = 0
+        # called with a cached block just before its entry goes (LRU, drop, shrink, compaction),
+        # while its KV is still intact: the host tier keeps a copy (core/tiered_kv.py)
+        self.on_evict: Callable[[int], None] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -294,9 +298,20 @@ class BlockPool:
             raise ValueError(f"block {block_id} is not in use")
         self._drop_entry(block_id)
 
+    def cached_chain(self, block: int) -> list[tuple[int, int, tuple[int, ...]]] | None:
+        """(a block holding it, hash, tokens) for ``block``'s cache entry and its ancestors,
+        root first; None if the block is uncached or its chain is broken."""
+        entry = self._entry[block]
+        chain = None if entry is None else self._index.chain(entry)
+        if chain is None:
+            return None
+        return [(next(iter(e.blocks)), e.key[1], e.key[2]) for e in chain]
+
     def _drop_entry(self, block: int) -> None:
         entry = self._entry[block]
         if entry is not None:
+            if self.on_evict is not None:
+                self.on_evict(block)
             self._index.remove(entry, block)
             self._entry[block] = None
 

@@ -67,6 +67,8 @@ class PrefixIndex:
     def __init__(self) -> None:
         self._entries: dict[CacheKey, CacheEntry] = {}
         self._uids = itertools.count()
+        # uid -> live entry: walks a chain from a block up to its root (`chain`)
+        self._by_uid: dict[int, CacheEntry] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -86,6 +88,7 @@ class PrefixIndex:
         if entry is None:
             entry = CacheEntry(key, next(self._uids))
             self._entries[key] = entry
+            self._by_uid[entry.uid] = entry
         entry.blocks[block] = None
         return entry
 
@@ -94,6 +97,19 @@ class PrefixIndex:
         del entry.blocks[block]
         if not entry.blocks:
             del self._entries[entry.key]
+            del self._by_uid[entry.uid]
+
+    def chain(self, entry: CacheEntry) -> list[CacheEntry] | None:
+        """``entry`` and its cached ancestors, root first; None when an ancestor is gone (the
+        entry is then unreachable from a root, so nobody can hit it)."""
+        out = [entry]
+        while (parent := out[-1].key[0]) != NO_PARENT:
+            up = self._by_uid.get(parent)
+            if up is None:
+                return None
+            out.append(up)
+        out.reverse()
+        return out
 
     @staticmethod
     def move(entry: CacheEntry, src: int, dst: int) -> None:
@@ -103,6 +119,9 @@ class PrefixIndex:
 
     def check(self, entry_of: Sequence[CacheEntry | None]) -> None:
         """Raise IntegrityError unless the index and ``entry_of[block]`` agree."""
+        if len(self._by_uid) != len(self._entries) or any(
+                self._by_uid.get(e.uid) is not e for e in self._entries.values()):
+            raise IntegrityError("the uid map disagrees with the entries")
         for key, entry in self._entries.items():
             if entry.key != key or not entry.blocks:
                 raise IntegrityError(f"cache entry {entry.uid} is empty or misfiled")
