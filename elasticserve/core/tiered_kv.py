@@ -44,6 +44,9 @@ class TieredKVCacheManager(KVCacheManager):
         # the engine's device -> host copy, applied at once; None: bookkeeping only (tests)
         self.copy_to_host: Callable[[Pairs], None] | None = None
         self.offload_enabled = True  # off while sleeping: dropping the cache must not fill host
+        # elastic storage maps pages for n more device blocks (the scheduler's `grow`): an
+        # onload needs its blocks at admission, before the scheduler would grow for the prefill
+        self.grow: Callable[[int], bool] | None = None
         self._onloads: dict[int, Pairs] = {}  # seq id -> (host, device) not yet handed out
         self._pins: list[int] = []  # host blocks read by this step's pending copies
         self.host_prefix_hit_tokens = 0
@@ -75,6 +78,9 @@ class TieredKVCacheManager(KVCacheManager):
         if not self.enable_prefix_caching or len(seq.table) >= limit or not len(self.host_cache):
             return cached
         hosts = self.host_cache.lookup(self._prompt_keys(seq, token_ids, limit))[len(seq.table):]
+        short = len(hosts) - self._pool.num_free
+        if short > 0 and self.grow is not None:
+            self.grow(short)
         hosts = hosts[: self._pool.num_free]
         if not hosts:
             return cached

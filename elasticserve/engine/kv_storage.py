@@ -106,6 +106,7 @@ class KVStorage:
             self.host_tier.attach(manager.host_blocks)
         if isinstance(manager, TieredKVCacheManager):
             manager.copy_to_host = self.swap_out  # an evicted prefix block, at once
+            manager.grow = self.grow if self.elastic else None
 
     def bind_scheduler(self, scheduler: Scheduler) -> None:
         """Resize and reclaim may preempt: they need the scheduler's preempt_to_fit; the
