@@ -54,28 +54,47 @@ class HostPrefixCache:
         self._touch(out)
         return out
 
-    def offload(self, chain: Sequence[ChainLink]) -> list[tuple[int, int]]:
-        """Keep ``chain`` (root first) on host: ``(device, host)`` copies for the links not
-        there yet. Makes room by LRU eviction; stops early (a shorter chain is still a valid
-        prefix) when the tier holds nothing else it may evict."""
+    def holds(self, entry: CacheEntry) -> bool:
+        """Whether ``entry`` (one this cache returned) is still cached."""
+        return bool(entry.blocks) and self._lru.get(next(iter(entry.blocks))) is entry
+
+    def offload(self, anchor: CacheEntry | None, links: Sequence[ChainLink]
+                ) -> tuple[list[tuple[int, int]], list[CacheEntry]]:
+        """Keep ``links`` (root first, hanging under the cached host entry ``anchor``; None:
+        from a root) on host. Returns the ``(device, host)`` copies for the links not there
+        yet and the host entry of each link kept. Makes room by LRU eviction; stops early (a
+        shorter chain is still a valid prefix) when the tier holds nothing it may evict."""
         copies: list[tuple[int, int]] = []
-        path: list[int] = []
-        parent: CacheEntry | None = None
-        for device, block_hash, tokens in chain:
+        kept: list[CacheEntry] = []
+        protect = set() if anchor is None else set(anchor.blocks)
+        parent = anchor
+        for device, block_hash, tokens in links:
             key = self._index.make_key(parent, block_hash, tokens)
             entry = self._index.get(key)
             if entry is None:
-                if not self._host.num_free and not self._evict_one(set(path)):
+                host = self._take(device, protect)
+                if host is None:
                     break
-                host = self._host.take([device])[device]
-                self._host.incref([host])
                 entry = self._index.add(key, host)
                 self._lru[host] = entry
                 copies.append((device, host))
-            path.append(next(iter(entry.blocks)))
+            kept.append(entry)
+            protect.update(entry.blocks)
             parent = entry
-        self._touch(path)
-        return copies
+        self._touch([next(iter(e.blocks)) for e in kept])
+        if anchor is not None:
+            self._touch_up(anchor)
+        return copies, kept
+
+    def _take(self, device: int, protect: set[int]) -> int | None:
+        if not self._host.num_free and not self._evict_one(protect):
+            return None
+        try:
+            host = self._host.take([device])[device]
+        except Exception:  # noqa: BLE001 - the tier could not map a page: keep a shorter chain
+            return None
+        self._host.incref([host])
+        return host
 
     def evictable(self) -> int:
         """Cached host blocks that eviction could free now (not pinned, not shared)."""
@@ -105,6 +124,12 @@ class HostPrefixCache:
         # deepest first, root last: a parent stays more recent than its children
         for host in reversed(path):
             self._lru.move_to_end(host)
+
+    def _touch_up(self, entry: CacheEntry | None) -> None:
+        """Touch ``entry`` and its cached ancestors, root last (new children hang under it)."""
+        while entry is not None and self.holds(entry):
+            self._lru.move_to_end(next(iter(entry.blocks)))
+            entry = self._index.parent(entry)
 
     def _evict_one(self, protect: set[int]) -> bool:
         for host, entry in self._lru.items():

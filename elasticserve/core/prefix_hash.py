@@ -67,7 +67,7 @@ class PrefixIndex:
     def __init__(self) -> None:
         self._entries: dict[CacheKey, CacheEntry] = {}
         self._uids = itertools.count()
-        # uid -> live entry: walks a chain from a block up to its root (`chain`)
+        # uid -> live entry: walks a chain from a block up to its root (`parent`)
         self._by_uid: dict[int, CacheEntry] = {}
 
     def __len__(self) -> int:
@@ -99,17 +99,14 @@ class PrefixIndex:
             del self._entries[entry.key]
             del self._by_uid[entry.uid]
 
-    def chain(self, entry: CacheEntry) -> list[CacheEntry] | None:
-        """``entry`` and its cached ancestors, root first; None when an ancestor is gone (the
-        entry is then unreachable from a root, so nobody can hit it)."""
-        out = [entry]
-        while (parent := out[-1].key[0]) != NO_PARENT:
-            up = self._by_uid.get(parent)
-            if up is None:
-                return None
-            out.append(up)
-        out.reverse()
-        return out
+    def by_uid(self, uid: int) -> CacheEntry | None:
+        """The live entry with this uid (a key's parent part), if any."""
+        return self._by_uid.get(uid)
+
+    def parent(self, entry: CacheEntry) -> CacheEntry | None:
+        """``entry``'s parent entry; None for a root, or when the parent is gone (then no
+        lookup from a root can reach ``entry`` any more)."""
+        return None if entry.key[0] == NO_PARENT else self._by_uid.get(entry.key[0])
 
     @staticmethod
     def move(entry: CacheEntry, src: int, dst: int) -> None:

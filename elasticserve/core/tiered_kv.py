@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.host_prefix import BlockKey, HostPrefixCache
 from elasticserve.core.kv_cache_manager import KVCacheManager, _distinct, _Seq
-from elasticserve.core.prefix_hash import hash_block
+from elasticserve.core.prefix_hash import NO_PARENT, CacheEntry, hash_block
 
 Pairs = list[tuple[int, int]]
 
@@ -47,6 +47,8 @@ class TieredKVCacheManager(KVCacheManager):
         # elastic storage maps pages for n more device blocks (the scheduler's `grow`): an
         # onload needs its blocks at admission, before the scheduler would grow for the prefill
         self.grow: Callable[[int], bool] | None = None
+        # device entry uid -> its host copy: an eviction whose chain is on host stops there
+        self._host_of: dict[int, CacheEntry] = {}
         self._onloads: dict[int, Pairs] = {}  # seq id -> (host, device) not yet handed out
         self._pins: list[int] = []  # host blocks read by this step's pending copies
         self.host_prefix_hit_tokens = 0
@@ -56,13 +58,39 @@ class TieredKVCacheManager(KVCacheManager):
             pool.on_evict = self._on_evict
 
     # ---- offload ----------------------------------------------------------------------------
-    def _on_evict(self, block: int) -> None:
-        if not self.offload_enabled:
+    def _on_evict(self, entry: CacheEntry, intact: bool) -> None:
+        try:
+            if intact and self.offload_enabled:
+                self._offload(entry)
+        finally:
+            if len(entry.blocks) == 1:  # the device entry dies with this block
+                self._host_of.pop(entry.uid, None)
+
+    def _offload(self, entry: CacheEntry) -> None:
+        """Keep ``entry``'s chain on host: walk up the device chain only as far as the first
+        entry already there (so evicting a long prompt tail first costs O(its length), not
+        O(length^2)), then copy the links below it."""
+        below: list[CacheEntry] = []
+        anchor: CacheEntry | None = None
+        device: CacheEntry | None = entry
+        while device is not None:
+            host = self._host_of.get(device.uid)
+            if host is not None and self.host_cache.holds(host):
+                anchor = host
+                break
+            below.append(device)
+            if device.key[0] == NO_PARENT:
+                break
+            device = self._pool.parent_entry(device)
+            if device is None:
+                return  # a broken chain: no lookup reaches this block, nobody would hit it
+        if not below:
             return
-        chain = self._pool.cached_chain(block)
-        if not chain:
-            return
-        copies = self.host_cache.offload(chain)
+        below.reverse()
+        links = [(next(iter(d.blocks)), d.key[1], d.key[2]) for d in below]
+        copies, kept = self.host_cache.offload(anchor, links)
+        for dev_entry, host_entry in zip(below, kept, strict=False):
+            self._host_of[dev_entry.uid] = host_entry
         if copies:
             if self.copy_to_host is not None:
                 self.copy_to_host(copies)

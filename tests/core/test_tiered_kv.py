@@ -133,3 +133,21 @@ def test_pinned_host_blocks_hold_and_the_cache_yields_to_swap_out() -> None:
     assert mgr.can_swap_out([6])  # three blocks: the cache makes room
     assert len(mgr.swap_out([6])) == 3 and len(mgr.host_cache) == 1
     mgr.check_integrity()
+
+
+def test_evicting_a_long_chain_walks_each_link_once() -> None:
+    mgr, copies = make(device=200, host=200)
+    long = tokens(7, 200 * BS)
+    compute(mgr, 1, long[: 199 * BS + 1])
+    mgr.free(1)  # tail first: the LRU evicts the deepest block first
+    walked: list[int] = []
+    offload = mgr.host_cache.offload
+
+    def counting(anchor, links):  # type: ignore[no-untyped-def]
+        walked.append(len(links))
+        return offload(anchor, links)
+
+    mgr.host_cache.offload = counting  # type: ignore[method-assign]
+    compute(mgr, 2, tokens(8, 200 * BS))  # evicts all 199 cached blocks
+    assert len(copies) == 199 and sum(walked) == 199  # not 199 * 200 / 2
+    assert mgr.host_prefix_offloaded_blocks == 199
