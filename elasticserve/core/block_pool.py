@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 
 from elasticserve.core.errors import IntegrityError, NoFreeBlocksError
 from elasticserve.core.prefix_hash import CacheEntry, PrefixIndex
@@ -41,6 +42,9 @@ class BlockPool:
         self._lru: OrderedDict[int, None] = OrderedDict()
         self._index = PrefixIndex()
         self._num_used = 0
+        # called with a block's cache entry just before the block drops it (LRU, drop, shrink,
+        # compaction: KV intact, the host tier keeps a copy, core/tiered_kv.py; `forget`: not)
+        self.on_evict: Callable[[CacheEntry, bool], None] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -292,11 +296,17 @@ class BlockPool:
         self._check_id(block_id)
         if self._ref[block_id] <= 0:
             raise ValueError(f"block {block_id} is not in use")
-        self._drop_entry(block_id)
+        self._drop_entry(block_id, intact=False)  # not to be offloaded: it is not ours now
 
-    def _drop_entry(self, block: int) -> None:
+    def parent_entry(self, entry: CacheEntry) -> CacheEntry | None:
+        """The entry cached for the block before ``entry``'s (None: a root, or it is gone)."""
+        return self._index.parent(entry)
+
+    def _drop_entry(self, block: int, intact: bool = True) -> None:
         entry = self._entry[block]
         if entry is not None:
+            if self.on_evict is not None:
+                self.on_evict(entry, intact)
             self._index.remove(entry, block)
             self._entry[block] = None
 

@@ -1,7 +1,8 @@
 """The host pool's block accounting: reference counts and free host block ids.
 
-Kept apart from the device `BlockPool` because host blocks have no prefix cache; the KV cache
-manager moves sequences between the two. The host pool is either the fixed swap area or the
+Kept apart from the device `BlockPool`: the host tier's prefix cache (core/host_prefix.py)
+holds its blocks by a reference here, like a swapped table does; the KV cache manager moves
+sequences between the two. The host pool is either the fixed swap area or the
 elastic host KV tier (engine/host_tier.py). For the tier, free ids are handed out lowest first
 (a heap), so live host blocks gather at the bottom and the tier can unmap the pages above its
 `high_water`; `on_take` lets it map pages before the copies into new ids are applied.
@@ -35,6 +36,10 @@ class HostBlocks:
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
+
+    def ref_count(self, host: int) -> int:
+        """References to host block ``host`` (swapped tables, the host prefix cache, pins)."""
+        return self._ref[host]
 
     def high_water(self, below: int | None = None) -> int:
         """One past the highest host id in use (0 when none is): rows that must stay mapped.

@@ -314,7 +314,11 @@ class KVCacheManager:
         for b in range(pool.num_blocks):
             if pool.ref_count(b) != device[b]:
                 raise IntegrityError(f"block {b}: ref {pool.ref_count(b)} != {device[b]} refs")
-        self._host.check_integrity(host)
+        self._host.check_integrity(host + self._other_host_refs())
+
+    def _other_host_refs(self) -> Counter[int]:
+        """Host block references held outside block tables (a subclass's host prefix cache)."""
+        return Counter()
 
 
 def _distinct(tables: Iterable[list[int]]) -> list[int]:

@@ -67,6 +67,8 @@ class PrefixIndex:
     def __init__(self) -> None:
         self._entries: dict[CacheKey, CacheEntry] = {}
         self._uids = itertools.count()
+        # uid -> live entry: walks a chain from a block up to its root (`parent`)
+        self._by_uid: dict[int, CacheEntry] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -86,6 +88,7 @@ class PrefixIndex:
         if entry is None:
             entry = CacheEntry(key, next(self._uids))
             self._entries[key] = entry
+            self._by_uid[entry.uid] = entry
         entry.blocks[block] = None
         return entry
 
@@ -94,6 +97,16 @@ class PrefixIndex:
         del entry.blocks[block]
         if not entry.blocks:
             del self._entries[entry.key]
+            del self._by_uid[entry.uid]
+
+    def by_uid(self, uid: int) -> CacheEntry | None:
+        """The live entry with this uid (a key's parent part), if any."""
+        return self._by_uid.get(uid)
+
+    def parent(self, entry: CacheEntry) -> CacheEntry | None:
+        """``entry``'s parent entry; None for a root, or when the parent is gone (then no
+        lookup from a root can reach ``entry`` any more)."""
+        return None if entry.key[0] == NO_PARENT else self._by_uid.get(entry.key[0])
 
     @staticmethod
     def move(entry: CacheEntry, src: int, dst: int) -> None:
@@ -103,6 +116,9 @@ class PrefixIndex:
 
     def check(self, entry_of: Sequence[CacheEntry | None]) -> None:
         """Raise IntegrityError unless the index and ``entry_of[block]`` agree."""
+        if len(self._by_uid) != len(self._entries) or any(
+                self._by_uid.get(e.uid) is not e for e in self._entries.values()):
+            raise IntegrityError("the uid map disagrees with the entries")
         for key, entry in self._entries.items():
             if entry.key != key or not entry.blocks:
                 raise IntegrityError(f"cache entry {entry.uid} is empty or misfiled")

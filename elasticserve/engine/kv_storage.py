@@ -22,6 +22,7 @@ from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.kv_pages import ElasticPages, PageBroker, PagePolicy, Pairs
 from elasticserve.core.scheduler import Scheduler
+from elasticserve.core.tiered_kv import TieredKVCacheManager
 from elasticserve.engine.host_tier import HostKVTier
 from elasticserve.engine.periodic import run_periodically
 from elasticserve.errors import InvalidFieldError
@@ -30,6 +31,7 @@ from elasticserve.memory.backend import MemoryBackend, round_up
 from elasticserve.memory.factory import get_backend
 from elasticserve.memory.vtensor import VirtualTensor
 from elasticserve.models.hf_config import ModelConfig
+from elasticserve.outputs import SchedulerOutput
 
 T = TypeVar("T")
 
@@ -102,6 +104,9 @@ class KVStorage:
         self.pages.attach(pool, manager)
         if self.host_tier is not None:
             self.host_tier.attach(manager.host_blocks)
+        if isinstance(manager, TieredKVCacheManager):
+            manager.copy_to_host = self.swap_out  # an evicted prefix block, at once
+            manager.grow = self.grow if self.elastic else None
 
     def bind_scheduler(self, scheduler: Scheduler) -> None:
         """Resize and reclaim may preempt: they need the scheduler's preempt_to_fit; the
@@ -133,8 +138,15 @@ class KVStorage:
     def before_step(self, scheduler: Scheduler) -> None:
         self.lock.acquire()
 
+    def add_onloads(self, out: SchedulerOutput) -> None:
+        """Host-tier prefix hits of this step join its swap-ins (after the swap-outs)."""
+        if isinstance(self.manager, TieredKVCacheManager):
+            out.blocks_to_swap_in.extend(self.manager.take_onloads())
+
     def after_step(self, scheduler: Scheduler) -> None:
         try:
+            if isinstance(self.manager, TieredKVCacheManager):
+                self.manager.end_step()
             self.pages.after_step(scheduler.memory_pressure)
             if self.host_tier is not None:
                 self.host_tier.shrink()
@@ -146,8 +158,19 @@ class KVStorage:
         self.pages.maybe_shrink()
 
     def release_all(self) -> int:
-        """Sleep: preempt every request, drop the prefix cache, unmap every page."""
-        return self.pages.release_all()
+        """Sleep: preempt every request, drop the prefix cache (the host tier's too: asleep,
+        an engine holds only its offloaded requests' KV), unmap every page."""
+        tiered = self.manager if isinstance(self.manager, TieredKVCacheManager) else None
+        if tiered is None:
+            return self.pages.release_all()
+        tiered.offload_enabled = False
+        try:
+            return self.pages.release_all()
+        finally:
+            tiered.offload_enabled = True
+            tiered.drop_host_cache()
+            if self.host_tier is not None:
+                self.host_tier.shrink()
 
     def remap_initial(self) -> None:
         """After sleep: map the starting pages again (granted by the broker)."""
@@ -257,7 +280,10 @@ class KVStorage:
 
     def _host_stats(self) -> dict[str, int]:
         if self.host_tier is not None:
-            return self.host_tier.memory_stats()
+            cached = self.manager.host_cache if isinstance(
+                self.manager, TieredKVCacheManager) else ()
+            return {**self.host_tier.memory_stats(),
+                    "host_kv_cached_bytes": len(cached) * self.block_bytes}
         assert self.manager is not None
         swap = self.num_swap_blocks * self.block_bytes  # the fixed area: reserved is mapped
         return {"host_kv_reserved_bytes": swap, "host_kv_mapped_bytes": swap,

@@ -12,6 +12,7 @@ from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.kv_pages import ModelBroker
 from elasticserve.core.scheduler import Scheduler
+from elasticserve.core.tiered_kv import TieredKVCacheManager, tier_stats
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.beam_search import beam_step
 from elasticserve.engine.kv_storage import KVStorage
@@ -85,8 +86,10 @@ class LLMEngine(SleepWake):
     def _build_scheduler_and_runner(self) -> None:
         cache = self.cache_config
         pool = BlockPool(self.kv.num_blocks, enable_caching=cache.enable_prefix_caching)
-        self.kv_manager = KVCacheManager(pool, cache.block_size, self.kv.num_swap_blocks,
-                                         cache.enable_prefix_caching)
+        # with a host tier, prefix-cache blocks evicted from the device live on there
+        tiered = cache.host_kv_cache_bytes is not None and cache.enable_prefix_caching
+        self.kv_manager = (TieredKVCacheManager if tiered else KVCacheManager)(
+            pool, cache.block_size, self.kv.num_swap_blocks, cache.enable_prefix_caching)
         self.kv.attach(pool, self.kv_manager)
         self.scheduler = Scheduler(self.scheduler_config, cache, self.kv_manager,
                                    grow=self.kv.grow if self.kv.elastic else None)
@@ -184,6 +187,7 @@ class LLMEngine(SleepWake):
             out, began = self.scheduler.schedule(), time.monotonic()
             if self.pd is not None:
                 self.pd.before_execute(out)
+            self.kv.add_onloads(out)
             start = time.perf_counter()
             result = self.runner.execute(out)
             if self.step_trace is not None and out.scheduled:
@@ -310,7 +314,7 @@ class LLMEngine(SleepWake):
             "steps": s.steps, "preemptions": s.preemptions, "swaps_out": s.swap_outs,
             "swaps_in": s.swap_ins, "recomputes": s.recomputes,
             "kv_offloaded_blocks": s.kv_offloaded_blocks, "kv_onloaded_blocks": s.kv_onloaded_blocks,
-            "prefix_cache_hit_tokens": s.prefix_hit_tokens,
+            "prefix_cache_hit_tokens": s.prefix_hit_tokens, **tier_stats(self.kv_manager),
             "blocks_used": self.kv_manager.pool.num_used,
             "blocks_total": self.kv_manager.pool.num_blocks,
             "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),

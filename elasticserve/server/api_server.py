@@ -102,6 +102,7 @@ def _add_generation_routes(app: FastAPI, engines: Mapping[str, EngineClient],
                            pool: ModelPoolClient | None, names: ModelNames,
                            options: ServeOptions) -> None:
     errors = error_responses(400, 401, 404, 413, 500, 503)
+    hold = options.admission == "slo"  # a refused stream is a 503, not 200 + error event
 
     def engine_for(body: SamplingFields) -> EngineClient:
         unsupported = body.unsupported_fields()
@@ -116,7 +117,7 @@ def _add_generation_routes(app: FastAPI, engines: Mapping[str, EngineClient],
     @app.post("/v1/completions", responses=errors)
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         try:
-            return await create_completion(engine_for(body), body, raw)
+            return await create_completion(engine_for(body), body, raw, hold)
         except ClientGoneError:
             return Response(status_code=CLIENT_CLOSED)
 
@@ -124,6 +125,6 @@ def _add_generation_routes(app: FastAPI, engines: Mapping[str, EngineClient],
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         try:
             return await create_chat_completion(engine_for(body), body, raw,
-                                                options.chat_template)
+                                                options.chat_template, hold)
         except ClientGoneError:
             return Response(status_code=CLIENT_CLOSED)

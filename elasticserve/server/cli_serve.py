@@ -262,7 +262,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
 
     template = None if args.chat_template is None else load_chat_template(args.chat_template)
     return ServeOptions(api_key=args.api_key or None, allowed_origins=tuple(args.allowed_origins),
-                        chat_template=template, aliases=served_models(args)[1])
+                        chat_template=template, aliases=served_models(args)[1],
+                        admission=args.admission)
 
 
 def run_server(server: Any, args: argparse.Namespace) -> None:

@@ -21,6 +21,13 @@ class ServeOptions:
     chat_template: str | None = None
     # other names a served model answers to (--served-model-name extras, a model's path)
     aliases: Mapping[str, str] = field(default_factory=dict)
+    # the engines' admission control ("none" | "slo"): with "slo" a stream's headers wait for
+    # its first output, so a refusal is a 503 before the stream starts
+    admission: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.admission not in ("none", "slo"):
+            raise ValueError(f"admission must be 'none' or 'slo', got {self.admission!r}")
 
 
 def load_chat_template(value: str) -> str:

@@ -243,6 +243,35 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
 
 
+async def hold_until_first(raw: Request, outputs: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Wait for a stream's first output before its headers go out. Under admission control
+    (`serve --admission slo`) the engine refuses a request only when it queues it, from the
+    step thread or the worker process, so the refusal reaches the server as the stream's first
+    item: waiting for it lets the refusal be an HTTP 503 with Retry-After (raised from here,
+    for the error handlers) instead of an error event after 200. An admitted request's first
+    output comes with its first token, which the targets bound. Raises ClientGoneError if the
+    client leaves while it waits (the requests are then aborted)."""
+    try:
+        first = await until_disconnect(raw, _first(outputs))
+    except BaseException:
+        await outputs.aclose()  # type: ignore[attr-defined]
+        raise
+    return _prepend(first, outputs)
+
+
+async def _first(outputs: AsyncIterator[T]) -> T:
+    return await outputs.__anext__()
+
+
+async def _prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
 async def _wait_disconnect(request: Request) -> None:
     # the body has been read, so the server's next message can only be the disconnect
     while (await request.receive())["type"] != "http.disconnect":

@@ -36,6 +36,7 @@ from elasticserve.server.serving import (
     DeltaTracker,
     clamp_logprob,
     error_event,
+    hold_until_first,
     merge,
     prepare,
     render_chat,
@@ -51,8 +52,10 @@ _RENAMES = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "t
 
 
 async def create_chat_completion(engine: EngineClient, req: ChatCompletionRequest,
-                                 raw: Request, chat_template: str | None = None) -> Response:
-    """`chat_template` replaces the model's own template (the server's --chat-template)."""
+                                 raw: Request, chat_template: str | None = None,
+                                 hold_streams: bool = False) -> Response:
+    """`chat_template` replaces the model's own template (the server's --chat-template);
+    `hold_streams`: as in `create_completion`."""
     params, tools = _sampling_params(req)
     # the grammar's field: a bad schema came from the tools or from response_format
     renames = {**_RENAMES, "structured_outputs": "response_format" if tools.mode in
@@ -67,6 +70,8 @@ async def create_chat_completion(engine: EngineClient, req: ChatCompletionReques
     outputs = merge(engine, started)
     prompt_tokens = len(prepared[0].token_ids)
     if req.stream:
+        if hold_streams:
+            outputs = await hold_until_first(raw, outputs)
         body = _stream(engine, req, params, tools, prompt_tokens, outputs, request_id)
         return StreamingResponse(body, media_type="text/event-stream")
     work = _collect(engine, req, tools, prompt_tokens, outputs, request_id)

@@ -33,6 +33,7 @@ from elasticserve.server.serving import (
     DeltaTracker,
     Prepared,
     error_event,
+    hold_until_first,
     merge,
     prepare,
     sse,
@@ -45,7 +46,9 @@ _RENAMES = {"structured_outputs": "response_format"}
 
 
 async def create_completion(engine: EngineClient, req: CompletionRequest,
-                            raw: Request) -> Response:
+                            raw: Request, hold_streams: bool = False) -> Response:
+    """`hold_streams`: a stream's headers wait for its first output, so an admission refusal
+    is a 503 (see `hold_until_first`)."""
     params = _sampling_params(req)
     explicit = "max_tokens" if "max_tokens" in req.model_fields_set else None
     prepared = await prepare(engine, req.prompts(), params, _RENAMES, explicit)
@@ -54,6 +57,8 @@ async def create_completion(engine: EngineClient, req: CompletionRequest,
                      arrival_time=arrival_time(raw))
     outputs = merge(engine, started)
     if req.stream:
+        if hold_streams:
+            outputs = await hold_until_first(raw, outputs)
         body = _stream(engine, req, params, prepared, outputs, request_id)
         return StreamingResponse(body, media_type="text/event-stream")
     resp = await until_disconnect(raw, _collect(engine, req, params, prepared, outputs, request_id))
