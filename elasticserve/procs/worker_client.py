@@ -190,12 +190,16 @@ class WorkerClient:
 
     def release_handoff(self, request_id: str) -> None:
         """Prefill role: the hand-off of `request_id` is over; its blocks may go."""
+        self._tell(ReleaseHandOff(request_id))
+
+    def _tell(self, message: AbortRequest | ReleaseHandOff) -> None:
+        """Send if a worker is attached: a dead worker holds nothing any more."""
         channel = self._channel
         if channel is not None:
             try:
-                channel.send(ReleaseHandOff(request_id))
+                channel.send(message)
             except ChannelClosed:
-                pass  # a dead worker holds nothing any more
+                pass
 
     def _submit(self, request_id: str, timing: RequestTiming,
                 message: AddRequest | AdoptRequest) -> AsyncIterator[RequestOutput]:
@@ -209,14 +213,8 @@ class WorkerClient:
         return iterate(queue, lambda: self.abort(request_id))
 
     def abort(self, request_id: str) -> None:
-        if self.streams.close(request_id) is None:
-            return
-        channel = self._channel
-        if channel is not None:
-            try:
-                channel.send(AbortRequest(request_id))
-            except ChannelClosed:
-                pass  # a dead worker holds nothing any more
+        if self.streams.close(request_id) is not None:
+            self._tell(AbortRequest(request_id))
 
     def stats(self) -> dict[str, Any]:
         return dict(self.last_stats)
