@@ -108,6 +108,7 @@ BENCHES = {
     "peer": "elasticserve.bench.peer",
     "host-tier": "elasticserve.bench.host_tier",
     "pd": "elasticserve.bench.pd",
+    "slo-engine": "elasticserve.bench.slo_engine",
 }
 
 

@@ -121,6 +121,8 @@ class SchedulerConfig:
     slo_tpot_ms: float | None = None
     # (a, b, c) of the SLO policy's step-time model: a + b*tokens + c*context tokens, seconds
     step_cost: tuple[float, float, float] = DEFAULT_STEP_COST
+    # refit step_cost to the steps as they run (the engine's wall clock; not the simulator's)
+    step_cost_online: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self, "policy", ("fcfs", "slo"))

@@ -18,49 +18,14 @@ Run: ``python -m elasticserve.bench.pd --pairs 2 --write-docs``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import random
 import statistics
 import sys
 import urllib.request
-from dataclasses import dataclass
 
 from elasticserve import docs_section
 from elasticserve.bench.fairness import abba, noise_pct
-from elasticserve.bench.serve_client import ClientConfig, run_benchmark
-from elasticserve.bench.serve_process import serve_process
-from elasticserve.bench.serve_report import SLO, summarize_records
-from elasticserve.workload.generators import RequestSpec
-
-
-@dataclass(frozen=True, slots=True)
-class Side:
-    label: str
-    argv: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Load:
-    duration_s: float
-    short_rate: float
-    short_in: int
-    short_out: int
-    long_rate: float
-    long_in: int
-    long_out: int
-
-    def specs(self, seed: int) -> list[RequestSpec]:
-        rng = random.Random(seed)
-        out = []
-        for rate, n_in, n_out in ((self.short_rate, self.short_in, self.short_out),
-                                  (self.long_rate, self.long_in, self.long_out)):
-            t = rng.expovariate(rate)
-            while t < self.duration_s:
-                out.append(RequestSpec(t, "m", n_in, n_out))
-                t += rng.expovariate(rate)
-        return sorted(out, key=lambda s: s.arrival)
-
+from elasticserve.bench.mixed_load import Load, Side, class_summaries, serve_load
 
 METRICS = (("short_ttft_p50", "short TTFT P50 ms"), ("short_ttft_p99", "short TTFT P99 ms"),
            ("short_tpot_p50", "short TPOT P50 ms"), ("short_tpot_p99", "short TPOT P99 ms"),
@@ -70,24 +35,14 @@ METRICS = (("short_ttft_p50", "short TTFT P50 ms"), ("short_ttft_p99", "short TT
 
 def run_side(side: Side, model: str, load: Load, seed: int) -> dict[str, float]:
     """One server of `side` under the load; latency percentiles per request class."""
-    with serve_process(["--model", f"m={model}", *side.argv], start_timeout_s=300) as url:
-        warm = ClientConfig(url, max_concurrency=4, memory_interval_s=0.0, progress=False)
-        asyncio.run(run_benchmark([RequestSpec(0.0, "m", load.long_in, 4)] * 2, warm))
-        cfg = ClientConfig(url, max_concurrency=256, memory_interval_s=0.0, progress=False,
-                           prompt_seed=seed, label=side.label)
-        run = asyncio.run(run_benchmark(load.specs(seed), cfg))
-        result = handoff_metrics(url)
-    for cls, n_in in (("short", load.short_in), ("long", load.long_in)):
-        records = [r for r in run.records if r.input_len == n_in]
-        s = summarize_records(records, run.duration_s, SLO())
-        if s["failed"]:
-            raise RuntimeError(f"{side.label}: {s['failed']} requests failed: {s['failures']}")
-        result[f"{cls}_ttft_p50"], result[f"{cls}_ttft_p99"] = (s["ttft_ms"]["p50"],
-                                                                s["ttft_ms"]["p99"])
-        result[f"{cls}_tpot_p50"], result[f"{cls}_tpot_p99"] = (s["tpot_ms"]["p50"],
-                                                                s["tpot_ms"]["p99"])
-    s = summarize_records(run.records, run.duration_s, SLO())
-    result["tok_s"] = s["output_token_throughput"]
+    run, result = serve_load(side, model, load, seed, after=handoff_metrics)
+    summary = class_summaries(run, load)
+    for cls, _ in load.classes():
+        s = summary[cls]
+        for metric in ("ttft", "tpot"):
+            for p in ("p50", "p99"):
+                result[f"{cls}_{metric}_{p}"] = s[f"{metric}_ms"][p]
+    result["tok_s"] = summary["all"]["output_token_throughput"]
     return result
 
 

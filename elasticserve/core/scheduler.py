@@ -26,7 +26,7 @@ from elasticserve.core.sched_policy import (
     scheduled_seq,
 )
 from elasticserve.core.sched_preempt import Preemption
-from elasticserve.core.slo import SloPolicy
+from elasticserve.core.slo import SloPolicy, StepCostFit
 from elasticserve.outputs import FailedRequest, SchedulerOutput
 from elasticserve.request import Sequence, SequenceGroup, SequenceStatus
 
@@ -62,6 +62,10 @@ class Scheduler(Preemption):
         slo = config.policy == "slo" or config.admission == "slo"
         self.slo = SloPolicy(config) if slo else None
         self.clock: Callable[[], float] = time.monotonic
+        # the slo policy's step-time model, refitted to the steps this scheduler times
+        self.cost_fit = StepCostFit(self.slo.cost) if (
+            self.slo is not None and config.step_cost_online) else None
+        self._step_began: float | None = None
 
     # ---- requests -------------------------------------------------------------------------
     def add(self, group: SequenceGroup, admission: bool = True) -> None:
@@ -146,19 +150,25 @@ class Scheduler(Preemption):
         self._finished_ids = []
         self.memory_pressure = False
         budget = Budget(self.config.max_num_batched_tokens, self.config.max_num_seqs)
-        if self.slo is not None and self.config.policy == "slo" and len(self.waiting) > 1:
-            # slack changes with time, so the order is recomputed each step
-            self.waiting = self.slo.order_waiting(self.waiting, self.clock(), self.running)
+        if self.slo is not None and self.config.policy == "slo":
+            budget.tokens = self.slo.step_token_cap(self.waiting, self.running, budget.tokens)
+            if len(self.waiting) > 1:  # slack changes with time: the order is redone each step
+                self.waiting = self.slo.order_waiting(self.waiting, self.clock(), self.running)
         preempted = self._schedule_running(out, budget)
         if not preempted:
             self._schedule_swapped(out, budget)
         if not preempted and not self.swapped:
             self._schedule_waiting(out, budget)
         self.stats.steps += 1
+        self._step_began = self.clock()
         return out
 
     def on_step_done(self, out: SchedulerOutput) -> None:
         """The runner computed the scheduled tokens: advance and publish full blocks."""
+        if self.cost_fit is not None and self.slo is not None and self._step_began is not None:
+            context = sum(item.start_pos for item in out.scheduled)
+            self.slo.cost = self.cost_fit.observe(out.num_batched_tokens, context,
+                                                  self.clock() - self._step_began)
         caching = self.kv.enable_prefix_caching
         bs = self.kv.block_size
         for item in out.scheduled:

@@ -45,6 +45,66 @@ class StepCost:
         return self.a + self.b * tokens + self.c * context
 
 
+# a step may take at most this share of the tightest TTFT target (slo policy): a request that
+# arrives during a long prefill then waits one short step, not the whole prefill
+STEP_SHARE = 0.25
+MIN_STEP_TOKENS = 64  # and a step computes at least this many tokens beyond its decodes
+
+
+class StepCostFit:
+    """The step-time model fitted to an engine's own steps as it runs: least squares of
+    ``seconds = a + b*tokens + c*context`` over the last ``window`` steps, refitted every
+    ``every`` steps. A coefficient the data cannot determine (e.g. no context yet) keeps the
+    prior's value; none goes negative."""
+
+    def __init__(self, prior: StepCost, window: int = 256, every: int = 16) -> None:
+        self.cost = prior
+        self.window, self.every = window, every
+        self.samples: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self._since = 0
+
+    def observe(self, tokens: int, context: int, seconds: float) -> StepCost:
+        """Add one step; returns the model (refitted every ``every`` steps)."""
+        if tokens > 0 and seconds > 0:
+            self.samples.append((float(tokens), float(context), seconds))
+            self._since += 1
+        if self._since >= self.every and len(self.samples) >= self.every:
+            self._since = 0
+            self.cost = self._fit()
+        return self.cost
+
+    def _fit(self) -> StepCost:
+        prior = (self.cost.a, self.cost.b, self.cost.c)
+        rows = [(1.0, t, c) for t, c, _ in self.samples]
+        ys = [y for _, _, y in self.samples]
+        keep = [j for j in range(3) if any(r[j] != rows[0][j] for r in rows) or j == 0]
+        coef = _least_squares([[r[j] for j in keep] for r in rows], ys)
+        if coef is None:
+            return self.cost
+        fitted = list(prior)
+        for j, value in zip(keep, coef, strict=True):
+            fitted[j] = max(0.0, value)
+        return StepCost(*fitted)
+
+
+def _least_squares(x: list[list[float]], y: list[float]) -> list[float] | None:
+    """Solve the normal equations (Gaussian elimination, partial pivoting); None if singular."""
+    n = len(x[0])
+    a = [[sum(r[i] * r[j] for r in x) for j in range(n)] + [sum(r[i] * v for r, v in
+                                                             zip(x, y, strict=True))]
+         for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12 * max(1.0, abs(a[col][col])):
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [v - f * w for v, w in zip(a[r], a[col], strict=True)]
+    return [a[i][n] / a[i][i] for i in range(n)]
+
+
 def _remaining(group: SequenceGroup) -> tuple[int, int]:
     """(tokens still to compute before the next sample, tokens generated so far)."""
     live = group.live_seqs() or group.seqs
@@ -63,6 +123,22 @@ class SloPolicy:
         self.policy = config.policy
         self._ttft_s = None if config.slo_ttft_ms is None else config.slo_ttft_ms / 1000
         self._tpot_s = None if config.slo_tpot_ms is None else config.slo_tpot_ms / 1000
+
+    def step_token_cap(self, waiting: Iterable[SequenceGroup],
+                       running: Iterable[SequenceGroup], tokens: int) -> int:
+        """The step's token budget under the slo policy: at most what keeps a step within
+        STEP_SHARE of the tightest TTFT target in play (the model's default counts: the next
+        arrival has it), never below the running decodes plus MIN_STEP_TOKENS."""
+        running = list(running)
+        ttfts = [t for g in (*waiting, *running) if (t := self.targets(g)[0]) is not None]
+        if self._ttft_s is not None:
+            ttfts.append(self._ttft_s)
+        if not ttfts or self.cost.b <= 0:
+            return tokens
+        context = sum(s.num_computed_tokens for g in running for s in g.seqs)
+        decodes = sum(len(g.seqs) for g in running if _remaining(g)[0] <= 1)
+        room = (STEP_SHARE * min(ttfts) - self.cost.a - self.cost.c * context) / self.cost.b
+        return min(tokens, max(int(room), decodes + MIN_STEP_TOKENS))
 
     def targets(self, group: SequenceGroup) -> tuple[float | None, float | None]:
         """(TTFT, TPOT) targets in seconds: the request's own, else the model's defaults."""

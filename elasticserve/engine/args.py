@@ -109,7 +109,8 @@ class EngineArgs:
                                long_prefill_token_threshold=self.long_prefill_token_threshold,
                                policy=self.scheduling_policy, admission=self.admission,
                                slo_ttft_ms=self.slo_ttft_ms, slo_tpot_ms=self.slo_tpot_ms,
-                               step_cost=self.slo_step_cost or DEFAULT_STEP_COST)
+                               step_cost=self.slo_step_cost or DEFAULT_STEP_COST,
+                               step_cost_online=self.slo_step_cost is None)
 
 
 def _check_device(device: object) -> None:
