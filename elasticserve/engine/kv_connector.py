@@ -23,6 +23,17 @@ import torch
 Pairs = Sequence[tuple[int, int]]
 
 
+class HandOffRefused(RuntimeError):
+    """The lender refused a take (the offer is gone: withdrawn, or its worker died); nothing
+    changed, so only that request fails."""
+
+
+class PageOwnershipError(RuntimeError):
+    """A take failed half-way (the broker swapped the pages, this process could not remap
+    them): this process's mappings no longer match the broker's books, so it must not go on
+    (its worker exits and the broker takes every page back)."""
+
+
 @dataclass(frozen=True, slots=True)
 class KVPayload:
     """The KV of one hand-off: lent page indices and copied block bytes, by sender block."""
@@ -68,7 +79,10 @@ class PageLender(Protocol):
     """Moves page ownership between processes (procs/page_client.py's RemotePageBroker)."""
 
     def offer(self, handoff_id: str, indices: Sequence[int]) -> None: ...
-    def take(self, peer: str, handoff_id: str, mine: Sequence[int]) -> None: ...
+    def take(self, peer: str, handoff_id: str, mine: Sequence[int]) -> None:
+        """Map `peer`'s offered pages at my pages `mine`; HandOffRefused if it is gone."""
+        ...
+
     def withdraw(self, handoff_id: str) -> int: ...
 
 
@@ -137,7 +151,12 @@ class PageConnector(CopyConnector):
         if mine:
             if not self.one_block_per_page:
                 raise ValueError("pages lent to an engine whose blocks are not one page each")
-            self.lender.take(payload.source, payload.handoff_id, mine)
+            try:
+                self.lender.take(payload.source, payload.handoff_id, mine)
+            except HandOffRefused:
+                raise
+            except Exception as exc:
+                raise PageOwnershipError(f"hand-off {payload.handoff_id!r}: {exc}") from exc
         return Received(len(mine), self.write(payload, pairs))
 
     def done(self, handoff_id: str) -> bool:

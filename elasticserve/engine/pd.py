@@ -25,7 +25,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from elasticserve.engine.kv_connector import KVConnector, KVPayload
+from elasticserve.engine.kv_connector import KVConnector, KVPayload, PageOwnershipError
 from elasticserve.outputs import SchedulerOutput
 from elasticserve.request import Sequence, SequenceGroup, next_seq_id
 from elasticserve.sampling_params import SamplingParams
@@ -201,11 +201,14 @@ class PrefillSide:
             group, lent = entry
             try:
                 moved = self.connector.done(request_id)
-            finally:
-                if lent:
-                    for block in lent:  # content moved away (or may have): no cache hits
-                        engine.kv_manager.pool.forget(block)
-                engine.scheduler.free_detached(group)
+            except BaseException:
+                # whose pages these are is unknown now: never reuse them (the worker's step
+                # loop ends on this error and the broker takes every page back)
+                self.held[request_id] = entry
+                raise
+            for block in lent:  # content moved away (or may have): no cache hits
+                engine.kv_manager.pool.forget(block)
+            engine.scheduler.free_detached(group)
             if moved:
                 logger.debug("hand-off %s: %d pages changed owner", request_id, len(lent))
             return True
@@ -274,6 +277,8 @@ class DecodeSide:
             del self.pending[item.request_id]
             try:
                 self._receive(handoff, group)
+            except PageOwnershipError:
+                raise  # this process's mappings are wrong: it must end (see the error)
             except Exception as exc:  # noqa: BLE001 - this request only
                 logger.warning("request %s: KV hand-off failed: %s", item.request_id, exc)
                 msg = f"the KV hand-off from the prefill worker failed: {exc}"

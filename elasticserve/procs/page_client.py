@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
+from elasticserve.engine.kv_connector import HandOffRefused
 from elasticserve.engine.multi_model import EngineReclaimer
 from elasticserve.memory.backend import MemoryBackend
 from elasticserve.memory.host import HostBackend
@@ -47,6 +48,10 @@ from elasticserve.procs.transport import Channel, ChannelClosed
 
 class PageBrokerError(RuntimeError):
     """The broker refused a message (its reason in the text)."""
+
+
+class TakeRefused(PageBrokerError, HandOffRefused):
+    """The broker refused a take: nothing was swapped (the engine fails that request only)."""
 
 
 class RemotePageBroker:
@@ -114,7 +119,10 @@ class RemotePageBroker:
     def take(self, peer: str, handoff_id: str, mine: Sequence[int]) -> None:
         """Take ``peer``'s offer into my KV pages ``mine`` (page ``mine[k]`` then holds the
         offer's k-th page, zero bytes copied; what ``mine`` held is gone)."""
-        taken = self._ask(Take(peer, handoff_id, tuple(mine)))
+        try:
+            taken = self._ask(Take(peer, handoff_id, tuple(mine)))
+        except PageBrokerError as exc:  # refused: nothing was swapped
+            raise TakeRefused(str(exc)) from exc
         if not isinstance(taken, Taken) or len(taken.slots) != len(mine):
             raise PageBrokerError(f"unexpected reply {taken!r}")
         self._remap(zip(mine, taken.slots, strict=True))

@@ -9,7 +9,12 @@ from typing import Any
 import pytest
 
 from elasticserve import LLM, SamplingParams
-from elasticserve.engine.kv_connector import CopyConnector
+from elasticserve.engine.kv_connector import (
+    CopyConnector,
+    HandOffRefused,
+    PageConnector,
+    PageOwnershipError,
+)
 from elasticserve.engine.llm_engine import LLMEngine
 from elasticserve.engine.pd import DecodeSide, PrefillSide
 from tests.engine.conftest import mixed_prompts
@@ -129,6 +134,53 @@ def test_aborts_free_both_sides(tiny_llama: str) -> None:
         assert prefill.kv_manager.pool.num_used == decode.kv_manager.pool.num_used == 0
         prefill.check_integrity()
         decode.check_integrity()
+    finally:
+        prefill.close()
+        decode.close()
+
+
+class _Lender:
+    """A page lender whose takes fail the way `take_error` says."""
+
+    def __init__(self, take_error: Exception) -> None:
+        self.take_error = take_error
+        self.offered: list[str] = []
+
+    def offer(self, handoff_id: str, indices: Any) -> None:
+        self.offered.append(handoff_id)
+
+    def take(self, peer: str, handoff_id: str, mine: Any) -> None:
+        raise self.take_error
+
+    def withdraw(self, handoff_id: str) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("error", [HandOffRefused("offer gone"), OSError("mmap failed")],
+                         ids=["refused", "half-done"])
+def test_a_failed_take(tiny_llama: str, error: Exception) -> None:
+    """Refused: that request ends with an error and the engine goes on. Failed half-way (the
+    broker swapped, the remap failed): the step raises PageOwnershipError, so the worker ends
+    and the broker takes its pages back, instead of serving from pages it no longer owns."""
+    lender = _Lender(error)
+    prefill, decode = pd_pair(tiny_llama)
+    try:
+        for engine, side in ((prefill, PrefillSide), (decode, DecodeSide)):
+            engine.pd = side(engine, PageConnector(engine.kv.tensor, "w", lender, BLOCK, BLOCK))
+        rid = prefill.add_request({"prompt_token_ids": list(range(3, 40))},
+                                  SamplingParams(max_tokens=8, temperature=0.0))
+        prefill.step()
+        assert lender.offered == [rid] and prefill.handoffs
+        assert isinstance(decode.pd, DecodeSide)
+        decode.pd.adopt(prefill.handoffs[0])
+        if isinstance(error, HandOffRefused):
+            outs = decode.step()
+            assert outs[0].finished and "KV hand-off" in str(outs[0].error)
+            assert decode.kv_manager.pool.num_used == 0
+            decode.check_integrity()
+        else:
+            with pytest.raises(PageOwnershipError):
+                decode.step()
     finally:
         prefill.close()
         decode.close()
