@@ -55,8 +55,13 @@ class CacheConfig:
     # an elastic host-memory KV tier of at most this many bytes (engine/host_tier.py); set, it
     # replaces the fixed swap area and "auto" preemption offloads to it whenever it has room
     host_kv_cache_bytes: int | None = None
+    # a step's swap-in (onload from the tier or swap area) is copied layer by layer on a helper
+    # thread, overlapped with the forward pass (worker/layer_onload.py); CPU only for now
+    layerwise_onload: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layerwise_onload, bool):
+            raise ValueError(f"layerwise_onload must be a bool, got {self.layerwise_onload!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
@@ -231,6 +236,9 @@ class EngineConfig:
         if self.memory.backend not in ("auto", want):
             raise ValueError(f"memory_backend {self.memory.backend!r} cannot serve "
                              f"device={self.device.device!r}; use {want!r} or 'auto'")
+        if self.cache.layerwise_onload and self.device.device == "cuda":
+            raise ValueError("layerwise_onload is CPU-only for now (a CUDA copy stream with "
+                             "per-layer events is not built); use device='cpu'")
         if self.device.cuda_graphs and self.model.attention_backend not in ("auto", "triton"):
             raise ValueError("cuda_graphs needs attention_backend 'triton' (static launch "
                              f"shapes), got {self.model.attention_backend!r}")

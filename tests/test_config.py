@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from elasticserve.config import CacheConfig, EngineConfig
+from elasticserve.config import CacheConfig, DeviceConfig, EngineConfig, MemoryConfig, ModelLoadConfig
 from elasticserve.engine.args import EngineArgs
 
 
@@ -43,6 +43,7 @@ def _config(**kwargs: Any) -> EngineConfig:
     ({"device": "tpu"}, "device must be one of"),
     ({"max_num_seqs": 0}, "max_num_seqs must be a positive integer"),
     ({"max_model_len": 8192}, "max_model_len=8192 exceeds the model's limit"),
+    ({"layerwise_onload": "yes"}, "layerwise_onload must be a bool"),
 ])
 def test_bad_value_names_its_field(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -63,6 +64,13 @@ def test_every_argument_lands_in_its_section() -> None:
     assert cfg.scheduler.max_num_seqs == 9 and cfg.scheduler.max_model_len == 4096
     assert cfg.device.device == "cpu"
     assert _config().model.dtype == "auto"  # dtype=None means the loader's choice
+
+
+def test_layerwise_onload_is_refused_on_cuda() -> None:
+    assert _config(layerwise_onload=True).cache.layerwise_onload
+    with pytest.raises(ValueError, match="layerwise_onload is CPU-only"):
+        EngineConfig(ModelLoadConfig("m"), CacheConfig(layerwise_onload=True),
+                     MemoryConfig("cuda"), device=DeviceConfig("cuda"))
 
 
 def test_config_is_frozen() -> None:

@@ -45,6 +45,7 @@ class EngineArgs:
     kv_keep_peak_s: float = 5.0  # a busy cache keeps its recent peak of live pages this long
     # host memory as an elastic KV tier (bytes; None: the fixed `swap_space` area as before)
     host_kv_cache_bytes: int | None = None
+    layerwise_onload: bool = False  # swap-ins copied layer by layer, overlapped with compute
     memory_backend: str = "auto"  # "auto": VMM pages on a cuda device, host pages on the CPU
     page_size: int | None = None
     seed: int = 0
@@ -93,7 +94,8 @@ class EngineArgs:
             swap_min_tokens=self.swap_min_tokens, kv_cache_mode=self.kv_cache_mode,
             kv_cache_min_bytes=self.kv_cache_min_bytes, kv_cache_max_bytes=self.kv_cache_max_bytes,
             kv_reserve_pages=self.kv_reserve_pages, kv_shrink_after_s=self.kv_shrink_after_s,
-            kv_keep_peak_s=self.kv_keep_peak_s, host_kv_cache_bytes=self.host_kv_cache_bytes)
+            kv_keep_peak_s=self.kv_keep_peak_s, host_kv_cache_bytes=self.host_kv_cache_bytes,
+            layerwise_onload=self.layerwise_onload)
 
     def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         max_len = self.max_model_len or model_max_len

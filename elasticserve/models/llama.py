@@ -7,6 +7,7 @@ the loader which rows of a fused parameter each Hugging Face tensor fills.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,11 +122,17 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        before_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
+        """input_ids, positions: [T] -> final-normed hidden states [T, hidden].
+
+        `before_layer(i)` runs before layer i reads or writes the cache: the layer-wise onload
+        waits there for layer i's swapped-in KV (worker/layer_onload.py)."""
         h = self.model.embed_tokens(input_ids)
         rope = self.model.rotary(positions, h.dtype)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            if before_layer is not None:
+                before_layer(i)
             h = layer(h, rope, kv_cache, meta)
         return self.model.norm(h)
 

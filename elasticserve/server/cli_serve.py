@@ -85,7 +85,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       device=args.device, cuda_graphs=args.cuda_graphs,
                       scheduling_policy=args.scheduling_policy, admission=args.admission,
                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
-                      host_kv_cache_bytes=args.host_kv_memory)
+                      host_kv_cache_bytes=args.host_kv_memory,
+                      layerwise_onload=args.layerwise_onload)
 
 
 def served_models(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
@@ -218,6 +219,9 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
                    help="per model, an elastic host-memory KV tier of at most SIZE (outside "
                         "--memory): preempted requests' KV moves there instead of being "
                         "recomputed (default: none, a fixed 256MiB swap area)")
+    p.add_argument("--layerwise-onload", action="store_true",
+                   help="copy KV coming back from host layer by layer on a helper thread, "
+                        "overlapped with the forward pass (CPU only)")
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, SampleResult, ScheduledSeq, SchedulerOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.cuda_graphs import DecodeGraphs
+from elasticserve.worker.layer_onload import LayerOnload, LayerwiseCopier
 from elasticserve.worker.sampler import Sampler, SamplingRow, prompt_logprobs
 from elasticserve.worker.step_threads import StepThreads
 from elasticserve.worker.structured import GrammarCompiler, GrammarStates, allowed_tokens
@@ -32,13 +33,15 @@ class ModelRunner:
     On a GPU (`device`) the batch's inputs are built on the host and copied over
     asynchronously, the sampler works on the device, and the sampled ids and logprobs come back
     together: one host sync per step. `graphs`: decode-only steps go through its static buffers
-    (CUDA graphs on a GPU; see worker/cuda_graphs.py).
+    (CUDA graphs on a GPU; see worker/cuda_graphs.py). `layerwise_onload`: a step's swap-in is
+    copied layer by layer on a helper thread while the forward pass runs, each layer waiting
+    only for its own copies (worker/layer_onload.py).
     """
 
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
                  block_size: int, tokenizer: Tokenizer, native_decode: bool = False,
                  triton_attention: bool = False, device: torch.device | str = "cpu",
-                 graphs: DecodeGraphs | None = None) -> None:
+                 graphs: DecodeGraphs | None = None, layerwise_onload: bool = False) -> None:
         self.graphs = graphs  # before the model: setting the model resets captured graphs
         self.model = model
         self.kv_cache = kv_cache
@@ -53,6 +56,7 @@ class ModelRunner:
             require_triton()  # fail at start, naming attention_backend, not at the first step
         self.triton_attention = triton_attention  # all attention by kernels/triton_attention.py
         self.sampler = Sampler()
+        self.layerwise = LayerwiseCopier() if layerwise_onload else None
         self.step_threads: StepThreads | None = None  # CPU: one thread for small steps
         self._generators: dict[int, torch.Generator] = {}
         # structured outputs: compiled grammars (shared with validation) and per-sequence matchers
@@ -72,42 +76,66 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        self.apply_block_ops(out)
+        onload = self.apply_block_ops(out)
+        try:
+            return self._execute(out, onload)
+        finally:
+            # the host tier may unmap the source rows after the step: the copier lets go first
+            if onload is not None and not onload.finish():
+                assert self.layerwise is not None
+                self.layerwise.abandon()
+
+    def _execute(self, out: SchedulerOutput, onload: LayerOnload | None) -> ModelRunnerOutput:
         for seq_id in out.finished_seq_ids:
             self._generators.pop(seq_id, None)
         self.grammars.drop(out.finished_seq_ids)
         result = ModelRunnerOutput()
         if not out.scheduled:
+            if onload is not None:
+                onload.wait_all()
             return result
         if self.step_threads is not None:
             self.step_threads.apply(sum(len(s.token_ids) for s in out.scheduled))
-        hidden, meta = self._forward(out.scheduled)
+        hidden, meta = self._forward(out.scheduled, onload)
+        if onload is not None:
+            onload.wait_all()  # a copier error surfaces in this step, never later
         self._sample(out.scheduled, meta, hidden, result)
         self._prompt_logprobs(out.scheduled, meta, hidden, result)
         return result
 
-    def apply_block_ops(self, out: SchedulerOutput) -> None:
-        """Swap out, swap in, then copy (COW and compaction), in that order."""
+    def apply_block_ops(self, out: SchedulerOutput) -> LayerOnload | None:
+        """Swap out, swap in, then copy (COW and compaction), in that order. With layer-wise
+        onload the swap-in is started, not done: the caller waits on the returned job (only
+        when the step has no block copies, which might read the swapped-in blocks)."""
         # host <-> device: asynchronous copies from/to pinned swap space, in stream order
         if out.blocks_to_swap_out:
             assert self.swap_cache is not None, "swap-out scheduled without swap space"
             copy_rows(self.swap_cache, self.kv_cache, out.blocks_to_swap_out)
         if out.blocks_to_swap_in:
             assert self.swap_cache is not None, "swap-in scheduled without swap space"
+            if self.layerwise is not None and not out.blocks_to_copy:
+                return self.layerwise.start(self.kv_cache, self.swap_cache,
+                                            out.blocks_to_swap_in)
             copy_rows(self.kv_cache, self.swap_cache, out.blocks_to_swap_in)
         if out.blocks_to_copy:
             src, dst = index_tensors(out.blocks_to_copy, self.kv_cache.device)
             self.kv_cache[dst] = self.kv_cache[src]
+        return None
 
-    def _forward(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata]:
+    def _forward(self, scheduled: list[ScheduledSeq], onload: LayerOnload | None
+                 ) -> tuple[torch.Tensor, AttentionMetadata]:
         """Hidden states of every new token: a decode-only batch that fits a bucket goes
-        through the static buffers (graph replay on a GPU), anything else eagerly."""
+        through the static buffers (graph replay on a GPU), anything else eagerly (layer i
+        waiting for layer i's onload, if any)."""
         bucket = None
         if self.graphs is not None and all(len(s.token_ids) == 1 for s in scheduled):
             bucket = self.graphs.bucket_for(len(scheduled))
         if bucket is None or self.graphs is None:
             input_ids, positions, meta = self._prepare(scheduled)
-            return self.model.forward(input_ids, positions, self.kv_cache, meta), meta
+            wait = None if onload is None else onload.wait
+            return self.model.forward(input_ids, positions, self.kv_cache, meta, wait), meta
+        if onload is not None:
+            onload.wait_all()  # a replayed graph has no per-layer hook
         self.graphs.load([(s.token_ids[0], s.start_pos, s.block_table) for s in scheduled])
         return (self.graphs.run(self.model, self.kv_cache, bucket, len(scheduled)),
                 self.graphs.meta(bucket))
