@@ -107,6 +107,7 @@ BENCHES = {
     "gpu-check": "elasticserve.bench.gpu_check",
     "peer": "elasticserve.bench.peer",
     "host-tier": "elasticserve.bench.host_tier",
+    "layerwise-onload": "elasticserve.bench.layerwise",
     "pd": "elasticserve.bench.pd",
     "slo-engine": "elasticserve.bench.slo_engine",
 }

@@ -2,8 +2,9 @@
 and the forward pass of layer i waits only for layer i's copies.
 
 The KV cache is block-major (`[block][layer][K/V][slot][head][dim]`), so one layer of a run of
-blocks is a strided slice: the copier moves layer 0 of every swapped-in block, signals layer 0's
-event, then layer 1, ... while the main thread already computes layer 0. Each layer of a block
+blocks is a strided slice. Layer 0 of every swapped-in block is copied at once by the step's
+own thread (it is needed first); the helper thread then copies layer 1, signals its event,
+layer 2, ... while the step's thread already computes layer 0. Each layer of a block
 lives in its own bytes, so the main thread writing and reading layer i never touches what the
 copier is writing (layers > i): results are bit-identical to copying everything first.
 
@@ -58,11 +59,14 @@ class LayerOnload:
         self.deadline_s = deadline_s
         self._deadline = time.monotonic() + deadline_s
         self.waited: list[int] = []  # layers the forward pass waited for, in order (tests)
+        self.stall_s = 0.0  # seconds the step's thread spent blocked in `wait`
 
     def wait(self, layer: int) -> None:
         """Block until `layer`'s copies landed; raises OnloadError on a copier error or when
         the step's deadline passes."""
+        t0 = time.perf_counter()
         self._wait_event(self.done[layer], f"layer {layer}")
+        self.stall_s += time.perf_counter() - t0
         self.waited.append(layer)
 
     def wait_all(self) -> None:
@@ -101,12 +105,21 @@ class LayerwiseCopier:
 
     def start(self, dst: torch.Tensor, src: torch.Tensor, pairs: Sequence[tuple[int, int]]
               ) -> LayerOnload:
-        """Copy `src[s] -> dst[d]` for every (s, d) of `pairs`, layer (dim 1) by layer."""
+        """Copy `src[s] -> dst[d]` for every (s, d) of `pairs`, layer (dim 1) by layer: layer 0
+        here (the forward pass needs it first thing, so it never waits for the thread to
+        wake up), the others on the helper thread."""
         job = LayerOnload(dst.shape[1], self.deadline_s)
         self.jobs += 1
+        spans = runs(pairs)
+        t0 = time.perf_counter()
+        ok = self._copy_layers(job, dst, src, spans, range(1))
+        job.stall_s += time.perf_counter() - t0
+        if not ok or len(job.done) == 1:
+            job.stopped.set()
+            return job
         if self._pool is None:  # lazily: an engine that never swaps in holds no thread
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-onload")
-        self._pool.submit(self._run, job, dst, src, runs(pairs))
+        self._pool.submit(self._run, job, dst, src, spans)
         return job
 
     def abandon(self) -> None:
@@ -119,15 +132,24 @@ class LayerwiseCopier:
     def _run(self, job: LayerOnload, dst: torch.Tensor, src: torch.Tensor,
              spans: list[tuple[int, int, int]]) -> None:
         try:
+            self._copy_layers(job, dst, src, spans, range(1, len(job.done)))
+        finally:
+            job.stopped.set()
+
+    def _copy_layers(self, job: LayerOnload, dst: torch.Tensor, src: torch.Tensor,
+                     spans: list[tuple[int, int, int]], layers: range) -> bool:
+        """Copy `layers` in order, setting each one's event; on an error (or a cancelled job)
+        record it, release every waiter and return False."""
+        try:
             with torch.inference_mode():  # as the forward pass: no version-counter traffic
-                for layer, event in enumerate(job.done):
+                for layer in layers:
                     if job.cancelled:
                         raise OnloadError(f"cancelled before layer {layer}")
                     self.copy_layer(dst, src, spans, layer)
-                    event.set()
+                    job.done[layer].set()
+            return True
         except BaseException as exc:  # noqa: BLE001 - handed to the step, which raises it
             job.error = exc
             for event in job.done:
                 event.set()
-        finally:
-            job.stopped.set()
+            return False

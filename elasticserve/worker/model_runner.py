@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -57,6 +58,9 @@ class ModelRunner:
         self.triton_attention = triton_attention  # all attention by kernels/triton_attention.py
         self.sampler = Sampler()
         self.layerwise = LayerwiseCopier() if layerwise_onload else None
+        # seconds the step's thread spent on swap-in copies (blocking: copying; layer-wise:
+        # waiting for a layer): what layer-wise onload takes off the step's path
+        self.onload_stall_s = 0.0
         self.step_threads: StepThreads | None = None  # CPU: one thread for small steps
         self._generators: dict[int, torch.Generator] = {}
         # structured outputs: compiled grammars (shared with validation) and per-sequence matchers
@@ -81,9 +85,11 @@ class ModelRunner:
             return self._execute(out, onload)
         finally:
             # the host tier may unmap the source rows after the step: the copier lets go first
-            if onload is not None and not onload.finish():
-                assert self.layerwise is not None
-                self.layerwise.abandon()
+            if onload is not None:
+                self.onload_stall_s += onload.stall_s
+                if not onload.finish():
+                    assert self.layerwise is not None
+                    self.layerwise.abandon()
 
     def _execute(self, out: SchedulerOutput, onload: LayerOnload | None) -> ModelRunnerOutput:
         for seq_id in out.finished_seq_ids:
@@ -116,7 +122,9 @@ class ModelRunner:
             if self.layerwise is not None and not out.blocks_to_copy:
                 return self.layerwise.start(self.kv_cache, self.swap_cache,
                                             out.blocks_to_swap_in)
+            t0 = time.perf_counter()
             copy_rows(self.kv_cache, self.swap_cache, out.blocks_to_swap_in)
+            self.onload_stall_s += time.perf_counter() - t0
         if out.blocks_to_copy:
             src, dst = index_tensors(out.blocks_to_copy, self.kv_cache.device)
             self.kv_cache[dst] = self.kv_cache[src]
