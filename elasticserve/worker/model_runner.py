@@ -86,9 +86,10 @@ class ModelRunner:
         finally:
             # the host tier may unmap the source rows after the step: the copier lets go first
             if onload is not None:
+                assert self.layerwise is not None
                 self.onload_stall_s += onload.stall_s
+                self.layerwise.stolen_layers += onload.stolen
                 if not onload.finish():
-                    assert self.layerwise is not None
                     self.layerwise.abandon()
 
     def _execute(self, out: SchedulerOutput, onload: LayerOnload | None) -> ModelRunnerOutput:

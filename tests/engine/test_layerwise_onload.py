@@ -72,6 +72,7 @@ def test_layer0_computes_before_the_last_layer_is_copied(tiny_llama: str) -> Non
             layer0_started.set()
 
     runner.layerwise.copy_layer = slow_copy
+    runner.layerwise.steal = False  # every copy on the helper: the overlap is the helper's
     hooks = [layer.register_forward_pre_hook(lambda *_, i=i: computing(i))
              for i, layer in enumerate(engine.model.model.layers)]
     try:
@@ -127,7 +128,7 @@ def test_stuck_copier_misses_its_deadline(tiny_llama: str) -> None:
             return  # released after the step failed: the rows may be gone, copy nothing
         copy_layer(dst, src, spans, layer)
 
-    copier.copy_layer, copier.deadline_s = stuck, 0.5
+    copier.copy_layer, copier.deadline_s, copier.steal = stuck, 0.5, False
     try:
         for p in burst():
             engine.add_request({"prompt_token_ids": p}, PARAMS)
