@@ -100,7 +100,8 @@ def report(runs: dict[str, list[dict[str, float]]], setup: str, argv: list[str])
                      + f" | {statistics.median(col('stall', 1000)):.2f} |")
     lines.append("")
     for key, name in (("ttft_p50", "TTFT P50"), ("ttft_p99", "TTFT P99"),
-                      ("onload_step", "swap-in step time")):
+                      ("onload_step", "swap-in step time"),
+                      ("stall", "onload time on the step's path")):
         a = [r[key] for r in runs["layerwise"]]
         b = [r[key] for r in runs["blocking"]]
         d, noise = diff_pct(a, b), noise_pct(a, b)

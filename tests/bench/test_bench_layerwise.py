@@ -19,4 +19,4 @@ def test_burst_runs_both_onload_kinds_and_reports_them(tmp_path: str) -> None:
     assert all(r["ttft_p50"] <= r["ttft_p99"] <= r["makespan"] for r in (blocking, lw))
     text = layerwise.report(runs, "setup", ["--pairs", "1"])
     assert text.count("\n| ") == 3 and "| layerwise |" in text and "bench.layerwise" in text
-    assert text.count("vs blocking") == 3
+    assert text.count("vs blocking") == 4
