@@ -52,6 +52,25 @@ def test_greedy_parity_on_vs_off(tiny_llama: str, where: dict[str, object]) -> N
         off.engine.close()
 
 
+def test_a_host_prefix_hit_is_onloaded_layer_wise(tiny_llama: str) -> None:
+    """The onloaded prefix blocks are read by the same step's prefill, layer by layer."""
+    shared = [(j * 7 + 5) % 400 + 3 for j in range(64)]  # four full blocks
+    fillers = [[(i * 53 + j * 13) % 450 + 3 for j in range(70)] for i in (1, 2)]
+    phases = [[shared + [11] * 10], fillers[:1], fillers[1:], [shared + [23, 29, 31] * 4]]
+    got: dict[bool, list[list[int]]] = {}
+    for layerwise in (True, False):  # an 8-block device: the fillers evict the shared blocks
+        llm = LLM(tiny_llama, page_size=PAGE, kv_reserve_pages=0, host_kv_cache_bytes=2 * MiB,
+                  kv_cache_mode="static", num_kv_blocks=8, layerwise_onload=layerwise)
+        try:
+            got[layerwise] = [out for prompts in phases for out in run(llm, prompts)]
+            assert llm.stats()["host_prefix_onloaded_blocks"] == len(shared) // 16
+            copier = llm.engine.runner.layerwise
+            assert (copier is not None and copier.jobs > 0) == layerwise
+        finally:
+            llm.engine.close()
+    assert got[True] == got[False]
+
+
 def test_layer0_computes_before_the_last_layer_is_copied(tiny_llama: str) -> None:
     llm = tight(tiny_llama, True, host_kv_cache_bytes=2 * MiB)
     engine, runner = llm.engine, llm.engine.runner
