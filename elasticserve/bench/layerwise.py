@@ -5,15 +5,17 @@ burst's KV, a host tier that holds all of it) runs with `layerwise_onload` off (
 step's swap-in is copied for every layer before the forward pass) and on (`layerwise`: copied
 layer by layer on a helper thread, layer i waiting only for its own copies). The two run in
 ABBA order, `--pairs` times each; per run we record TTFT P50/P99, the makespan and the median
-wall time of the engine steps that had a swap-in; the table gives medians over runs and their
-spread = (max - min) / median. `--write-docs` puts it in docs/BENCHMARKS.md.
+wall time of the engine steps that had a swap-in, the time the step's thread spent on
+onload copies (copying or waiting for a layer) and the process's CPU time; the table gives
+medians over runs and their spread = (max - min) / median. `--write-docs` puts it in docs/BENCHMARKS.md.
 
-    python -m elasticserve.bench.layerwise --pairs 3 --write-docs
+    python -m elasticserve.bench.layerwise --pairs 4 --write-docs
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -39,7 +41,7 @@ def run_once(layerwise: bool, model: str, prompts: list[list[int]], max_tokens: 
     engine, stats = llm.engine, llm.engine.scheduler.stats
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        start = time.monotonic()
+        start, cpu0 = time.monotonic(), _cpu_s()
         for p in prompts:
             engine.add_request({"prompt_token_ids": p}, params)
         ttft: list[float] = []
@@ -51,7 +53,7 @@ def run_once(layerwise: bool, model: str, prompts: list[list[int]], max_tokens: 
                 onload_steps.append(time.perf_counter() - t0)
             ttft += [o.metrics["first_token_time"] - o.metrics["arrival_time"]
                      for o in outs if o.finished]
-        makespan = time.monotonic() - start
+        makespan, cpu = time.monotonic() - start, _cpu_s() - cpu0
         engine.check_integrity()
         copier, stall = engine.runner.layerwise, engine.runner.onload_stall_s
     finally:
@@ -62,7 +64,14 @@ def run_once(layerwise: bool, model: str, prompts: list[list[int]], max_tokens: 
     return {"ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "makespan": makespan,
             "onload_step": statistics.median(onload_steps or [0.0]), "onload_steps": len(onload_steps),
             "layerwise_jobs": copier.jobs if copier is not None else 0,
-            "onloaded": stats.kv_onloaded_blocks, "stall": stall}
+            "onloaded": stats.kv_onloaded_blocks, "stall": stall, "cpu": cpu}
+
+
+def _cpu_s() -> float:
+    """This process's CPU seconds (every thread): the work done, whatever the machine's load
+    did to the wall clock."""
+    t = os.times()
+    return t.user + t.system
 
 
 def measure(model: str, count: int, length: int, max_tokens: int, pairs: int
@@ -85,8 +94,8 @@ def report(runs: dict[str, list[dict[str, float]]], setup: str, argv: list[str])
              f"- {setup}", "",
              "| onload | TTFT P50 ms | spread | TTFT P99 ms | spread | swap-in step ms "
              "| spread | makespan s | swap-in steps | of them layer-wise | blocks onloaded "
-             "| onload ms on the step's path (total) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| onload ms on the step's path (total) | process CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, rs in runs.items():
         def col(key: str, scale: float = 1.0, rs: list[dict[str, float]] = rs) -> list[float]:
             return [r[key] * scale for r in rs]
@@ -97,11 +106,12 @@ def report(runs: dict[str, list[dict[str, float]]], setup: str, argv: list[str])
                      f"| {statistics.median(col('makespan')):.2f} | "
                      + " | ".join(f"{statistics.median(col(k)):.0f}"
                                   for k in ("onload_steps", "layerwise_jobs", "onloaded"))
-                     + f" | {statistics.median(col('stall', 1000)):.2f} |")
+                     + f" | {statistics.median(col('stall', 1000)):.2f} "
+                     f"| {statistics.median(col('cpu')):.2f} |")
     lines.append("")
     for key, name in (("ttft_p50", "TTFT P50"), ("ttft_p99", "TTFT P99"),
                       ("onload_step", "swap-in step time"),
-                      ("stall", "onload time on the step's path")):
+                      ("stall", "onload time on the step's path"), ("cpu", "process CPU time")):
         a = [r[key] for r in runs["layerwise"]]
         b = [r[key] for r in runs["blocking"]]
         d, noise = diff_pct(a, b), noise_pct(a, b)
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=16, help="requests in the burst")
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
-    p.add_argument("--pairs", type=int, default=3, help="ABBA pairs of runs")
+    p.add_argument("--pairs", type=int, default=4, help="ABBA pairs of runs")
     p.add_argument("--write-docs", action="store_true",
                    help="write the table into docs/BENCHMARKS.md")
     args = p.parse_args(argv)

@@ -16,7 +16,8 @@ def test_burst_runs_both_onload_kinds_and_reports_them(tmp_path: str) -> None:
     assert blocking["onloaded"] > 0 and lw["onloaded"] > 0
     assert 0 < lw["layerwise_jobs"] <= lw["onload_steps"]
     assert blocking["layerwise_jobs"] == 0 and blocking["stall"] > 0
-    assert all(r["ttft_p50"] <= r["ttft_p99"] <= r["makespan"] for r in (blocking, lw))
+    assert all(r["ttft_p50"] <= r["ttft_p99"] <= r["makespan"] and r["cpu"] > 0
+               for r in (blocking, lw))
     text = layerwise.report(runs, "setup", ["--pairs", "1"])
     assert text.count("\n| ") == 3 and "| layerwise |" in text and "bench.layerwise" in text
-    assert text.count("vs blocking") == 4
+    assert text.count("vs blocking") == 5
