@@ -192,9 +192,18 @@ class MemoryConfig:
 
     backend: str = "host"
     page_size: int | None = None
+    # a step's largest intermediates live in pages of the same budget (engine/workspace.py)
+    runtime_memory_from_budget: bool = False
+    workspace_retain_bytes: int = 8 << 20  # kept mapped between steps (decode needs no map)
 
     def __post_init__(self) -> None:
         _one_of(self, "backend", MEMORY_BACKENDS, label="memory_backend")
+        if not isinstance(self.runtime_memory_from_budget, bool):
+            raise ValueError(f"runtime_memory_from_budget must be a bool, "
+                             f"got {self.runtime_memory_from_budget!r}")
+        keep = self.workspace_retain_bytes
+        if not isinstance(keep, int) or keep < 0:
+            raise ValueError(f"workspace_retain_bytes must be an int >= 0, got {keep!r}")
         ps = self.page_size
         if ps is not None and (not isinstance(ps, int) or ps <= 0 or ps % mmap.PAGESIZE):
             raise ValueError(f"page_size must be a positive multiple of the OS page size "

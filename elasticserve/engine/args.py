@@ -48,6 +48,9 @@ class EngineArgs:
     layerwise_onload: bool = False  # swap-ins copied layer by layer, overlapped with compute
     memory_backend: str = "auto"  # "auto": VMM pages on a cuda device, host pages on the CPU
     page_size: int | None = None
+    # a step's MLP intermediate and logits in pages of the KV budget (engine/workspace.py)
+    runtime_memory_from_budget: bool = False
+    workspace_retain_bytes: int = 8 << 20  # workspace kept mapped between steps
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (process-wide); None keeps torch's
     small_step_tokens: int = 64  # steps of at most this many tokens run on one thread (CPU)
@@ -81,7 +84,12 @@ class EngineArgs:
                                 num_threads=self.num_threads, attention_backend=attention,
                                 small_step_tokens=self.small_step_tokens,
                                 linear_backend=self.linear_backend)
-        memory = MemoryConfig(backend=backend, page_size=self.page_size)
+        memory = MemoryConfig(backend=backend, page_size=self.page_size,
+                              runtime_memory_from_budget=self.runtime_memory_from_budget,
+                              workspace_retain_bytes=self.workspace_retain_bytes)
+        if self.runtime_memory_from_budget and self.cuda_graphs:
+            # a graph would capture the workspace's addresses: its pages must then stay mapped
+            raise ValueError("runtime_memory_from_budget does not work with cuda_graphs yet")
         return EngineConfig(model=model, cache=self.cache_config(), memory=memory,
                             scheduler=self.scheduler_config(model_max_len),
                             device=DeviceConfig(self.device, self.cuda_graphs))

@@ -25,6 +25,7 @@ from elasticserve.core.scheduler import Scheduler
 from elasticserve.core.tiered_kv import TieredKVCacheManager
 from elasticserve.engine.host_tier import HostKVTier
 from elasticserve.engine.periodic import run_periodically
+from elasticserve.engine.workspace import WorkspaceArena
 from elasticserve.errors import InvalidFieldError
 from elasticserve.kernels.block_copy import copy_rows, host_empty, index_tensors
 from elasticserve.memory.backend import MemoryBackend, round_up
@@ -91,6 +92,7 @@ class KVStorage:
         # held by a step, an abort, a broker's reclaim and the idle reclaimer
         self.lock = threading.RLock()
         self.closed = False
+        self.workspace: WorkspaceArena | None = None  # a step's pages (engine/workspace.py)
         self.num_blocks = self.pages.start()
 
     @property
@@ -228,6 +230,8 @@ class KVStorage:
         with self.lock:
             if not self.closed:  # idempotent: a pool and its owner may both close an engine
                 self.closed = True
+                if self.workspace is not None:
+                    self.workspace.close()
                 self.vt.close()
                 if self.host_tier is not None:
                     self.host_tier.close()
@@ -276,6 +280,7 @@ class KVStorage:
             "pages_granted": self.pages.pages_granted,
             "compactions": self.pages.compactions,
             **self._host_stats(),
+            **(self.workspace.memory_stats() if self.workspace is not None else {}),
         }
 
     def _host_stats(self) -> dict[str, int]:

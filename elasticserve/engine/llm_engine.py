@@ -100,7 +100,8 @@ class LLMEngine(SleepWake):
             self.tokenizer,
             native_decode=native.use_native(backend, self.kv.tensor, self._param_dtype()),
             triton_attention=backend == "triton", device=self.config.device.device,
-            graphs=decode_graphs(self.config), layerwise_onload=cache.layerwise_onload)
+            graphs=decode_graphs(self.config), layerwise_onload=cache.layerwise_onload,
+            workspace=self._make_workspace())
         # the fused element-wise ops come with the native backend (same library, same checks)
         self.model.use_native_ops(self.runner.native_decode)
         small, threads = self.config.model.small_step_tokens, torch.get_num_threads()

@@ -121,6 +121,20 @@ class ModelHost(EngineReclaimer):
     def release(self, pages: int) -> None:
         self.arbiter.release(self.spec.name, pages)
 
+    def grant_spare(self, pages: int) -> int:
+        """All `pages` or none, for a step's workspace (engine/workspace.py): taken only from
+        free pages and other models' free or cached KV pages, never by preempting or sleeping
+        a neighbour (the step can run without them). A grant here is only booking, so its
+        pages may back any range of this process."""
+        arbiter = self.arbiter
+        with arbiter.lock:  # other requests never see the narrowed policy
+            policy = arbiter.policy
+            arbiter.policy = replace(policy, preempt=False, sleep_idle=False)
+            try:
+                return arbiter.request(self.spec.name, pages, pages)
+            finally:
+                arbiter.policy = policy
+
     def wake(self) -> bool:
         return self.arbiter.wake(self.spec.name)
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from elasticserve.core.scheduler import Scheduler
     from elasticserve.engine.kv_storage import KVStorage
     from elasticserve.engine.weights import WeightsSource
+    from elasticserve.engine.workspace import WorkspaceArena
     from elasticserve.models.llama import CausalLM
     from elasticserve.worker.model_runner import ModelRunner
 
@@ -42,6 +43,13 @@ class SleepWake:
     def _load_model(self) -> CausalLM:
         raise NotImplementedError
 
+    def _make_workspace(self) -> WorkspaceArena | None:
+        """The step workspace arena (engine/workspace.py) when `runtime_memory_from_budget` is
+        set: built here, beside sleep, which unmaps it with the KV pages."""
+        from elasticserve.engine.workspace import make_workspace
+
+        return make_workspace(self)  # type: ignore[arg-type]  # self is an LLMEngine
+
     def sleep(self) -> int:
         """Give every KV page back and drop the weights (re-read from the checkpoint on wake).
 
@@ -52,6 +60,8 @@ class SleepWake:
             if self.asleep:
                 return 0
             pages = self.kv.release_all()
+            if self.kv.workspace is not None:  # its pages are booked with the KV's
+                pages += self.kv.workspace.release_all()
             self.runner.model = None  # type: ignore[assignment]
             del self.model
             self.weights.release()  # a shared copy leaves memory when its last user lets go

@@ -63,12 +63,16 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for gate_up [T, 2I] contiguous, gate first; returns [T, I]."""
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` for gate_up [T, 2I] contiguous, gate first; returns [T, I]
+    (written into ``out``, a contiguous [T, I] fp32 tensor, when given)."""
     fn = native.load_library().es_silu_mul_f32
     gate_up = gate_up.contiguous()
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    out = gate_up.new_empty(rows, inter)
+    if out is None:
+        out = gate_up.new_empty(rows, inter)
+    elif out.shape != (rows, inter) or not out.is_contiguous() or out.dtype != gate_up.dtype:
+        raise ValueError(f"out must be a contiguous {gate_up.dtype} [{rows}, {inter}] tensor")
     native.run_split(lambda first, step: fn(_ptr(gate_up), _ptr(out), rows, inter, first, step),
                      _parts(gate_up.numel(), rows))
     return out

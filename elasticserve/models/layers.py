@@ -10,6 +10,7 @@ from torch import nn
 
 from elasticserve.kernels import mkldnn_linear, native_ops
 from elasticserve.models.hf_config import RopeScaling
+from elasticserve.models.workspace import StepWorkspace
 
 
 class Linear(nn.Module):
@@ -29,6 +30,13 @@ class Linear(nn.Module):
         if self.weight.is_mkldnn:
             return mkldnn_linear.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`forward(x)` written into `out` (x 2-D, a plain weight): the same BLAS call as
+        F.linear (mm, or addmm with a bias), so the same bits."""
+        if self.bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
 
     def pack(self) -> None:
         """Replace the weight by its oneDNN-packed form; the plain one is freed (unless
@@ -134,9 +142,28 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias)
         self.native = False  # fused C SiLU-and-mul for fp32 CPU tensors
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, workspace: StepWorkspace | None = None) -> torch.Tensor:
+        if workspace is not None and workspace.active:
+            return self._forward_in(x, workspace)
         gate_up = self.gate_up_proj(x)
         if self.native and native_ops.fits(gate_up):
             return self.down_proj(native_ops.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    def _forward_in(self, x: torch.Tensor, ws: StepWorkspace) -> torch.Tensor:
+        """The same arithmetic with gate/up and the activation written into the step's
+        workspace (a view it does not fit into is allocated as usual)."""
+        t = x.shape[0]
+        gate_up = ws.gate_up(t) if not self.gate_up_proj.weight.is_mkldnn else None
+        if gate_up is None:
+            gate_up = self.gate_up_proj(x)
+        else:
+            self.gate_up_proj.forward_into(x, gate_up)
+        act = ws.activation(t)
+        if self.native and native_ops.fits(gate_up):
+            return self.down_proj(native_ops.silu_mul(gate_up, out=act))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
+        # gate_up is this layer's scratch: SiLU in place allocates nothing
+        gate = F.silu(gate, inplace=True) if act is not None else F.silu(gate)
+        return self.down_proj(gate * up if act is None else torch.mul(gate, up, out=act))

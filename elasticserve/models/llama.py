@@ -24,6 +24,7 @@ from elasticserve.models.layers import (
     RotaryEmbedding,
     apply_rope,
 )
+from elasticserve.models.workspace import StepWorkspace
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +83,10 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        workspace: StepWorkspace | None = None,
     ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), workspace)
 
 
 class DecoderModel(nn.Module):
@@ -123,17 +125,19 @@ class CausalLM(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         before_layer: Callable[[int], None] | None = None,
+        workspace: StepWorkspace | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final-normed hidden states [T, hidden].
 
         `before_layer(i)` runs before layer i reads or writes the cache: the layer-wise onload
-        waits there for layer i's swapped-in KV (worker/layer_onload.py)."""
+        waits there for layer i's swapped-in KV (worker/layer_onload.py). `workspace`: where
+        the MLPs write their intermediates this step (models/workspace.py)."""
         h = self.model.embed_tokens(input_ids)
         rope = self.model.rotary(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             if before_layer is not None:
                 before_layer(i)
-            h = layer(h, rope, kv_cache, meta)
+            h = layer(h, rope, kv_cache, meta, workspace)
         return self.model.norm(h)
 
     def use_native_ops(self, enabled: bool) -> None:
@@ -157,11 +161,26 @@ class CausalLM(nn.Module):
         """Whether the Linear weights are oneDNN-packed (all or none are)."""
         return any(isinstance(m, Linear) and m.weight.is_mkldnn for m in self.modules())
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] (fp32 regardless of model dtype)."""
+    def compute_logits(self, hidden: torch.Tensor,
+                       workspace: StepWorkspace | None = None) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] (fp32 regardless of model dtype), in the
+        step's workspace when it is active and the projection has an `out=` form."""
+        into = None if workspace is None else workspace.logits(hidden.shape[0])
+        if into is not None and hidden.dim() == 2 and self.logits_placeable:
+            raw, out = into
+            if self.lm_head is not None:
+                self.lm_head.forward_into(hidden, raw)
+            else:
+                torch.mm(hidden, self.model.embed_tokens.weight.t(), out=raw)
+            return out if raw is out else out.copy_(raw)
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
         return F.linear(hidden, self.model.embed_tokens.weight).float()
+
+    @property
+    def logits_placeable(self) -> bool:
+        """Whether the output projection can write into a given tensor (not oneDNN-packed)."""
+        return self.lm_head is None or not self.lm_head.weight.is_mkldnn
 
     def checkpoint_layout(self) -> dict[str, TensorSlot]:
         """Every Hugging Face tensor name this model expects, and where it goes."""

@@ -86,7 +86,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       scheduling_policy=args.scheduling_policy, admission=args.admission,
                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
                       host_kv_cache_bytes=args.host_kv_memory,
-                      layerwise_onload=args.layerwise_onload)
+                      layerwise_onload=args.layerwise_onload,
+                      runtime_memory_from_budget=args.runtime_memory_from_budget)
 
 
 def served_models(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
@@ -222,6 +223,9 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layerwise-onload", action="store_true",
                    help="copy KV coming back from host layer by layer on a helper thread, "
                         "overlapped with the forward pass (CPU only)")
+    p.add_argument("--runtime-memory-from-budget", action="store_true",
+                   help="a step's MLP intermediates and logits live in pages granted by the "
+                        "--memory budget, given back after the step (needs --in-process)")
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -239,6 +243,9 @@ def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]
     from elasticserve.server.api_server import build_app
     from elasticserve.server.shutdown import GracefulServer
 
+    if args.runtime_memory_from_budget and not args.in_process:
+        raise ValueError("--runtime-memory-from-budget needs --in-process (a worker's page "
+                         "broker cannot grant workspace pages yet)")
     pool, engines = (_in_process(args) if args.in_process
                      else start_workers(args, model_specs(args), engine_args(args)))
     app = build_app(engines, pool=pool, admin_token=args.admin_token,

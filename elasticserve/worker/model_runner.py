@@ -11,6 +11,7 @@ from elasticserve.kernels.attention import AttentionMetadata, require_triton
 from elasticserve.kernels.block_copy import copy_rows, index_tensors
 from elasticserve.models.llama import CausalLM
 from elasticserve.models.tokenizer import Tokenizer
+from elasticserve.models.workspace import StepWorkspace, WorkspaceSource
 from elasticserve.outputs import ModelRunnerOutput, SampleResult, ScheduledSeq, SchedulerOutput
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.cuda_graphs import DecodeGraphs
@@ -42,7 +43,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
                  block_size: int, tokenizer: Tokenizer, native_decode: bool = False,
                  triton_attention: bool = False, device: torch.device | str = "cpu",
-                 graphs: DecodeGraphs | None = None, layerwise_onload: bool = False) -> None:
+                 graphs: DecodeGraphs | None = None, layerwise_onload: bool = False,
+                 workspace: WorkspaceSource | None = None) -> None:
         self.graphs = graphs  # before the model: setting the model resets captured graphs
         self.model = model
         self.kv_cache = kv_cache
@@ -62,6 +64,8 @@ class ModelRunner:
         # waiting for a layer): what layer-wise onload takes off the step's path
         self.onload_stall_s = 0.0
         self.step_threads: StepThreads | None = None  # CPU: one thread for small steps
+        # a step's MLP scratch and logits in budgeted pages (engine/workspace.py); None: torch's
+        self.workspace = workspace
         self._generators: dict[int, torch.Generator] = {}
         # structured outputs: compiled grammars (shared with validation) and per-sequence matchers
         self.grammars = GrammarStates(GrammarCompiler(tokenizer, model.config.vocab_size))
@@ -101,12 +105,19 @@ class ModelRunner:
             if onload is not None:
                 onload.wait_all()
             return result
+        tokens = sum(len(s.token_ids) for s in out.scheduled)
         if self.step_threads is not None:
-            self.step_threads.apply(sum(len(s.token_ids) for s in out.scheduled))
-        hidden, meta = self._forward(out.scheduled, onload)
-        if onload is not None:
-            onload.wait_all()  # a copier error surfaces in this step, never later
-        self._sample(out.scheduled, meta, hidden, result)
+            self.step_threads.apply(tokens)
+        ws = None if self.workspace is None else self.workspace.begin(
+            tokens, sum(1 for s in out.scheduled if s.sample_seq_ids))
+        try:
+            hidden, meta = self._forward(out.scheduled, onload, ws)
+            if onload is not None:
+                onload.wait_all()  # a copier error surfaces in this step, never later
+            self._sample(out.scheduled, meta, hidden, result, ws)
+        finally:
+            if self.workspace is not None:
+                self.workspace.end()  # nothing may read its pages after this
         self._prompt_logprobs(out.scheduled, meta, hidden, result)
         return result
 
@@ -131,7 +142,8 @@ class ModelRunner:
             self.kv_cache[dst] = self.kv_cache[src]
         return None
 
-    def _forward(self, scheduled: list[ScheduledSeq], onload: LayerOnload | None
+    def _forward(self, scheduled: list[ScheduledSeq], onload: LayerOnload | None,
+                 ws: StepWorkspace | None = None
                  ) -> tuple[torch.Tensor, AttentionMetadata]:
         """Hidden states of every new token: a decode-only batch that fits a bucket goes
         through the static buffers (graph replay on a GPU), anything else eagerly (layer i
@@ -142,7 +154,7 @@ class ModelRunner:
         if bucket is None or self.graphs is None:
             input_ids, positions, meta = self._prepare(scheduled)
             wait = None if onload is None else onload.wait
-            return self.model.forward(input_ids, positions, self.kv_cache, meta, wait), meta
+            return self.model.forward(input_ids, positions, self.kv_cache, meta, wait, ws), meta
         if onload is not None:
             onload.wait_all()  # a replayed graph has no per-layer hook
         self.graphs.load([(s.token_ids[0], s.start_pos, s.block_table) for s in scheduled])
@@ -168,7 +180,8 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
     def _sample(self, scheduled: list[ScheduledSeq], meta: AttentionMetadata,
-                hidden: torch.Tensor, result: ModelRunnerOutput) -> None:
+                hidden: torch.Tensor, result: ModelRunnerOutput,
+                ws: StepWorkspace | None = None) -> None:
         row_index: list[int] = []
         rows: list[SamplingRow] = []
         seq_ids: list[int] = []
@@ -191,7 +204,7 @@ class ModelRunner:
         if not rows:
             return
         unique = sorted(set(row_index))
-        logits = self.model.compute_logits(hidden[self._to_device(unique)])
+        logits = self.model.compute_logits(hidden[self._to_device(unique)], ws)
         if len(unique) != len(row_index):
             where = {r: k for k, r in enumerate(unique)}
             logits = logits[self._to_device([where[r] for r in row_index])]

@@ -1,0 +1,35 @@
+"""`serve --runtime-memory-from-budget`: engine workspaces on the pool's budget (in-process)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from elasticserve.server.cli_serve import add_serve_parser, engine_args, make_server
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="elasticserve")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_flag_reaches_the_engines_in_process(model_dir: str) -> None:
+    assert not engine_args(_parse()).runtime_memory_from_budget  # off by default
+    args = _parse("--model", f"a={model_dir}", "--in-process", "--memory", "64MiB",
+                  "--runtime-memory-from-budget", "--port", "0")
+    assert engine_args(args).runtime_memory_from_budget
+    server, engines = make_server(args)
+    try:
+        engine = engines["a"].engine  # type: ignore[attr-defined]
+        assert engine.kv.workspace is not None and engine.runner.workspace is not None
+        assert engine.kv.workspace.broker is engine.broker  # pages from the pool's arbiter
+    finally:
+        server.close()
+
+
+def test_flag_needs_in_process(model_dir: str) -> None:
+    args = _parse("--model", f"a={model_dir}", "--runtime-memory-from-budget")
+    with pytest.raises(ValueError, match="--in-process"):
+        make_server(args)
