@@ -4,9 +4,9 @@ its first token, the decode side adopts it by its KV.
 Prefill (`PrefillSide`): after the step that sampled a request's first token, the request
 leaves the scheduler with its KV blocks still held (`Scheduler.detach`), its KV goes into a
 `KVPayload` (lent pages or copied bytes, see engine/kv_connector.py) and a `KVHandOff` with
-the sequences' state comes out of the step. Its blocks stay put (lent ones pinned against
-compaction) until `release`: then lent pages have changed owner, so their prefix-cache entries
-are forgotten, and every block is freed.
+the sequences' state comes out of the step. Lent blocks leave the prefix cache at once (the
+decode worker may own their pages from the offer on) and are pinned against compaction; every
+block stays put until `release`, which takes back blanks for the lent pages and frees them all.
 
 Decode (`DecodeSide`): `adopt` queues the request with `Sequence.external_kv_tokens` set, so
 the scheduler admits it by allocating blocks for the KV, not by recomputing it; in the step that
@@ -175,6 +175,10 @@ class PrefillSide:
         lendable = {b for b in blocks if manager.pool.ref_count(b) == 1}
         payload = self.connector.send_blocks(group.request_id, blocks, lendable)
         lent = tuple(b for b, _ in payload.pages)
+        for block in lent:
+            # from the offer on, the decode worker may own this page: a prompt that hit it in
+            # the prefix cache would read a blank page once the offer is withdrawn
+            manager.pool.forget(block)
         self.held[group.request_id] = (group, lent)
         self.stats.sequences += len(group.seqs)
         self.stats.pages += len(lent)
@@ -206,8 +210,6 @@ class PrefillSide:
                 # loop ends on this error and the broker takes every page back)
                 self.held[request_id] = entry
                 raise
-            for block in lent:  # content moved away (or may have): no cache hits
-                engine.kv_manager.pool.forget(block)
             engine.scheduler.free_detached(group)
             if moved:
                 logger.debug("hand-off %s: %d pages changed owner", request_id, len(lent))

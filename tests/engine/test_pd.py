@@ -184,3 +184,29 @@ def test_a_failed_take(tiny_llama: str, error: Exception) -> None:
     finally:
         prefill.close()
         decode.close()
+
+
+def test_a_lent_block_leaves_the_prefix_cache_when_it_is_offered(tiny_llama: str) -> None:
+    """From the offer on the decode worker may own the page: a later prompt with the same
+    prefix must not hit it (it would read a blank page once the offer is withdrawn)."""
+    lender = _Lender(HandOffRefused("unused"))
+    prefill, _decode = pd_pair(tiny_llama)
+    try:
+        prefill.pd = PrefillSide(prefill, PageConnector(prefill.kv.tensor, "p", lender, BLOCK,
+                                                        BLOCK))
+        prompt = list(range(3, 60))  # three full blocks and a partial one
+        params = SamplingParams(max_tokens=8, temperature=0.0)
+        prefill.add_request({"prompt_token_ids": prompt}, params)
+        prefill.step()
+        (handoff,) = prefill.handoffs
+        lent = [b for b, _ in handoff.kv.pages]
+        assert len(lent) == 4 and not any(prefill.kv_manager.pool.is_cached(b) for b in lent)
+        prefill.add_request({"prompt_token_ids": prompt + [7, 8]}, params)
+        prefill.step()  # the same prefix, while the first request's pages are on offer
+        assert prefill.stats()["prefix_cache_hit_tokens"] == 0
+        assert isinstance(prefill.pd, PrefillSide)
+        assert prefill.pd.release_all() == 2
+        prefill.check_integrity()
+    finally:
+        prefill.close()
+        _decode.close()
