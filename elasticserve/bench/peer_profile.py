@@ -77,7 +77,8 @@ def make_engine(model: str, threads: int) -> Any:
 
 
 def fill(engine: Any, batch: int, steps: int, vocab: int) -> None:
-    """B requests, 256-token prompts, long enough outputs; stepped until every one decodes."""
+    """B requests, 256-token prompts, long enough outputs; stepped until every one decodes
+    (requests that do not stream give no output before they finish: the step stats tell)."""
     import random
 
     from elasticserve import SamplingParams
@@ -87,10 +88,12 @@ def fill(engine: Any, batch: int, steps: int, vocab: int) -> None:
     for i in range(batch):
         prompt = [rng.randrange(vocab) for _ in range(PROMPT_LEN)]
         engine.add_request({"prompt_token_ids": prompt}, params, request_id=f"b{batch}-{i}")
-    produced: dict[str, int] = {}
-    while len(produced) < batch or min(produced.values()) < 2:
-        for out in engine.step():
-            produced[out.request_id] = len(out.outputs[0].token_ids)
+    decoding = 0  # pure decode steps in a row (every request sampled, one token each)
+    while decoding < 2:
+        engine.step()
+        stats = engine.step_stats.pop()
+        pure = stats is not None and stats.num_batched_tokens == batch == len(stats.new_tokens)
+        decoding = decoding + 1 if pure else 0
 
 
 def timed_steps(engine: Any, steps: int) -> list[float]:
@@ -119,12 +122,12 @@ def split(events: Any) -> dict[str, float]:
     wall = 0.0
     for ev in events:
         if ev.name == "es::step":
-            wall += ev.cpu_time_range.elapsed_us() / 1e6
+            wall += ev.time_range.elapsed_us() / 1e6
             continue
         parent = ev.cpu_parent
         if parent is None or parent.name != "es::step":
             continue
-        secs = ev.cpu_time_range.elapsed_us() / 1e6
+        secs = ev.time_range.elapsed_us() / 1e6
         if ev.name in LABELS:
             parts[LABELS[ev.name]] += secs
         elif "linear" in ev.name:
@@ -182,9 +185,9 @@ def markdown(results: list[dict[str, Any]], probes: dict[str, Any], reading: lis
         f"{os.cpu_count()} cores ({docs_section.cpu_model()}); engine as `bench peer` runs it "
         f"({threads} threads configured; decode steps of <= 64 tokens run on 1 thread); "
         f"load average before / after: {probes['load_before']} / {docs_section.load_average()}",
-        f"- probes: GEMM peak {probes['gemm1']:.1f} GFLOP/s (1 thread), {probes['gemm2']:.1f} "
-        f"(2 threads); read bandwidth {probes['bw1']:.1f} GB/s (1 thread), {probes['bw2']:.1f} "
-        "(2 threads)",
+        f"- probes (best of 7; `report.gemm_gflops`' and `report.read_bandwidth`'s shapes): GEMM "
+        f"{probes['gemm1']:.1f} GFLOP/s (1 thread), {probes['gemm2']:.1f} (2 threads); read "
+        f"bandwidth {probes['bw1']:.1f} GB/s (1 thread), {probes['bw2']:.1f} (2 threads)",
         f"- each batch: {PROMPT_LEN}-token prompts prefilled, then {results[0]['steps']} decode "
         "steps timed without the profiler, then as many under torch.profiler (ms per step and "
         "share of the profiled step; the profiler adds its own cost to every op)", "",
