@@ -53,7 +53,7 @@ class _Range:
 class _Event:
     name: str
     cpu_parent: _Event | None
-    cpu_time_range: _Range
+    time_range: _Range
 
 
 def test_split_sorts_direct_children_of_each_step() -> None:
