@@ -106,6 +106,8 @@ BENCHES = {
     "ipc": "elasticserve.bench.ipc",
     "gpu-check": "elasticserve.bench.gpu_check",
     "peer": "elasticserve.bench.peer",
+    "peer-online": "elasticserve.bench.peer_online",
+    "peer-profile": "elasticserve.bench.peer_profile",
     "host-tier": "elasticserve.bench.host_tier",
     "layerwise-onload": "elasticserve.bench.layerwise",
     "pd": "elasticserve.bench.pd",
