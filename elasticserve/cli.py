@@ -106,6 +106,8 @@ BENCHES = {
     "ipc": "elasticserve.bench.ipc",
     "gpu-check": "elasticserve.bench.gpu_check",
     "peer": "elasticserve.bench.peer",
+    "peer-online": "elasticserve.bench.peer_online",
+    "peer-profile": "elasticserve.bench.peer_profile",
     "host-tier": "elasticserve.bench.host_tier",
     "layerwise-onload": "elasticserve.bench.layerwise",
     "pd": "elasticserve.bench.pd",
@@ -155,8 +157,18 @@ def _add_offline_parsers(sub: Any) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help lines at spaces only: a benchmark name such as ``host-tier`` stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width,
+                             break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elasticserve",
+    parser = argparse.ArgumentParser(prog="elasticserve", formatter_class=_HelpFormatter,
                                      description="An LLM serving engine with elastic KV memory.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}",
                         help="print the version and exit")

@@ -144,6 +144,11 @@ class NativeDecode:
     seq_lens: torch.Tensor  # [n] int64
     tables: torch.Tensor  # [n, max_blocks] int64, contiguous
     total_tokens: int  # context tokens over all sequences
+    # threads the call may split over (0: the current torch count). The runner sets the
+    # engine's configured count: a decode step runs its many small ops on one thread
+    # (worker/step_threads.py), but one call over a large context gains from a second core
+    # (B=32: step median 43.6 -> 33.8 ms, docs/BENCHMARKS.md `peer-profile` commentary).
+    threads: int = 0
 
     @classmethod
     def build(cls, tokens: list[int], seq_lens: list[int], tables: torch.Tensor) -> NativeDecode:
@@ -168,7 +173,8 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int, work: Native
             ctypes.cast(work.tokens.data_ptr(), _i64p), ctypes.cast(work.seq_lens.data_ptr(), _i64p),
             ctypes.cast(work.tables.data_ptr(), _i64p), work.tables.stride(0), n)
     tail = (_f32c(scale), ctypes.cast(out.data_ptr(), _f32p), out.stride(0))
-    parts = min(torch.get_num_threads(), n) if work.total_tokens >= _SPLIT_MIN_TOKENS else 1
+    threads = max(torch.get_num_threads(), work.threads)
+    parts = min(threads, n) if work.total_tokens >= _SPLIT_MIN_TOKENS else 1
 
     def part(first: int, step: int) -> None:
         rc = fn(*args, first, step, *tail)

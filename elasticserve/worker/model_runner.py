@@ -173,8 +173,9 @@ class ModelRunner:
             [(s.start_pos, len(s.token_ids), s.block_table) for s in scheduled], self.block_size,
             device=None if on_host else self.device,
             native_decode=self.native_decode, triton=self.triton_attention)
-        # built on the host, one asynchronous copy per tensor
-        return (self._to_device(tokens), self._to_device(positions), meta)
+        if meta.native_decode is not None and self.step_threads is not None:  # see NativeDecode
+            meta.native_decode.threads = self.step_threads.max_threads
+        return (self._to_device(tokens), self._to_device(positions), meta)  # one copy each
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

@@ -105,3 +105,29 @@ def test_missing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert native.use_native("auto", cache, torch.float32) is False
     with pytest.raises(native.NativeUnavailableError, match="no C compiler"):
         native.use_native("native", cache, torch.float32)
+
+
+@needs_kernel
+def test_work_threads_split_a_call_on_one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step runs on 1 torch thread; `NativeDecode.threads` still splits the attention
+    call (over a context past the split size), with the same output as one part."""
+    torch.manual_seed(2)
+    cache, specs = _random_batch(32, (100, 400), 4, 64, 16, 1, seed=5)
+    total = sum(n for _, n, _ in specs)
+    meta = AttentionMetadata.build(specs, 16, native_decode=True)
+    assert meta.native_decode is not None
+    assert meta.native_decode.total_tokens >= native._SPLIT_MIN_TOKENS
+    q, k, v = torch.randn(total, 8, 64), torch.randn(total, 4, 64), torch.randn(total, 4, 64)
+    parts: list[int] = []
+    split = native.run_split
+    monkeypatch.setattr(native, "run_split", lambda fn, n: (parts.append(n), split(fn, n))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = paged_attention(q, k, v, cache, 0, meta, scale=0.125)
+        meta.native_decode.threads = 2
+        two = paged_attention(q, k, v, cache, 0, meta, scale=0.125)
+    finally:
+        torch.set_num_threads(before)
+    assert parts == [1, 2]
+    torch.testing.assert_close(two, one, atol=1e-6, rtol=1e-6)

@@ -42,5 +42,11 @@ def test_the_engine_switches_threads_per_step_and_keeps_greedy_tokens(tiny_llama
         got = [o.outputs[0].token_ids for o in adaptive.generate(prompts, params)]
         assert got == want
         assert adaptive.engine.runner.step_threads.current == 1  # the last steps were decodes
+        # the decode attention may still split over the configured threads (native kernel)
+        runner = adaptive.engine.runner
+        if runner.native_decode:
+            seq = type("S", (), {"token_ids": [5], "start_pos": 3, "block_table": [0]})()
+            _, _, meta = runner._prepare([seq])
+            assert meta.native_decode is not None and meta.native_decode.threads == 2
     finally:
         torch.set_num_threads(before)
