@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttft-ms", type=float, default=1000.0, help="the model's TTFT target")
     p.add_argument("--short-rate", type=float, default=2.0, help="short requests per second")
     p.add_argument("--short-len", default="64:16", help="short prompt:output tokens")
-    p.add_argument("--long-rate", type=float, default=0.05, help="long bursts per second")
-    p.add_argument("--long-len", default="1536:8", help="long prompt:output tokens")
+    p.add_argument("--long-rate", type=float, default=0.1, help="long bursts per second")
+    p.add_argument("--long-len", default="3000:8", help="long prompt:output tokens")
     p.add_argument("--long-burst", type=int, default=3, help="long prompts per long arrival")
     p.add_argument("--write-docs", action="store_true",
                    help="write the result into docs/BENCHMARKS.md")

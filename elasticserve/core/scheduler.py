@@ -154,7 +154,13 @@ class Scheduler(Preemption):
             budget.tokens = self.slo.step_token_cap(self.waiting, self.running, budget.tokens)
             if len(self.waiting) > 1:  # slack changes with time: the order is redone each step
                 self.waiting = self.slo.order_waiting(self.waiting, self.clock(), self.running)
+        reserve = 0
+        if self.slo is not None and self.config.policy == "slo" and self.waiting:
+            reserve = self.slo.waiting_reserve(self.waiting, self.running, self.clock(),
+                                               budget.tokens)
+        budget.tokens -= reserve
         preempted = self._schedule_running(out, budget)
+        budget.tokens += reserve
         if not preempted:
             self._schedule_swapped(out, budget)
         if not preempted and not self.swapped:

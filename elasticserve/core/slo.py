@@ -120,6 +120,7 @@ class SloPolicy:
         self.budget = config.max_num_batched_tokens
         cap = config.long_prefill_token_threshold
         self.chunk = min(cap, self.budget) if cap > 0 else self.budget
+        self.step_tokens = self.budget  # the last step's cap (step_token_cap), for predictions
         self.policy = config.policy
         self._ttft_s = None if config.slo_ttft_ms is None else config.slo_ttft_ms / 1000
         self._tpot_s = None if config.slo_tpot_ms is None else config.slo_tpot_ms / 1000
@@ -138,7 +139,18 @@ class SloPolicy:
         context = sum(s.num_computed_tokens for g in running for s in g.seqs)
         decodes = sum(len(g.seqs) for g in running if _remaining(g)[0] <= 1)
         room = (STEP_SHARE * min(ttfts) - self.cost.a - self.cost.c * context) / self.cost.b
-        return min(tokens, max(int(room), decodes + MIN_STEP_TOKENS))
+        self.step_tokens = min(tokens, max(int(room), decodes + MIN_STEP_TOKENS))
+        return self.step_tokens
+
+    def waiting_reserve(self, waiting: Iterable[SequenceGroup], running: Iterable[SequenceGroup],
+                        now: float, tokens: int) -> int:
+        """Tokens of this step kept from the running prefills for the waiting requests that can
+        still make their TTFT target (their prompts, at most half the step): a long prefill
+        already running must not hold every step while short requests queue behind it."""
+        step_s = self.full_step_s(running)
+        want = sum(_remaining(g)[0] for g in waiting
+                   if self.targets(g)[0] is not None and self.slack(g, now, step_s) >= 0)
+        return min(want, tokens // 2)
 
     def targets(self, group: SequenceGroup) -> tuple[float | None, float | None]:
         """(TTFT, TPOT) targets in seconds: the request's own, else the model's defaults."""
@@ -151,7 +163,7 @@ class SloPolicy:
         """A step with the whole token budget, reading every running sequence's context: what
         each step costs while a queue waits."""
         context = sum(s.num_computed_tokens for g in running for s in g.seqs)
-        return self.cost.step_s(self.budget, context)
+        return self.cost.step_s(min(self.budget, self.step_tokens), context)
 
     def slack(self, group: SequenceGroup, now: float, step_s: float) -> float:
         """Seconds to spare before ``group`` misses its next deadline (inf: no target)."""
@@ -165,7 +177,7 @@ class SloPolicy:
             if tpot is None:
                 return INF
             deadline = group.arrival_time + (ttft or 0.0) + tpot * generated
-        return deadline - now - math.ceil(remaining / self.chunk) * step_s
+        return deadline - now - math.ceil(remaining / min(self.chunk, self.step_tokens)) * step_s
 
     def _key(self, group: SequenceGroup, now: float, step_s: float) -> tuple[int, int, float]:
         slack = self.slack(group, now, step_s)

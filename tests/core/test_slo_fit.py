@@ -67,3 +67,19 @@ def test_the_scheduler_times_its_steps_into_the_fit() -> None:
             sched.seqs[item.seq_id].token_ids.append(1)
     assert sched.cost_fit is not None and len(sched.cost_fit.samples) == 40
     assert sched.slo is not None and sched.slo.cost == sched.cost_fit.cost
+
+
+def test_a_running_long_prefill_leaves_room_for_a_short_request_under_slo() -> None:
+    """FCFS: the running prefill takes the step and the short prompt gets only what is left
+    (no first token this step). slo: the step keeps the short prompt's tokens for it."""
+    params = SamplingParams(max_tokens=4)
+    for policy, short_runs in (("fcfs", False), ("slo", True)):
+        sched = _scheduler(policy, online=False)
+        sched.clock = lambda: 0.0
+        sched.add(SequenceGroup.create("long", None, list(range(4000)), params, 0.0))
+        sched.on_step_done(sched.schedule())  # the long prompt is running, mid-prefill
+        sched.add(SequenceGroup.create("short", None, list(range(100)), params, 0.0))
+        out = sched.schedule()
+        done = {s.request_id for s in out.scheduled if s.sample_seq_ids}  # whole prompt in
+        assert ("short" in done) == short_runs, policy
+        assert out.num_batched_tokens <= 2048
