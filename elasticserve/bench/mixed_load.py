@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from elasticserve.bench.fairness import noise_pct
 from elasticserve.bench.serve_client import ClientConfig, run_benchmark
 from elasticserve.bench.serve_process import serve_process
 from elasticserve.bench.serve_report import SLO, RunResult, summarize_records
@@ -75,4 +77,21 @@ def class_summaries(run: RunResult, load: Load, slo: SLO | None = None,
             raise RuntimeError(f"{run.label}: {out[cls]['failed']} {cls} requests failed: "
                                f"{out[cls]['failures']}")
     out["all"] = summarize_records(run.records, run.duration_s, slo or SLO())
+    return out
+
+
+def median_rows(runs: dict[str, list[dict[str, float]]], a: str, b: str,
+                metrics: tuple[tuple[str, str], ...]) -> list[str]:
+    """A markdown table: per metric, the median of each side's runs, b / a, and the spread."""
+    out = [f"| metric | {a} (median) | {b} (median) | {b} / {a} | spread |",
+           "|---|---|---|---|---|"]
+    for key, name in metrics:
+        va = [r[key] for r in runs[a] if r.get(key) is not None]
+        vb = [r[key] for r in runs[b] if r.get(key) is not None]
+        if not va or not vb:  # a class with no request in this run
+            out.append(f"| {name} | - | - | - | - |")
+            continue
+        ma, mb = statistics.median(va), statistics.median(vb)
+        ratio = f"{mb / ma:.2f}x" if ma else "-"
+        out.append(f"| {name} | {ma:.1f} | {mb:.1f} | {ratio} | {noise_pct(va, vb):.0f}% |")
     return out

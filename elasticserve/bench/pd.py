@@ -24,8 +24,14 @@ import sys
 import urllib.request
 
 from elasticserve import docs_section
-from elasticserve.bench.fairness import abba, noise_pct
-from elasticserve.bench.mixed_load import Load, Side, class_summaries, serve_load
+from elasticserve.bench.fairness import abba
+from elasticserve.bench.mixed_load import (
+    Load,
+    Side,
+    class_summaries,
+    median_rows,
+    serve_load,
+)
 
 METRICS = (("short_ttft_p50", "short TTFT P50 ms"), ("short_ttft_p99", "short TTFT P99 ms"),
            ("short_tpot_p50", "short TPOT P50 ms"), ("short_tpot_p99", "short TPOT P99 ms"),
@@ -76,21 +82,6 @@ def handoff_line(runs: list[dict[str, float]]) -> str:
             f"{max(r['handoff_bytes_copied'] for r in runs):.0f}.")
 
 
-def rows(runs: dict[str, list[dict[str, float]]], a: str, b: str) -> list[str]:
-    out = [f"| metric | {a} (median) | {b} (median) | {b} / {a} | spread |",
-           "|---|---|---|---|---|"]
-    for key, name in METRICS:
-        va = [r[key] for r in runs[a] if r.get(key) is not None]
-        vb = [r[key] for r in runs[b] if r.get(key) is not None]
-        if not va or not vb:  # a class with no request in this run
-            out.append(f"| {name} | - | - | - | - |")
-            continue
-        ma, mb = statistics.median(va), statistics.median(vb)
-        out.append(f"| {name} | {ma:.1f} | {mb:.1f} | {mb / ma if ma else float('nan'):.2f}x | "
-                   f"{noise_pct(va, vb):.0f}% |")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="elasticserve bench pd", description=__doc__)
     p.add_argument("--model-size", default="small", help="models/make_model.py size")
@@ -130,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
              f"arrivals (~{n} requests): short {s_in}:{s_out} tokens at {args.short_rate}/s, "
              f"long {l_in}:{l_out} at {args.long_rate}/s (Poisson, same arrivals both sides); "
              f"colocated {args.threads} threads, P/D {half} + {half}; {args.pairs} ABBA pairs; "
-             "spread = (max - min) / median of either side", "", *rows(runs, a.label, b.label),
+             "spread = (max - min) / median of either side", "",
+             *median_rows(runs, a.label, b.label, METRICS),
              "", handoff_line(runs[b.label])]
     body = "\n".join(lines)
     print(body)

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 from elasticserve import docs_section
-from elasticserve.bench.fairness import abba, noise_pct
-from elasticserve.bench.mixed_load import Load, Side, class_summaries, serve_load
+from elasticserve.bench.fairness import abba
+from elasticserve.bench.mixed_load import (
+    Load,
+    Side,
+    class_summaries,
+    median_rows,
+    serve_load,
+)
 from elasticserve.bench.serve_report import SLO
 
 METRICS = (("short_attain", "short TTFT attainment %"), ("short_ttft_p50", "short TTFT P50 ms"),
@@ -38,17 +43,6 @@ def run_side(side: Side, model: str, load: Load, seed: int, target_s: float) -> 
         for p in ("p50", "p99"):
             result[f"{cls}_ttft_{p}"] = summary[cls]["ttft_ms"][p]
     return result
-
-
-def rows(runs: dict[str, list[dict[str, float]]], a: str, b: str) -> list[str]:
-    out = [f"| metric | {a} (median) | {b} (median) | {b} / {a} | spread |",
-           "|---|---|---|---|---|"]
-    for key, name in METRICS:
-        va, vb = [r[key] for r in runs[a]], [r[key] for r in runs[b]]
-        ma, mb = statistics.median(va), statistics.median(vb)
-        ratio = f"{mb / ma:.2f}x" if ma else "-"
-        out.append(f"| {name} | {ma:.1f} | {mb:.1f} | {ratio} | {noise_pct(va, vb):.0f}% |")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{s_in}:{s_out} tokens at {args.short_rate}/s, bursts of {args.long_burst} long "
              f"{l_in}:{l_out} at {args.long_rate}/s (Poisson, same arrivals both sides); "
              f"{args.pairs} ABBA pairs; "
-             "spread = (max - min) / median of either side", "", *rows(runs, a.label, b.label)]
+             "spread = (max - min) / median of either side", "",
+             *median_rows(runs, a.label, b.label, METRICS)]
     body = "\n".join(lines)
     print(body)
     if args.write_docs:
