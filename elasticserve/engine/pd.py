@@ -270,6 +270,10 @@ class DecodeSide:
 
     def before_execute(self, out: SchedulerOutput) -> None:
         """Fill the blocks of the requests admitted in this step with their handed-over KV."""
+        groups = self.engine.groups
+        for gone in [rid for rid in self.pending
+                     if rid not in groups or groups[rid].is_finished]:
+            del self.pending[gone]  # failed or ended before its KV arrived (not by an abort)
         failed: set[str] = set()
         for item in out.scheduled:
             handoff = self.pending.get(item.request_id)

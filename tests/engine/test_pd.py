@@ -210,3 +210,21 @@ def test_a_lent_block_leaves_the_prefix_cache_when_it_is_offered(tiny_llama: str
     finally:
         prefill.close()
         _decode.close()
+
+
+def test_a_request_failed_before_its_kv_arrived_leaves_nothing_pending(tiny_llama: str) -> None:
+    prefill, decode = pd_pair(tiny_llama)
+    try:
+        assert isinstance(prefill.pd, PrefillSide) and isinstance(decode.pd, DecodeSide)
+        prefill.add_request({"prompt_token_ids": list(range(3, 30))},
+                            SamplingParams(max_tokens=8, temperature=0.0))
+        prefill.step()
+        decode.pd.adopt(prefill.handoffs[0])
+        decode.scheduler.fail_all("the model cannot run")  # e.g. its weights failed to load
+        outs = decode.step()
+        assert outs[0].finished and outs[0].error == "the model cannot run"
+        assert not decode.pd.pending and decode.kv_manager.pool.num_used == 0
+        assert prefill.pd.release_all() == 1
+    finally:
+        prefill.close()
+        decode.close()
