@@ -4,14 +4,16 @@ Shared by ``bench pd`` (P/D vs colocated) and ``bench slo-engine`` (FCFS vs SLO 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from elasticserve.bench.fairness import noise_pct
+from elasticserve.bench.fairness import abba, noise_pct
 from elasticserve.bench.serve_client import ClientConfig, run_benchmark
 from elasticserve.bench.serve_process import serve_process
 from elasticserve.bench.serve_report import SLO, RunResult, summarize_records
@@ -95,3 +97,48 @@ def median_rows(runs: dict[str, list[dict[str, float]]], a: str, b: str,
         ratio = f"{mb / ma:.2f}x" if ma else "-"
         out.append(f"| {name} | {ma:.1f} | {mb:.1f} | {ratio} | {noise_pct(va, vb):.0f}% |")
     return out
+
+
+def add_load_args(p: argparse.ArgumentParser, short_len: str, short_rate: float,
+                  long_len: str, long_rate: float, long_burst: int = 1) -> None:
+    """The flags every mixed-load bench shares, with its own defaults."""
+    p.add_argument("--model-size", default="small", help="models/make_model.py size")
+    p.add_argument("--pairs", type=int, default=2, help="ABBA pairs")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals")
+    p.add_argument("--short-rate", type=float, default=short_rate,
+                   help="short requests per second")
+    p.add_argument("--short-len", default=short_len, help="short prompt:output tokens")
+    p.add_argument("--long-rate", type=float, default=long_rate,
+                   help="long arrivals per second")
+    p.add_argument("--long-len", default=long_len, help="long prompt:output tokens")
+    p.add_argument("--long-burst", type=int, default=long_burst,
+                   help="long prompts per long arrival")
+    p.add_argument("--write-docs", action="store_true",
+                   help="write the result into docs/BENCHMARKS.md")
+
+
+def load_from_args(args: argparse.Namespace) -> Load:
+    (s_in, s_out), (l_in, l_out) = ([int(x) for x in v.split(":")]
+                                    for v in (args.short_len, args.long_len))
+    return Load(args.duration, args.short_rate, s_in, s_out, args.long_rate, l_in, l_out,
+                args.long_burst)
+
+
+def describe(load: Load) -> str:
+    """The load in words, for a report's header."""
+    burst = f"bursts of {load.long_burst} " if load.long_burst > 1 else ""
+    return (f"{load.duration_s:.0f} s of arrivals (~{len(load.specs(0))} requests): short "
+            f"{load.short_in}:{load.short_out} tokens at {load.short_rate}/s, {burst}long "
+            f"{load.long_in}:{load.long_out} at {load.long_rate}/s (Poisson, same arrivals "
+            "both sides)")
+
+
+def run_abba(a: Side, b: Side, pairs: int,
+             run: Callable[[Side, int], dict[str, float]]) -> dict[str, list[dict[str, float]]]:
+    """`run(side, seed)` for both sides, alternated ABBA; pair i uses seed i on both sides."""
+    runs: dict[str, list[dict[str, float]]] = {a.label: [], b.label: []}
+    for i, (first, second) in enumerate(abba(a, b, pairs)):
+        for side in (first, second):
+            print(f"  run {i}: {side.label} ...", file=sys.stderr, flush=True)
+            runs[side.label].append(run(side, i))
+    return runs

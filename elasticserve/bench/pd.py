@@ -24,12 +24,15 @@ import sys
 import urllib.request
 
 from elasticserve import docs_section
-from elasticserve.bench.fairness import abba
 from elasticserve.bench.mixed_load import (
     Load,
     Side,
+    add_load_args,
     class_summaries,
+    describe,
+    load_from_args,
     median_rows,
+    run_abba,
     serve_load,
 )
 
@@ -84,42 +87,25 @@ def handoff_line(runs: list[dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="elasticserve bench pd", description=__doc__)
-    p.add_argument("--model-size", default="small", help="models/make_model.py size")
-    p.add_argument("--pairs", type=int, default=2, help="ABBA pairs")
+    add_load_args(p, short_len="48:96", short_rate=2.0, long_len="1536:8", long_rate=0.25)
     p.add_argument("--threads", type=int, default=2, help="total torch threads per side")
-    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals")
-    p.add_argument("--short-rate", type=float, default=2.0, help="short requests per second")
-    p.add_argument("--short-len", default="48:96", help="short prompt:output tokens")
-    p.add_argument("--long-rate", type=float, default=0.25, help="long prompts per second")
-    p.add_argument("--long-len", default="1536:8", help="long prompt:output tokens")
     p.add_argument("--kv-handoff", choices=["pages", "copy"], default="pages",
                    help="how the P/D side hands KV over")
     p.add_argument("--memory", default="2GiB", help="each server's --memory")
-    p.add_argument("--write-docs", action="store_true",
-                   help="write the result into docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     from elasticserve.models.make_model import ensure_model
 
     model = ensure_model(size=args.model_size)
-    (s_in, s_out), (l_in, l_out) = ([int(x) for x in v.split(":")]
-                                    for v in (args.short_len, args.long_len))
-    load = Load(args.duration, args.short_rate, s_in, s_out, args.long_rate, l_in, l_out)
+    load = load_from_args(args)
     half = str(max(1, args.threads // 2))
     a = Side("colocated", ("--threads", str(args.threads), "--memory", args.memory))
     b = Side("P/D 1:1", ("--pd", "m=1:1", "--kv-handoff", args.kv_handoff, "--threads", half,
                          "--memory", args.memory))
-    runs: dict[str, list[dict[str, float]]] = {a.label: [], b.label: []}
-    for i, (first, second) in enumerate(abba(a, b, args.pairs)):
-        for side in (first, second):
-            print(f"  run {i}: {side.label} ...", file=sys.stderr, flush=True)
-            runs[side.label].append(run_side(side, model, load, seed=i))
-    n = len(load.specs(0))
+    runs = run_abba(a, b, args.pairs, lambda side, seed: run_side(side, model, load, seed))
     lines = [f"Command: `{docs_section.command_line('elasticserve.bench.pd', argv or sys.argv[1:])}`",
              f"- date: {docs_section.today()}; commit: {docs_section.git_commit()}; CPU: "
              f"{docs_section.cpu_model()} x {os.cpu_count()}; load before: "
-             f"{docs_section.load_average()}; model: {args.model_size}; {args.duration:.0f} s of "
-             f"arrivals (~{n} requests): short {s_in}:{s_out} tokens at {args.short_rate}/s, "
-             f"long {l_in}:{l_out} at {args.long_rate}/s (Poisson, same arrivals both sides); "
+             f"{docs_section.load_average()}; model: {args.model_size}; {describe(load)}; "
              f"colocated {args.threads} threads, P/D {half} + {half}; {args.pairs} ABBA pairs; "
              "spread = (max - min) / median of either side", "",
              *median_rows(runs, a.label, b.label, METRICS),

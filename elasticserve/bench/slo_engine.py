@@ -19,12 +19,15 @@ import os
 import sys
 
 from elasticserve import docs_section
-from elasticserve.bench.fairness import abba
 from elasticserve.bench.mixed_load import (
     Load,
     Side,
+    add_load_args,
     class_summaries,
+    describe,
+    load_from_args,
     median_rows,
+    run_abba,
     serve_load,
 )
 from elasticserve.bench.serve_report import SLO
@@ -47,45 +50,27 @@ def run_side(side: Side, model: str, load: Load, seed: int, target_s: float) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="elasticserve bench slo-engine", description=__doc__)
-    p.add_argument("--model-size", default="small", help="models/make_model.py size")
-    p.add_argument("--pairs", type=int, default=2, help="ABBA pairs")
+    add_load_args(p, short_len="64:16", short_rate=2.0, long_len="3000:8", long_rate=0.1,
+                  long_burst=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads of each server")
-    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals")
     p.add_argument("--ttft-ms", type=float, default=1000.0, help="the model's TTFT target")
-    p.add_argument("--short-rate", type=float, default=2.0, help="short requests per second")
-    p.add_argument("--short-len", default="64:16", help="short prompt:output tokens")
-    p.add_argument("--long-rate", type=float, default=0.1, help="long bursts per second")
-    p.add_argument("--long-len", default="3000:8", help="long prompt:output tokens")
-    p.add_argument("--long-burst", type=int, default=3, help="long prompts per long arrival")
-    p.add_argument("--write-docs", action="store_true",
-                   help="write the result into docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     from elasticserve.models.make_model import ensure_model
 
     model = ensure_model(size=args.model_size)
-    (s_in, s_out), (l_in, l_out) = ([int(x) for x in v.split(":")]
-                                    for v in (args.short_len, args.long_len))
-    load = Load(args.duration, args.short_rate, s_in, s_out, args.long_rate, l_in, l_out,
-                args.long_burst)
+    load = load_from_args(args)
     common = ("--threads", str(args.threads), "--slo-ttft-ms", str(args.ttft_ms))
     a = Side("fcfs", ("--scheduling-policy", "fcfs", *common))
     b = Side("slo", ("--scheduling-policy", "slo", *common))
-    runs: dict[str, list[dict[str, float]]] = {a.label: [], b.label: []}
-    for i, (first, second) in enumerate(abba(a, b, args.pairs)):
-        for side in (first, second):
-            print(f"  run {i}: {side.label} ...", file=sys.stderr, flush=True)
-            runs[side.label].append(run_side(side, model, load, i, args.ttft_ms / 1000))
-    n = len(load.specs(0))
+    runs = run_abba(a, b, args.pairs,
+                    lambda side, seed: run_side(side, model, load, seed, args.ttft_ms / 1000))
     cmd = docs_section.command_line("elasticserve.bench.slo_engine", argv or sys.argv[1:])
     lines = [f"Command: `{cmd}`",
              f"- date: {docs_section.today()}; commit: {docs_section.git_commit()}; CPU: "
              f"{docs_section.cpu_model()} x {os.cpu_count()}; load before: "
              f"{docs_section.load_average()}; model: {args.model_size}, {args.threads} threads, "
              f"one worker; TTFT target {args.ttft_ms:.0f} ms for every request "
-             f"(`--slo-ttft-ms`); {args.duration:.0f} s of arrivals (~{n} requests): short "
-             f"{s_in}:{s_out} tokens at {args.short_rate}/s, bursts of {args.long_burst} long "
-             f"{l_in}:{l_out} at {args.long_rate}/s (Poisson, same arrivals both sides); "
-             f"{args.pairs} ABBA pairs; "
+             f"(`--slo-ttft-ms`); {describe(load)}; {args.pairs} ABBA pairs; "
              "spread = (max - min) / median of either side", "",
              *median_rows(runs, a.label, b.label, METRICS)]
     body = "\n".join(lines)
