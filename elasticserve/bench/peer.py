@@ -254,34 +254,44 @@ def _peer_env_text(cfg: PeerConfig) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(cfg.peer_env.items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="elasticserve bench peer",
-                                 description=(__doc__ or "").splitlines()[0])
+def add_peer_args(ap: argparse.ArgumentParser, default_concurrency: str, who: str) -> None:
+    """The flags `bench peer` and `bench peer-online` share."""
     ap.add_argument("--model-size", default="small", help="make_model size (llama)")
     ap.add_argument("--model", default=None, help="model directory (default models/<size>-llama)")
-    ap.add_argument("--concurrency", default="1,8,32,128", help="levels, comma separated")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per engine, alternating first")
-    ap.add_argument("--sequential-requests", type=int, default=4,
-                    help="requests run one after another at concurrency 1")
+    ap.add_argument("--concurrency", default=default_concurrency, help="levels, comma separated")
+    ap.add_argument("--repeats", type=int, default=2, help=f"runs per {who}, alternating first")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
-    ap.add_argument("--threads", type=int, default=2, help="threads per engine")
+    ap.add_argument("--threads", type=int, default=2, help="our engine's torch threads")
     ap.add_argument("--peer-python", default=None, help="vLLM's python (default .venv-vllm)")
     ap.add_argument("--peer-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="environment for vLLM's process only (repeatable), e.g. "
+                    help=f"environment for vLLM's {who} only (repeatable), e.g. "
                          "VLLM_CPU_OMP_THREADS_BIND=0-1")
     ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     ap.add_argument("--docs-path", default=None, help="the file --write-docs updates")
+
+
+def parse_peer_env(pairs: list[str]) -> dict[str, str]:
+    """`--peer-env KEY=VALUE` flags as a dict: a ValueError naming peer_env on a bad one."""
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise ValueError(f"peer_env must be KEY=VALUE, got {bad}")
+    return dict(kv.split("=", 1) for kv in pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="elasticserve bench peer",
+                                 description=(__doc__ or "").splitlines()[0])
+    add_peer_args(ap, default_concurrency="1,8,32,128", who="engine")
+    ap.add_argument("--sequential-requests", type=int, default=4,
+                    help="requests run one after another at concurrency 1")
     args = ap.parse_args(argv)
     from elasticserve.models.make_model import ensure_model
 
-    bad = [kv for kv in args.peer_env if "=" not in kv]
-    if bad:
-        raise ValueError(f"peer_env must be KEY=VALUE, got {bad}")
     commands = {PEER: [args.peer_python, str(CHILD)]} if args.peer_python else {}
     cfg = PeerConfig(ensure_model(args.model, size=args.model_size),
                      tuple(int(c) for c in args.concurrency.split(",")), args.repeats,
                      args.sequential_requests, args.seed, args.threads, commands=commands,
-                     peer_env=dict(kv.split("=", 1) for kv in args.peer_env))
+                     peer_env=parse_peer_env(args.peer_env))
     text = markdown(run_peer(cfg, lambda s: print(s, file=sys.stderr)), argv)
     print(text)
     if args.write_docs:

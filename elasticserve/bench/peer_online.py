@@ -35,7 +35,7 @@ import httpx
 
 from elasticserve import docs_section
 from elasticserve.bench.fairness import abba
-from elasticserve.bench.peer import OURS, PEER, child_env
+from elasticserve.bench.peer import OURS, PEER, add_peer_args, child_env, parse_peer_env
 from elasticserve.bench.peer_child import proc_tree_cpu_seconds
 from elasticserve.bench.peer_online_report import LevelRun, markdown
 from elasticserve.bench.report import make_workload
@@ -208,29 +208,16 @@ def run_online(cfg: OnlineConfig, log: Callable[[str], None] = print) -> OnlineR
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="elasticserve bench peer-online",
                                  description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--model-size", default="small", help="make_model size (llama)")
-    ap.add_argument("--model", default=None, help="model directory (default models/<size>-llama)")
-    ap.add_argument("--concurrency", default="1,8,32", help="levels, comma separated")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per server, alternating first")
+    add_peer_args(ap, default_concurrency="1,8,32", who="server")
     ap.add_argument("--requests-per-slot", type=int, default=3,
                     help="a level at concurrency c sends this many x c requests (c=1: >= 4)")
-    ap.add_argument("--seed", type=int, default=0, help="workload seed")
-    ap.add_argument("--threads", type=int, default=2, help="our worker's torch threads")
-    ap.add_argument("--peer-python", default=None, help="vLLM's python (default .venv-vllm)")
-    ap.add_argument("--peer-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="environment for vLLM's server only (repeatable)")
-    ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
-    ap.add_argument("--docs-path", default=None, help="the file --write-docs updates")
     args = ap.parse_args(argv)
     from elasticserve.models.make_model import ensure_model
 
-    bad = [kv for kv in args.peer_env if "=" not in kv]
-    if bad:
-        raise ValueError(f"peer_env must be KEY=VALUE, got {bad}")
     cfg = OnlineConfig(ensure_model(args.model, size=args.model_size),
                        tuple(int(c) for c in args.concurrency.split(",")), args.repeats,
                        args.requests_per_slot, args.seed, args.threads,
-                       peer_env=dict(kv.split("=", 1) for kv in args.peer_env))
+                       peer_env=parse_peer_env(args.peer_env))
     if args.peer_python:
         cfg.peer_python = args.peer_python
     res = run_online(cfg, lambda s: print(s, file=sys.stderr))
