@@ -186,15 +186,17 @@ class WorkspaceArena:
 
 def make_workspace(engine: LLMEngine) -> WorkspaceArena | None:
     """The engine's arena when `runtime_memory_from_budget` is set, else None. The engine's
-    page broker must be a `WorkspaceBroker`: a worker's (procs/page_client.py) is not, as it
-    names the slots of its KV file behind each grant, which a second range cannot take."""
+    page broker is the `WorkspaceBroker` (ModelHost in one process), or gives one with
+    `spare_broker(mapped)`: a worker's (procs/page_client.py), whose KV grants name slots of
+    its KV file, books workspace pages apart (the arena maps its own memory for them)."""
     config, broker, kv = engine.config, engine.broker, engine.kv
     memory = config.memory
     if not memory.runtime_memory_from_budget:
         return None
-    if broker is not None and not hasattr(broker, "grant_spare"):
-        raise ValueError("runtime_memory_from_budget: this engine's page broker (a worker "
-                         "process's) cannot grant pages outside its KV range yet; run in-process")
+    spare_broker = getattr(broker, "spare_broker", None)
+    if broker is not None and spare_broker is None and not hasattr(broker, "grant_spare"):
+        raise ValueError("runtime_memory_from_budget: this engine's page broker cannot grant "
+                         "workspace pages (it has neither grant_spare nor spare_broker)")
     sched = config.scheduler
     backend = get_backend(memory.backend, kv.page_size)
     set_stream = getattr(backend, "set_stream", None)
@@ -205,6 +207,8 @@ def make_workspace(engine: LLMEngine) -> WorkspaceArena | None:
                            backend,
                            cast(WorkspaceBroker | None, broker),
                            memory.workspace_retain_bytes, config.cache.kv_shrink_after_s)
+    if spare_broker is not None:  # its messages carry what the arena maps
+        arena.broker = cast(WorkspaceBroker, spare_broker(lambda: arena.mapped_pages))
     arena.lock = kv.lock
     kv.workspace = arena  # closed with the KV storage, listed in its memory stats
     run_periodically(arena, 0.1, WorkspaceArena.reclaim_idle, "workspace-reclaimer")

@@ -7,7 +7,8 @@ Besides its step channel, each worker has two channels to the front's page broke
 (procs/page_broker.py):
 
 * ``pages`` (worker -> broker): register, grants, releases, wake-ups, hand-offs of pages
-  between workers of one KV group (Offer/Take/Withdraw) (and the weights
+  between workers of one KV group (Offer/Take/Withdraw), a step's workspace pages
+  (GrantSpare/ReleaseSpare: booked, not slots of the KV file) (and the weights
   messages below, served by the same per-worker thread). Every message that changes what the
   worker maps carries ``mapped`` / ``mapped_after``, the pages the worker maps, so the
   broker's books follow the worker even after a reclaim reply came too late.
@@ -77,6 +78,27 @@ class Granted:
 @dataclass(frozen=True, slots=True)
 class Release:
     """The worker unmapped `pages` on its own and maps `mapped_after` now. Reply: None."""
+
+    pages: int
+    mapped_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class GrantSpare:
+    """`pages` more workspace pages (engine/workspace.py), all or none, for a worker whose
+    arena maps `mapped` now: booked under the worker like its KV pages, taken only from free
+    pages and other workers' free or cached KV (never a preemption or a sleep). No slot: the
+    worker maps them from memory of its own; the budget is what is shared. Reply: int (the
+    pages granted: `pages` or 0)."""
+
+    pages: int
+    mapped: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseSpare:
+    """The worker's arena unmapped `pages` workspace pages and maps `mapped_after` now.
+    Reply: None."""
 
     pages: int
     mapped_after: int
@@ -162,12 +184,14 @@ class Reclaim:
 class Reclaimed:
     """`pages` unmapped (None: sleep refused mid-step) and `mapped_after` (None: the worker
     could not take its lock and owes the pages), or, for "probe", the worker's `state`:
-    (free pages, cached pages, idle, starved)."""
+    (free pages, cached pages, idle, starved). `spare_after`: the workspace pages its arena
+    maps after the call (None: no arena, or no lock); a sleep unmaps them with the KV."""
 
     request_id: int
     pages: int | None
     mapped_after: int | None
     state: tuple[int, int, bool, bool] | None = None
+    spare_after: int | None = None
 
 
 # weights -------------------------------------------------------------------------------------

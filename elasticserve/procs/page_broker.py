@@ -9,8 +9,9 @@ processes), picks its slots (the `Granted` reply) and keeps, per worker, the slo
 page it holds (``WorkerPages.held``, = the arbiter's KV grant). Every page that leaves a
 worker (a release, a reclaim, a sleep, its death) is punched out of the file by the broker,
 so the memory really returns however the worker behaves. Workers of one group hand pages to
-each other (Offer/Take/Withdraw) by swapping slots, zero bytes copied. The same per-worker
-thread serves other front services' messages (``extra_handlers``, e.g. shared weights) on the
+each other (Offer/Take/Withdraw) by swapping slots, zero bytes copied. A step's workspace
+pages are booked under the worker too, without slots (procs/page_broker_spare.py). The same
+per-worker thread serves other front services' messages (``extra_handlers``, e.g. shared weights) on the
 worker's ``pages`` channel.
 """
 
@@ -40,6 +41,7 @@ from elasticserve.procs.messages import (
     Withdraw,
     Withdrawn,
 )
+from elasticserve.procs.page_broker_spare import SpareBooks
 from elasticserve.procs.remote_reclaimer import RemoteReclaimer
 from elasticserve.procs.transport import Channel, ChannelClosed
 
@@ -60,6 +62,7 @@ class WorkerPages:
     reclaimer: RemoteReclaimer | None = None
     group: KVGroup | None = None  # its KV group (None until registered)
     slots: int = 0  # its KV reservation in pages: it never holds more
+    spare: int = 0  # workspace pages booked under it (its arena maps them; no slots)
     registered: bool = False
     thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -74,7 +77,7 @@ class WorkerPages:
         return 0 if self.group is None else len(self.group.backing.get(self.worker, ()))
 
 
-class PageBroker:
+class PageBroker(SpareBooks):
     """Grants, releases, reclaims and frees the KV pages of worker processes on one budget."""
 
     def __init__(self, budget_bytes: int, page_size: int, policy: ArbiterPolicy | None = None,
@@ -146,7 +149,8 @@ class PageBroker:
         with self.arbiter.lock:  # a reclaim may reach the worker as soon as it is registered
             group = self._join(rec.worker, msg.kv_group, slots)
             rec.reclaimer = RemoteReclaimer(rec.reclaim, lambda after: self._shrink(rec, after),
-                                            self.reclaim_deadline_s)
+                                            self.reclaim_deadline_s,
+                                            book_spare=lambda after: self._drop_spare(rec, after))
             try:
                 # never more pages than the worker's reservation
                 ceiling = min(msg.max_bytes or slots * self.page_size, slots * self.page_size)
@@ -194,10 +198,13 @@ class PageBroker:
             if isinstance(msg, Release):
                 self._sync(rec, msg.mapped_after)
                 return None
+            if (spare := self._spare_message(rec, msg)) is not None:
+                return spare.reply
             if isinstance(msg, Wake):
                 return self.arbiter.wake(name)
             if isinstance(msg, CancelWake):
                 self._sync(rec, 0)
+                self._sync_spare(rec, 0)
                 self.arbiter.cancel_wake(name)
                 return None
             if isinstance(msg, Offer):
@@ -235,8 +242,9 @@ class PageBroker:
             self.dead.append(worker)
             if rec.reclaimer is not None:
                 rec.reclaimer.closed = True
-            if rec.registered:
+            if rec.registered:  # its KV and workspace pages
                 self.arbiter.release(worker, self.arbiter.kv_pages(worker))
+                rec.spare = 0
                 self.arbiter.unregister(worker)
             if rec.group is not None:  # its slots only: other members keep the file
                 self._leave(worker, rec.group)
@@ -259,8 +267,8 @@ class PageBroker:
 
     def check_integrity(self) -> None:
         """Raise ArbiterError unless the arbiter's books hold, every worker's grant equals the
-        pages it holds, and every KV group's invariants hold (`KVGroup.problems`: no slot
-        behind two pages, free slots apart, no more memory allocated than pages held)."""
+        pages it holds (KV + workspace), and every KV group's invariants hold (no slot behind
+        two pages, free slots apart, no more memory allocated than pages held)."""
         with self.arbiter.lock:
             self.arbiter.check_integrity()
             groups = {}
@@ -269,9 +277,9 @@ class PageBroker:
                     continue
                 groups[id(rec.group)] = rec.group
                 booked = self.arbiter.kv_pages(rec.worker)
-                if booked != rec.held:
+                if booked != rec.held + rec.spare:
                     raise ArbiterError(f"worker {rec.worker!r}: booked {booked} pages, holds "
-                                       f"{rec.held}")
+                                       f"{rec.held} KV + {rec.spare} workspace")
             for group in groups.values():
                 if problems := group.problems():
                     raise ArbiterError(f"KV group {group.name!r}: {'; '.join(problems)}")

@@ -8,6 +8,8 @@ The worker maps its KV pages from slots of its KV group's memfd, which the front
 of the memfd when it books the release, so memory returns even if this process dies mid-way.
 Pages change owner within a group with `offer` / `take` / `withdraw`: the broker swaps slots
 and each side remaps the pages whose slot changed (`HostBackend.remap`), zero bytes copied.
+A step's workspace (engine/workspace.py) asks through `RemoteSpare`: the broker books those
+pages under this worker; they are mapped from the arena's own memfd, not the KV file.
 
 Reclaims are answered by an `EngineReclaimer` (engine/multi_model.py, the same one a model
 in the front process uses): it only try-locks the engine's KV storage, so it answers at once
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from elasticserve.engine.kv_connector import HandOffRefused
@@ -31,12 +33,14 @@ from elasticserve.procs.messages import (
     CancelWake,
     Grant,
     Granted,
+    GrantSpare,
     Offer,
     Reclaim,
     Reclaimed,
     Registered,
     RegisterWorker,
     Release,
+    ReleaseSpare,
     Take,
     Taken,
     Wake,
@@ -107,6 +111,11 @@ class RemotePageBroker:
     def wake(self) -> bool:
         return bool(self._ask(Wake()))
 
+    def spare_broker(self, mapped: Callable[[], int]) -> RemoteSpare:
+        """The `WorkspaceBroker` of this worker's step workspace; ``mapped``: the pages its
+        arena maps now (every message carries it, so the books follow the arena)."""
+        return RemoteSpare(self, mapped)
+
     def cancel_wake(self) -> None:
         self._ask(CancelWake())
 
@@ -155,6 +164,25 @@ class RemotePageBroker:
         return reply
 
 
+class RemoteSpare:
+    """`engine.workspace.WorkspaceBroker` over the pages channel: workspace pages booked by
+    the front's broker under this worker, all or none, never by preempting anyone."""
+
+    def __init__(self, broker: RemotePageBroker, mapped: Callable[[], int]) -> None:
+        self.broker = broker
+        self.mapped = mapped
+
+    def grant_spare(self, pages: int) -> int:
+        got = self.broker._ask(GrantSpare(pages, self.mapped()))
+        if not isinstance(got, int) or got not in (0, pages):
+            raise PageBrokerError(f"unexpected reply {got!r}")
+        return got
+
+    def release(self, pages: int) -> None:
+        """The arena unmapped ``pages`` (already: `mapped` counts without them)."""
+        self.broker._ask(ReleaseSpare(pages, self.mapped()))
+
+
 def _reason(reply: object) -> str:
     return reply.message if isinstance(reply, BrokerError) else f"unexpected reply {reply!r}"
 
@@ -187,4 +215,16 @@ def answer(reclaimer: EngineReclaimer, msg: Reclaim) -> Reclaimed:
         pages = calls[msg.op](msg.n)
     else:
         raise ValueError(f"unknown reclaim op {msg.op!r}")
-    return Reclaimed(rid, pages, reclaimer.last_mapped)
+    return Reclaimed(rid, pages, reclaimer.last_mapped, spare_after=_spare_after(reclaimer))
+
+
+def _spare_after(reclaimer: EngineReclaimer) -> int | None:
+    """The workspace pages mapped after a call that got the lock (a sleep unmaps them). Read
+    after it let go: the count may have fallen since (an idle shrink, whose ReleaseSpare then
+    books nothing more) but not risen, as a new page needs a grant, which waits for the
+    broker's lock, held until this reply is booked."""
+    engine = reclaimer.engine
+    arena = None if engine is None else engine.kv.workspace
+    if arena is None or reclaimer.last_mapped is None:
+        return None
+    return arena.mapped_pages

@@ -35,14 +35,17 @@ class RemoteReclaimer:
 
     ``book(mapped_after)``: the broker's callback when the worker reports the pages it maps
     after a reclaim call; it punches the rest out of the worker's memfd and returns how many
-    pages that freed (what the arbiter books)."""
+    pages that freed (what the arbiter books). ``book_spare(spare_after)``: the same for the
+    workspace pages its arena maps (a sleep unmaps them with the KV)."""
 
     def __init__(self, channel: Channel, book: Callable[[int], int], deadline_s: float = 2.0,
-                 probe_ttl_s: float = 0.02) -> None:
+                 probe_ttl_s: float = 0.02,
+                 book_spare: Callable[[int], int] | None = None) -> None:
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         self.channel = channel
         self.book = book
+        self.book_spare = book_spare
         self.deadline_s = deadline_s
         self.probe_ttl_s = probe_ttl_s
         self.timeouts = 0
@@ -82,7 +85,10 @@ class RemoteReclaimer:
         self._probe = None  # the worker's state changed
         if reply is None or reply.pages is None or reply.mapped_after is None:
             return None  # not answered in time, mid-step (owes the pages), or refused
-        return self.book(reply.mapped_after)
+        freed = self.book(reply.mapped_after)
+        if reply.spare_after is not None and self.book_spare is not None:
+            freed += self.book_spare(reply.spare_after)
+        return freed
 
     def _state(self) -> ProbeState | None:
         now = time.monotonic()

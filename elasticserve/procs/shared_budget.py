@@ -98,6 +98,10 @@ class SharedBudget:
     def worker_pages(self, worker: str) -> int:
         return self.broker.held(worker) if worker in self.broker.workers else 0
 
+    def workspace_pages(self, worker: str) -> int:
+        """Step-workspace pages booked under the worker (beside its KV pages)."""
+        return self.broker.spare(worker) if worker in self.broker.workers else 0
+
     def check_integrity(self) -> None:
         self.broker.check_integrity()
         self.registry.check_integrity()

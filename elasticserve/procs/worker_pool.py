@@ -171,7 +171,8 @@ class WorkerPool:
 
     # ---- observability ----------------------------------------------------------------------
     def workers_report(self) -> list[dict[str, Any]]:
-        """Every worker: model, role, pid, state, device, KV pages, weights, restarts."""
+        """Every worker: model, role, pid, state, device, KV and workspace pages, weights,
+        restarts."""
         out = []
         for spec, client in self._plans:
             entry = client.report()
@@ -179,6 +180,7 @@ class WorkerPool:
             entry["weights_shared"] = self.budget is not None
             if self.budget is not None:
                 entry["kv_pages"] = self.budget.worker_pages(spec.worker)
+                entry["workspace_pages"] = self.budget.workspace_pages(spec.worker)
             out.append(entry)
         return out
 

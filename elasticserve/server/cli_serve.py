@@ -225,7 +225,7 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
                         "overlapped with the forward pass (CPU only)")
     p.add_argument("--runtime-memory-from-budget", action="store_true",
                    help="a step's MLP intermediates and logits live in pages granted by the "
-                        "--memory budget, given back after the step (needs --in-process)")
+                        "--memory budget, given back after the step")
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -243,9 +243,6 @@ def make_server(args: argparse.Namespace) -> tuple[Any, dict[str, EngineClient]]
     from elasticserve.server.api_server import build_app
     from elasticserve.server.shutdown import GracefulServer
 
-    if args.runtime_memory_from_budget and not args.in_process:
-        raise ValueError("--runtime-memory-from-budget needs --in-process (a worker's page "
-                         "broker cannot grant workspace pages yet)")
     pool, engines = (_in_process(args) if args.in_process
                      else start_workers(args, model_specs(args), engine_args(args)))
     app = build_app(engines, pool=pool, admin_token=args.admin_token,

@@ -1,10 +1,9 @@
-"""`serve --runtime-memory-from-budget`: engine workspaces on the pool's budget (in-process)."""
+"""`serve --runtime-memory-from-budget`: engine workspaces on the pool's budget, in-process
+and in worker processes."""
 
 from __future__ import annotations
 
 import argparse
-
-import pytest
 
 from elasticserve.server.cli_serve import add_serve_parser, engine_args, make_server
 
@@ -29,7 +28,13 @@ def test_flag_reaches_the_engines_in_process(model_dir: str) -> None:
         server.close()
 
 
-def test_flag_needs_in_process(model_dir: str) -> None:
-    args = _parse("--model", f"a={model_dir}", "--runtime-memory-from-budget")
-    with pytest.raises(ValueError, match="--in-process"):
-        make_server(args)
+def test_flag_reaches_worker_processes(model_dir: str) -> None:
+    args = _parse("--model", f"a={model_dir}", "--memory", "64MiB",
+                  "--runtime-memory-from-budget", "--port", "0")
+    server, engines = make_server(args)  # workers under the front's page broker
+    try:
+        stats = engines["a"].memory_stats()
+        # the worker built its arena; its pages come from the broker (tests/procs)
+        assert stats["workspace_reserved_bytes"] > 0 and stats["workspace_fallbacks"] == 0
+    finally:
+        server.close()
