@@ -182,7 +182,7 @@ def test_a_workspace_grant_never_preempts_a_neighbour() -> None:
 
 
 def test_a_worker_broker_is_refused(tiny_llama: str) -> None:
-    class SlotBroker:  # like procs' RemotePageBroker: a grant names slots of the KV file
+    class SlotBroker:  # neither grant_spare nor spare_broker (procs: RemotePageBroker has one)
         pages_reclaimed = 0
 
         def attach_model(self, weights_bytes: int) -> None: ...
