@@ -58,10 +58,16 @@ class CacheConfig:
     # a step's swap-in (onload from the tier or swap area) is copied layer by layer on a helper
     # thread, overlapped with the forward pass (worker/layer_onload.py); CPU only for now
     layerwise_onload: bool = False
+    # LayerKV residency: a preempted decode group keeps decoding with its KV in the host tier,
+    # each layer staged to the device just ahead of its use (worker/layer_stream.py)
+    layerwise_residency: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layerwise_onload, bool):
-            raise ValueError(f"layerwise_onload must be a bool, got {self.layerwise_onload!r}")
+        for name in ("layerwise_onload", "layerwise_residency"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.layerwise_residency and self.host_kv_cache_bytes is None:
+            raise ValueError("layerwise_residency needs the host KV tier (host_kv_cache_bytes)")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
@@ -248,6 +254,12 @@ class EngineConfig:
         if self.cache.layerwise_onload and self.device.device == "cuda":
             raise ValueError("layerwise_onload is CPU-only for now (a CUDA copy stream with "
                              "per-layer events is not built); use device='cpu'")
+        if self.cache.layerwise_residency and (self.device.device != "cpu" or
+                                               self.model.attention_backend not in
+                                               ("auto", "native")):
+            raise ValueError("layerwise_residency needs device='cpu' and the native attention "
+                             f"backend, got {self.device.device!r}, "
+                             f"{self.model.attention_backend!r}")
         if self.device.cuda_graphs and self.model.attention_backend not in ("auto", "triton"):
             raise ValueError("cuda_graphs needs attention_backend 'triton' (static launch "
                              f"shapes), got {self.model.attention_backend!r}")

@@ -36,6 +36,9 @@ class ScheduledSeq:
     sample_seq_ids: list[int] = field(default_factory=list)
     num_candidates: int = 0  # beam search: top candidates to return instead of a sample
     prompt_logprobs: int | None = None  # return logprobs of the prompt tokens in this chunk
+    # the sequence's KV is in the host tier (`block_table` holds host ids): its one decode
+    # token attends over layers staged one at a time (worker/layer_stream.py)
+    on_host: bool = False
 
 
 @dataclass(slots=True)

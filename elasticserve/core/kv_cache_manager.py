@@ -200,6 +200,19 @@ class KVCacheManager:
             seq.on_host, seq.num_hashed = True, 0
         return list(mapping.items())
 
+    def append_host_slots(self, seq_id: int, end: int) -> bool:
+        """Room for a swapped-out sequence's tokens up to ``end`` in host blocks (it decodes
+        from the host tier, core/sched_stream.py); False, and no change, if the pool is full."""
+        seq = self._get(seq_id)
+        need = -(-end // self.block_size) - len(seq.table)
+        if need > self._host.num_free or not seq.on_host:
+            return False
+        if need > 0:
+            fresh = list(self._host.take(list(range(-need, 0))).values())
+            self._host.incref(fresh)
+            seq.table.extend(fresh)
+        return True
+
     def num_blocks_needed_for_swap_in(self, seq_ids: Sequence[int]) -> int:
         """Device blocks ``swap_in(seq_ids)`` would allocate (shared blocks count once)."""
         seqs = [self._get(s) for s in seq_ids]

@@ -40,6 +40,8 @@ class SchedulerStats:
     failed: int = 0  # requests ended with FinishReason.ERROR
     kv_offloaded_blocks: int = 0  # device blocks copied to host (swap area or host tier)
     kv_onloaded_blocks: int = 0  # host blocks copied back to the device
+    streamed_offloads: int = 0  # victims that kept decoding from the host tier (sched_stream)
+    kv_streamed_steps: int = 0  # sequence-steps decoded with the KV in the host tier
 
 
 @dataclass(slots=True)

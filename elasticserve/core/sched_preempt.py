@@ -9,12 +9,13 @@ from collections.abc import Callable
 from elasticserve.config import CacheConfig, SchedulerConfig
 from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.sched_policy import SchedulerStats, choose_swap, push_back, push_front
+from elasticserve.core.sched_stream import Streaming
 from elasticserve.core.slo import SloPolicy
 from elasticserve.outputs import FailedRequest, SchedulerOutput
 from elasticserve.request import FinishReason, Sequence, SequenceGroup, SequenceStatus
 
 
-class Preemption:
+class Preemption(Streaming):
     """The Scheduler's preemption half (its state lives in Scheduler.__init__)."""
 
     config: SchedulerConfig
@@ -42,14 +43,21 @@ class Preemption:
         """
         out = SchedulerOutput()
         while self.running and self.kv.pool.num_used > max_blocks:
-            self._preempt(self._pop_victim(None), out)
+            victim = self._pop_victim(None)
+            if victim is None:
+                break  # only streamed groups are left: they hold no device block
+            self._preempt(victim, out)
+            if self.is_streamed(victim):
+                push_back(self.running, victim)
         return out.blocks_to_swap_out
 
     def _pop_victim(self, group: SequenceGroup | None) -> SequenceGroup:
         """Take the preemption victim off ``running`` (or return ``group``, the one being
         scheduled, which is off it already). FCFS: the tail, i.e. the lowest-priority, latest
         group, never more important than ``group`` (it came off the head). "slo": the least
-        important group with the most slack."""
+        important group with the most slack. Streamed groups are never victims."""
+        if self.cache.layerwise_residency:
+            return self._pop_resident_victim(group)  # type: ignore[return-value]
         if self.slo is None or self.config.policy != "slo":
             return self.running.pop() if self.running else group  # type: ignore[return-value]
         candidates = list(self.running) + ([group] if group is not None else [])
@@ -59,6 +67,8 @@ class Preemption:
         return victim
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        if self.cache.layerwise_residency and self._stream(group, out):
+            return  # it keeps running, its KV in the host tier (sched_stream.py)
         seqs = group.seqs_with(SequenceStatus.RUNNING)
         ids = [s.seq_id for s in seqs]
         self.stats.preemptions += 1

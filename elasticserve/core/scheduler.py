@@ -161,6 +161,8 @@ class Scheduler(Preemption):
         budget.tokens -= reserve
         preempted = self._schedule_running(out, budget)
         budget.tokens += reserve
+        if self.cache.layerwise_residency:
+            self._schedule_streamed(out, budget, preempted)
         if not preempted:
             self._schedule_swapped(out, budget)
         if not preempted and not self.swapped:
@@ -183,14 +185,18 @@ class Scheduler(Preemption):
                 continue
             before = seq.num_computed_tokens
             seq.num_computed_tokens = after = before + len(item.token_ids)
-            if caching and after // bs > before // bs:  # a block just became full
+            if caching and after // bs > before // bs and not item.on_host:  # a block filled
                 self.kv.cache_blocks(seq.seq_id, seq.token_ids, after)
 
     def _schedule_running(self, out: SchedulerOutput, budget: Budget) -> bool:
         preempted = False
         kept: deque[SequenceGroup] = deque()
+        streaming = self.cache.layerwise_residency
         while self.running:
             group = self.running.popleft()
+            if streaming and self.is_streamed(group):
+                kept.append(group)  # decodes from host after the resident groups
+                continue
             while (fit := self._try_schedule(group, out, budget)) is not _SCHEDULED:
                 if fit is _NO_BUDGET:
                     break  # stays running, runs next step
@@ -208,6 +214,8 @@ class Scheduler(Preemption):
                 preempted = True
                 if victim is group:
                     break
+                if streaming and self.is_streamed(victim):
+                    push_back(self.running, victim)  # streamed: it stays in the batch
             else:
                 kept.append(group)
                 continue

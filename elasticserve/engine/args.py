@@ -46,6 +46,7 @@ class EngineArgs:
     # host memory as an elastic KV tier (bytes; None: the fixed `swap_space` area as before)
     host_kv_cache_bytes: int | None = None
     layerwise_onload: bool = False  # swap-ins copied layer by layer, overlapped with compute
+    layerwise_residency: bool = False  # preempted decodes keep decoding from the host tier
     memory_backend: str = "auto"  # "auto": VMM pages on a cuda device, host pages on the CPU
     page_size: int | None = None
     # a step's MLP intermediate and logits in pages of the KV budget (engine/workspace.py)
@@ -103,7 +104,7 @@ class EngineArgs:
             kv_cache_min_bytes=self.kv_cache_min_bytes, kv_cache_max_bytes=self.kv_cache_max_bytes,
             kv_reserve_pages=self.kv_reserve_pages, kv_shrink_after_s=self.kv_shrink_after_s,
             kv_keep_peak_s=self.kv_keep_peak_s, host_kv_cache_bytes=self.host_kv_cache_bytes,
-            layerwise_onload=self.layerwise_onload)
+            layerwise_onload=self.layerwise_onload, layerwise_residency=self.layerwise_residency)
 
     def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         max_len = self.max_model_len or model_max_len

@@ -87,6 +87,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
                       host_kv_cache_bytes=args.host_kv_memory,
                       layerwise_onload=args.layerwise_onload,
+                      layerwise_residency=args.layerwise_residency,
                       runtime_memory_from_budget=args.runtime_memory_from_budget)
 
 
@@ -223,6 +224,9 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layerwise-onload", action="store_true",
                    help="copy KV coming back from host layer by layer on a helper thread, "
                         "overlapped with the forward pass (CPU only)")
+    p.add_argument("--layerwise-residency", action="store_true",
+                   help="preempted decodes keep decoding with their KV in the host tier, one "
+                        "layer staged at a time (needs --host-kv-memory; CPU, native attention)")
     p.add_argument("--runtime-memory-from-budget", action="store_true",
                    help="a step's MLP intermediates and logits live in pages granted by the "
                         "--memory budget, given back after the step")
