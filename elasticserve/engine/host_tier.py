@@ -20,14 +20,19 @@ costs what a memcpy costs.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from elasticserve.config import CacheConfig
 from elasticserve.core.host_blocks import HostBlocks
+from elasticserve.core.scheduler import Scheduler
 from elasticserve.errors import InvalidFieldError
 from elasticserve.memory.backend import DEFAULT_PAGE_SIZE, round_up
 from elasticserve.memory.factory import get_backend
 from elasticserve.memory.vtensor import VirtualTensor
+from elasticserve.worker.layer_stream import LayerStream
+from elasticserve.worker.model_runner import ModelRunner
 
 
 class HostKVTier:
@@ -47,6 +52,7 @@ class HostKVTier:
         self.num_blocks = min(nbytes // block_bytes, self.vt.max_rows)
         self.blocks: HostBlocks | None = None
         self.grow_events = self.shrink_events = 0
+        self.stream: LayerStream | None = None  # layerwise_residency's stage (attach_stream)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -88,8 +94,30 @@ class HostKVTier:
                 "host_kv_mapped_bytes": self.vt.mapped_bytes,
                 "host_kv_used_bytes": used * self.block_bytes,
                 "host_kv_grow_events": self.grow_events,
-                "host_kv_shrink_events": self.shrink_events}
+                "host_kv_shrink_events": self.shrink_events,
+                "kv_stage_bytes": 0 if self.stream is None else self.stream.stage_bytes}
 
     def close(self) -> None:
         self.vt.close()
         self.vt.backend.close()
+
+
+def attach_stream(cache: CacheConfig, tier: HostKVTier | None, runner: ModelRunner) -> None:
+    """With `layerwise_residency`, give the runner a stage over the tier (worker/layer_stream.py);
+    its bytes show in memory_stats (`kv_stage_bytes`)."""
+    if not cache.layerwise_residency:
+        return
+    if tier is None:
+        raise InvalidFieldError("layerwise_residency", "layerwise_residency needs the host KV "
+                                "tier (host_kv_cache_bytes)")
+    if not runner.native_decode:  # "auto" fell back to torch: no compiler here
+        raise InvalidFieldError("layerwise_residency", "layerwise_residency needs the native "
+                                "attention backend, which is unavailable here")
+    tier.stream = runner.stream = LayerStream(tier.tensor)
+
+
+def stream_stats(scheduler: Scheduler, runner: ModelRunner) -> dict[str, Any]:
+    """`stats()` counters of layerwise residency (zeros when it is off)."""
+    return {"kv_streamed_sequences": scheduler.num_streamed(),
+            "kv_streamed_steps": scheduler.stats.kv_streamed_steps,
+            "kv_streamed_layer_bytes": 0 if runner.stream is None else runner.stream.layer_bytes}

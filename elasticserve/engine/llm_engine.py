@@ -15,6 +15,7 @@ from elasticserve.core.scheduler import Scheduler
 from elasticserve.core.tiered_kv import TieredKVCacheManager, tier_stats
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.beam_search import beam_step
+from elasticserve.engine.host_tier import attach_stream, stream_stats
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
 from elasticserve.engine.pd import KVHandOff, PDRole, role_stats
@@ -63,8 +64,7 @@ class LLMEngine(SleepWake):
         if broker is not None:
             broker.attach_model(self.weights_bytes)
         self.kv = KVStorage(self.cache_config, self.config.memory, self.model_config,
-                            self._param_dtype(), broker, kv_backend,
-                            device=self.config.device.device)
+                            self._param_dtype(), broker, kv_backend, device=self.config.device.device)
         self._build_scheduler_and_runner()
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler_config.max_model_len)
         self.groups: dict[str, SequenceGroup] = {}
@@ -73,8 +73,7 @@ class LLMEngine(SleepWake):
         # set to a list: what the simulator's CPU cost model is fitted to
         self.step_trace: list[tuple[tuple[tuple[int, int], ...], float]] | None = None
         self.step_stats = StepRecorder()  # each step's numbers for metrics (AsyncEngine pops)
-        self.asleep = False
-        self.sleeps = self.wakes = 0
+        self.asleep, self.sleeps, self.wakes = False, 0, 0
         self.wake_latencies_s: list[float] = []
         self.last_active = time.monotonic()
         # prefill/decode disaggregation (engine/pd.py): set by a worker of either role; the
@@ -104,6 +103,7 @@ class LLMEngine(SleepWake):
             workspace=self._make_workspace())
         # the fused element-wise ops come with the native backend (same library, same checks)
         self.model.use_native_ops(self.runner.native_decode)
+        attach_stream(cache, self.kv.host_tier, self.runner)  # layerwise_residency's stage
         small, threads = self.config.model.small_step_tokens, torch.get_num_threads()
         if small and threads > 1 and self.config.device.device == "cpu":
             self.runner.step_threads = StepThreads(threads, small)
@@ -319,7 +319,7 @@ class LLMEngine(SleepWake):
             "blocks_used": self.kv_manager.pool.num_used,
             "blocks_total": self.kv_manager.pool.num_blocks,
             "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-            "num_swapped": len(self.scheduler.swapped),
+            "num_swapped": len(self.scheduler.swapped), **stream_stats(self.scheduler, self.runner),
             "asleep": self.asleep, "sleeps": self.sleeps, "wakes": self.wakes,
             **role_stats(self.pd),
         }

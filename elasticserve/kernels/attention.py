@@ -30,6 +30,7 @@ from elasticserve.kernels.decode_torch import (
     layer_rows,
     release_workspace,
 )
+from elasticserve.kernels.stage_attention import StagedDecode, attend_staged
 
 if TYPE_CHECKING:  # triton is imported only when its backend is used (1 GB, ~2 s to import)
     from elasticserve.kernels.triton_attention import TritonWork
@@ -77,6 +78,10 @@ class AttentionMetadata:
     # attention_backend="triton": every sequence (decode and prefill) goes to the Triton kernel
     # (kernels/triton_attention.py), and decode_chunks and prefills stay empty
     triton_work: TritonWork | None = None
+    # decode rows whose KV is in the host tier, attended over a one-layer stage
+    # (kernels/stage_attention.py; set by worker/layer_stream.py, which also takes them out of
+    # slot_mapping/slot_* and native_decode)
+    staged: StagedDecode | None = None
 
     @classmethod
     def build(cls, seqs: list[tuple[int, int, list[int]]], block_size: int,
@@ -210,7 +215,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns [T, Hq, D] in q's dtype. Causality is by
     absolute position: new tokens of sequence i sit at seq_lens[i]-n_i .. seq_lens[i]-1.
     """
-    write_kv(k, v, kv_cache, layer_idx, meta)
+    staged = meta.staged
+    if staged is None:
+        write_kv(k, v, kv_cache, layer_idx, meta)
+    else:
+        rows = staged.resident_rows
+        write_kv(k.index_select(0, rows), v.index_select(0, rows), kv_cache, layer_idx, meta)
     out = torch.empty_like(q)
     if meta.triton_work is not None:
         from elasticserve.kernels import triton_attention
@@ -221,6 +231,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         native.decode(q, kv_cache, layer_idx, meta.native_decode, scale, out)
     elif meta.decode_chunks:
         decode_attention(q, kv_cache, layer_idx, meta.decode_chunks, scale, out)
+    if staged is not None:
+        attend_staged(q, k, v, layer_idx, staged, scale, out)
     for p in meta.prefills:
         if p.mask is None:
             # Whole context is new: use the fresh k/v and skip the cache round trip.

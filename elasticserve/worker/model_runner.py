@@ -16,6 +16,7 @@ from elasticserve.outputs import ModelRunnerOutput, SampleResult, ScheduledSeq, 
 from elasticserve.sampling_params import SamplingParams
 from elasticserve.worker.cuda_graphs import DecodeGraphs
 from elasticserve.worker.layer_onload import LayerOnload, LayerwiseCopier
+from elasticserve.worker.layer_stream import LayerStream
 from elasticserve.worker.sampler import Sampler, SamplingRow, prompt_logprobs
 from elasticserve.worker.step_threads import StepThreads
 from elasticserve.worker.structured import GrammarCompiler, GrammarStates, allowed_tokens
@@ -39,6 +40,7 @@ class ModelRunner:
     copied layer by layer on a helper thread while the forward pass runs, each layer waiting
     only for its own copies (worker/layer_onload.py).
     """
+    stream: LayerStream | None = None  # set by the engine: host-tier rows (layer_stream.py)
 
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, swap_cache: torch.Tensor | None,
                  block_size: int, tokenizer: Tokenizer, native_decode: bool = False,
@@ -125,15 +127,13 @@ class ModelRunner:
         """Swap out, swap in, then copy (COW and compaction), in that order. With layer-wise
         onload the swap-in is started, not done: the caller waits on the returned job (only
         when the step has no block copies, which might read the swapped-in blocks)."""
-        # host <-> device: asynchronous copies from/to pinned swap space, in stream order
-        if out.blocks_to_swap_out:
+        if out.blocks_to_swap_out:  # host <-> device copies, in stream order
             assert self.swap_cache is not None, "swap-out scheduled without swap space"
             copy_rows(self.swap_cache, self.kv_cache, out.blocks_to_swap_out)
         if out.blocks_to_swap_in:
             assert self.swap_cache is not None, "swap-in scheduled without swap space"
             if self.layerwise is not None and not out.blocks_to_copy:
-                return self.layerwise.start(self.kv_cache, self.swap_cache,
-                                            out.blocks_to_swap_in)
+                return self.layerwise.start(self.kv_cache, self.swap_cache, out.blocks_to_swap_in)
             t0 = time.perf_counter()
             copy_rows(self.kv_cache, self.swap_cache, out.blocks_to_swap_in)
             self.onload_stall_s += time.perf_counter() - t0
@@ -143,18 +143,18 @@ class ModelRunner:
         return None
 
     def _forward(self, scheduled: list[ScheduledSeq], onload: LayerOnload | None,
-                 ws: StepWorkspace | None = None
-                 ) -> tuple[torch.Tensor, AttentionMetadata]:
+                 ws: StepWorkspace | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
         """Hidden states of every new token: a decode-only batch that fits a bucket goes
         through the static buffers (graph replay on a GPU), anything else eagerly (layer i
-        waiting for layer i's onload, if any)."""
+        waiting for layer i's onload and stage, if any)."""
         bucket = None
         if self.graphs is not None and all(len(s.token_ids) == 1 for s in scheduled):
             bucket = self.graphs.bucket_for(len(scheduled))
         if bucket is None or self.graphs is None:
             input_ids, positions, meta = self._prepare(scheduled)
             wait = None if onload is None else onload.wait
-            return self.model.forward(input_ids, positions, self.kv_cache, meta, wait, ws), meta
+            fwd = self.stream.wrap(self.model.forward, scheduled) if self.stream else self.model.forward
+            return fwd(input_ids, positions, self.kv_cache, meta, wait, ws), meta
         if onload is not None:
             onload.wait_all()  # a replayed graph has no per-layer hook
         self.graphs.load([(s.token_ids[0], s.start_pos, s.block_table) for s in scheduled])

@@ -1,0 +1,234 @@
+"""Layer-wise KV residency (LayerKV): sequences whose KV is in the host tier decode anyway, each
+layer of their blocks staged onto the device just ahead of the layer that reads it.
+
+The stage holds ONE layer, double-buffered: `[2][stage_blocks, 1, 2, block_size, kv_heads,
+head_dim]`. Layer j goes into buffer j % 2. A helper thread copies layers in order, but layer j
+only once the forward pass has reached layer j - 1 (buffer j % 2 last held layer j - 2, whose
+attention is then over); before layer i the step's thread copies any layer up to i that the
+helper has not claimed (`steal`, as worker/layer_onload.py does), then waits for layer i.
+Layer i's attention for the streamed rows runs over the stage (kernels/stage_attention.py),
+which also writes the new token's K/V back to its host block; resident rows are untouched.
+The stage is sized from the step's streamed blocks and grows on demand (never shrinks: a
+later step reuses it); `stage_bytes` counts it.
+
+CPU only: on a GPU the stage copies would go on a copy stream with an event per layer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from elasticserve.kernels import native
+from elasticserve.kernels.attention import AttentionMetadata
+from elasticserve.kernels.block_copy import runs
+from elasticserve.kernels.stage_attention import StagedDecode
+from elasticserve.outputs import ScheduledSeq
+
+__all__ = ["LayerStream", "StageFill", "StreamError"]
+
+Forward = Callable[..., torch.Tensor]
+
+
+class StreamError(RuntimeError):
+    """A stage copy failed or missed its deadline: the step fails."""
+
+
+class StageFill:
+    """One step's stage copies: layer j by whoever claims it first, gated by the buffers."""
+
+    def __init__(self, copy: Callable[[int], None], num_layers: int, deadline_s: float) -> None:
+        self._copy = copy
+        self._n = num_layers
+        self._cond = threading.Condition()
+        self._next = 0  # the lowest layer nobody has claimed
+        self._allowed = 1  # layers up to this may be copied (two buffers: 0 and 1 at first)
+        self._done = [False] * num_layers
+        self._busy = False  # the helper is inside a copy
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self.stolen = 0  # layers the step's thread copied itself
+        self._deadline = time.monotonic() + deadline_s
+
+    def run_helper(self) -> None:
+        """The helper thread: claim layers in order as the gate allows."""
+        while True:
+            with self._cond:
+                while not self._over() and self._next > self._allowed:
+                    if not self._cond.wait(max(0.0, self._deadline - time.monotonic())):
+                        return  # the step's thread steals what is left
+                if self._over():
+                    return
+                layer, self._busy = self._next, True
+                self._next += 1
+            self._run(layer, helper=True)
+
+    def before_layer(self, layer: int) -> None:
+        """Layer `layer - 1` is over: open the gate for `layer + 1`, copy unclaimed layers up
+        to `layer` here, then wait for `layer`; raises StreamError."""
+        with self._cond:
+            self._allowed = layer + 1
+            mine = list(range(self._next, layer + 1))
+            self._next = max(self._next, layer + 1)
+            self._cond.notify_all()
+        for j in mine:
+            self._run(j, helper=False)
+            self.stolen += 1
+        with self._cond:
+            while not self._done[layer] and self.error is None:
+                if not self._cond.wait(max(0.0, self._deadline - time.monotonic())):
+                    raise StreamError(f"layer stream: layer {layer} missed its deadline")
+        if self.error is not None:
+            raise StreamError(f"layer stream failed: {self.error!r}") from self.error
+
+    def finish(self) -> bool:
+        """End of the step: nothing more is claimed; wait (at most a second past the deadline)
+        for a copy the helper is in. False: the helper is stuck."""
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+            end = max(self._deadline, time.monotonic() + 1.0)
+            while self._busy:
+                if not self._cond.wait(max(0.0, end - time.monotonic())):
+                    return False
+        return True
+
+    def _over(self) -> bool:
+        return self.cancelled or self.error is not None or self._next >= self._n
+
+    def _run(self, layer: int, helper: bool) -> None:
+        try:
+            with torch.inference_mode():
+                self._copy(layer)
+        except BaseException as exc:  # noqa: BLE001 - raised in the step by before_layer
+            with self._cond:
+                self.error = exc
+                self._busy = self._busy and not helper
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._done[layer] = True
+            self._busy = self._busy and not helper
+            self._cond.notify_all()
+
+
+class LayerStream:
+    """The runner's side: per step, a `StagedDecode` for the streamed rows and the forward pass
+    run with the stage filled layer by layer. `host` is the host tier's tensor."""
+
+    def __init__(self, host: torch.Tensor, deadline_s: float = 30.0) -> None:
+        if deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s!r}")
+        self.host = host
+        self.deadline_s = deadline_s
+        self._stage: torch.Tensor | None = None  # [2, stage_blocks, 1, 2, bs, kv_heads, dim]
+        self._pool: ThreadPoolExecutor | None = None
+        self.layer_bytes = 0  # bytes copied host -> stage, over all steps
+        self.stolen_layers = 0  # stage layers the step's thread copied itself
+
+    @property
+    def stage_bytes(self) -> int:
+        """Bytes of the stage (both buffers) now allocated."""
+        return 0 if self._stage is None else self._stage.numel() * self._stage.element_size()
+
+    def wrap(self, forward: Forward, scheduled: list[ScheduledSeq]) -> Forward:
+        """`forward` (CausalLM.forward's signature) made to stage the streamed rows' layers;
+        `forward` itself when no row of the step is streamed."""
+        idx = [i for i, s in enumerate(scheduled) if s.on_host]
+        if not idx:
+            return forward
+
+        def run(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, before_layer: Callable[[int], None] | None,
+                workspace: object) -> torch.Tensor:
+            staged, fill = self._begin(scheduled, idx, meta)
+            stage = self._stage
+            assert stage is not None
+
+            def hook(layer: int) -> None:
+                if before_layer is not None:
+                    before_layer(layer)  # a layer-wise onload of the same step
+                fill.before_layer(layer)
+                staged.stage = stage[layer % 2]
+
+            try:
+                return forward(input_ids, positions, kv_cache, meta, hook, workspace)
+            finally:
+                self.stolen_layers += fill.stolen
+                if not fill.finish() and self._pool is not None:
+                    self._pool.shutdown(wait=False)  # a stuck helper: the next step gets another
+                    self._pool = None
+        return run
+
+    def _begin(self, scheduled: list[ScheduledSeq], idx: list[int], meta: AttentionMetadata
+               ) -> tuple[StagedDecode, StageFill]:
+        rows: dict[int, int] = {}  # host block -> stage row
+        for i in idx:
+            for h in scheduled[i].block_table:
+                rows.setdefault(h, len(rows))
+        self._ensure(len(rows))
+        staged = _staged(scheduled, idx, meta, rows, self.host)
+        pairs = runs(list(rows.items()))
+        per_layer = len(rows) * self.host[0, 0].numel() * self.host.element_size()
+        stage, host = self._stage, self.host
+        assert stage is not None
+
+        def copy(layer: int) -> None:
+            buf = stage[layer % 2]
+            for s, d, n in pairs:
+                buf[d:d + n, 0].copy_(host[s:s + n, layer])
+            self.layer_bytes += per_layer
+
+        fill = StageFill(copy, host.shape[1], self.deadline_s)
+        if self._pool is None:  # lazily: an engine that never streams holds no thread
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-stage")
+        self._pool.submit(fill.run_helper)
+        return staged, fill
+
+    def _ensure(self, blocks: int) -> None:
+        """A stage of at least `blocks` rows per buffer (grows by doubling, never shrinks)."""
+        have = 0 if self._stage is None else self._stage.shape[1]
+        if blocks <= have:
+            return
+        rows = max(blocks, 2 * have)
+        shape = (2, rows, 1, *self.host.shape[2:])
+        self._stage = torch.empty(shape, dtype=self.host.dtype, device="cpu")
+
+
+def _staged(scheduled: list[ScheduledSeq], idx: list[int], meta: AttentionMetadata,
+            rows: dict[int, int], host: torch.Tensor) -> StagedDecode:
+    """Take the streamed rows out of `meta`'s paged-cache work and describe them over the
+    stage; sets `meta.staged`."""
+    bs = host.shape[3]
+    qsl, streamed = meta.query_start_loc, set(idx)
+    resident = [t for i in range(len(scheduled)) if i not in streamed
+                for t in range(qsl[i], qsl[i + 1])]
+    res = torch.tensor(resident, dtype=torch.int64)
+    meta.slot_mapping, meta.slot_blocks, meta.slot_offsets = (
+        meta.slot_mapping[res], meta.slot_blocks[res], meta.slot_offsets[res])
+    threads = meta.native_decode.threads if meta.native_decode is not None else 0
+    dec = [i for i in range(len(scheduled)) if i not in streamed and qsl[i + 1] - qsl[i] == 1]
+    meta.decode_tokens = torch.tensor([qsl[i] for i in dec], dtype=torch.int64)
+    meta.native_decode = None
+    if dec:
+        meta.native_decode = native.NativeDecode.build(
+            [qsl[i] for i in dec], [meta.seq_lens[i] for i in dec], meta.block_tables[dec])
+        meta.native_decode.threads = threads
+    width = max(len(scheduled[i].block_table) for i in idx)
+    tables = torch.tensor([[rows[h] for h in scheduled[i].block_table]
+                           + [0] * (width - len(scheduled[i].block_table)) for i in idx],
+                          dtype=torch.int64)
+    pos = [scheduled[i].start_pos for i in idx]
+    hosts = [scheduled[i].block_table[p // bs] for i, p in zip(idx, pos, strict=True)]
+    work = native.NativeDecode.build([qsl[i] for i in idx], [p + 1 for p in pos], tables)
+    work.threads = threads
+    meta.staged = StagedDecode(
+        rows=torch.tensor([qsl[i] for i in idx], dtype=torch.int64), resident_rows=res,
+        stage_blocks=torch.tensor([rows[h] for h in hosts], dtype=torch.int64),
+        host_blocks=torch.tensor(hosts, dtype=torch.int64),
+        offsets=torch.tensor([p % bs for p in pos], dtype=torch.int64), work=work, host=host)
+    return meta.staged
