@@ -4,8 +4,10 @@ Every request of a seeded burst arrives at once; the elastic device cache may ho
 third of the burst's KV (`kv_cache_max_bytes`) and the rest must go somewhere when decodes grow:
 - `tier`: the elastic host tier (`host_kv_cache_bytes` = the burst's whole KV), offload-first;
 - `recompute`: `preemption_mode="recompute"` (KV dropped, prompt + output prefilled again);
-- `swap`: `preemption_mode="swap"` on today's fixed swap area of the same size.
-The three run alternated (rotating order), each `--reps` times, on the real engine; per run we
+- `swap`: `preemption_mode="swap"` on today's fixed swap area of the same size;
+- `stream`: the tier with `layerwise_residency`: a victim keeps decoding from the tier, one
+  layer staged at a time, and waiting prompts are admitted meanwhile (core/sched_stream.py).
+The four run alternated (rotating order), each `--reps` times, on the real engine; per run we
 record TTFT P50/P99 (first token time - arrival) and the burst's makespan, and report medians
 with spread = (max - min) / median. `--write-docs` puts the table in docs/BENCHMARKS.md.
 
@@ -24,7 +26,7 @@ from typing import Any
 from elasticserve import docs_section
 from elasticserve.bench.fairness import spread_pct
 
-CONFIGS = ("tier", "recompute", "swap")
+CONFIGS = ("tier", "recompute", "swap", "stream")
 
 
 def burst(count: int, length: int, seed: int) -> list[list[int]]:
@@ -39,6 +41,8 @@ def _engine_args(kind: str, model: str, device_bytes: int, host_bytes: int,
                             "kv_cache_max_bytes": device_bytes, "num_threads": 1}
     if kind == "tier":
         return base | {"host_kv_cache_bytes": host_bytes}
+    if kind == "stream":
+        return base | {"host_kv_cache_bytes": host_bytes, "layerwise_residency": True}
     if kind == "recompute":
         return base | {"preemption_mode": "recompute"}
     return base | {"preemption_mode": "swap", "swap_space": host_bytes}
@@ -70,7 +74,7 @@ def run_once(kind: str, model: str, prompts: list[list[int]], max_tokens: int,
         raise RuntimeError(f"{kind}: {len(prompts) - len(ttft)} requests did not finish")
     return {"ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "makespan": makespan,
             "recomputes": stats["recomputes"], "swaps_out": stats["swaps_out"],
-            "offloaded": stats["kv_offloaded_blocks"]}
+            "offloaded": stats["kv_offloaded_blocks"], "streamed": stats["kv_streamed_steps"]}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -99,7 +103,7 @@ def measure(model: str, count: int, length: int, max_tokens: int, reps: int
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in CONFIGS}
     run_once("recompute", model, prompts[:2], 4, budget)  # warm-up (loads, kernel build): dropped
     for rep in range(reps):
-        order = CONFIGS[rep % 3:] + CONFIGS[:rep % 3]  # rotate who goes first
+        order = CONFIGS[rep % len(CONFIGS):] + CONFIGS[:rep % len(CONFIGS)]  # rotate the first
         for kind in order:
             runs[kind].append(run_once(kind, model, prompts, max_tokens, budget))
     return runs
@@ -112,8 +116,8 @@ def report(runs: dict[str, list[dict[str, float]]], setup: str, argv: list[str])
              f"(a shared machine: other jobs ran beside these runs)",
              f"- {setup}", "",
              "| preemption | TTFT P99 ms (median) | spread | TTFT P50 ms | makespan s | spread "
-             "| recomputes | swap-outs | blocks offloaded |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| recomputes | swap-outs | blocks offloaded | streamed seq-steps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for kind, rs in runs.items():
         def med(key: str, rs: list[dict[str, float]] = rs) -> float:
             return statistics.median(r[key] for r in rs)
@@ -122,7 +126,7 @@ def report(runs: dict[str, list[dict[str, float]]], setup: str, argv: list[str])
         lines.append(f"| {kind} | {med('ttft_p99') * 1000:.0f} | {spread_pct(p99):.0f}% "
                      f"| {med('ttft_p50') * 1000:.0f} | {med('makespan'):.2f} "
                      f"| {spread_pct(span):.0f}% | {med('recomputes'):.0f} "
-                     f"| {med('swaps_out'):.0f} | {med('offloaded'):.0f} |")
+                     f"| {med('swaps_out'):.0f} | {med('offloaded'):.0f} | {med('streamed'):.0f} |")
     return "\n".join(lines)
 
 

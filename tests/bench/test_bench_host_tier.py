@@ -15,6 +15,10 @@ def test_burst_runs_every_preemption_kind_and_reports_them(tmp_path: str) -> Non
     assert tier["recomputes"] == 0 and tier["offloaded"] > 0
     assert recompute["recomputes"] > 0 and recompute["offloaded"] == 0
     assert swap["swaps_out"] > 0 and swap["recomputes"] == 0
-    assert all(r["ttft_p50"] <= r["ttft_p99"] <= r["makespan"] for r in (tier, recompute, swap))
+    stream = runs["stream"][0]  # victims kept decoding from the tier
+    assert stream["recomputes"] == 0 and stream["streamed"] > 0 and tier["streamed"] == 0
+    assert all(r["ttft_p50"] <= r["ttft_p99"] <= r["makespan"]
+               for r in (tier, recompute, swap, stream))
     text = host_tier.report(runs, "setup", ["--reps", "1"])
-    assert text.count("\n| ") == 4 and "| tier |" in text and "bench.host_tier" in text
+    assert text.count("\n| ") == 5 and "| stream |" in text and "| tier |" in text
+    assert "bench.host_tier" in text
