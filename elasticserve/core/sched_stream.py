@@ -8,6 +8,10 @@ crosses a block boundary); the runner stages one layer of its blocks at a time o
 (worker/layer_stream.py). Only single-sequence groups in their decode phase are streamed; n > 1
 and beam groups, and groups mid-prefill, are preempted as before (swap or recompute).
 
+Admission (LayerKV's point): when the head waiting prompt's first chunk does not fit, the
+latest resident decodes are streamed before the step until it does (`_stream_for_waiting`), so
+a burst's prompts are all prefilled early while older decodes continue from host. No TPOT guard
+yet: every streamed decode pays one stage copy per layer per step.
 Policy when device blocks are free again: streamed groups come back (a full swap-in, then they
 decode resident) in running order, but only with the room left after reserving the head
 waiting group's prompt blocks; so waiting groups are admitted while groups are streamed (the
@@ -72,6 +76,30 @@ class Streaming:
         self.stats.swap_outs += 1
         self.stats.streamed_offloads += 1
         return True
+
+    def _stream_for_waiting(self, out: SchedulerOutput) -> None:
+        """Before the step (LayerKV's admission): when the head waiting prompt's first chunk
+        does not fit the free device blocks (after growing), stream the latest resident decodes
+        (never one more important than it) until it does; none if they cannot free enough."""
+        if not self.waiting or self.swapped:
+            return
+        head = self.waiting[0]
+        tokens = min(len(head.seqs[0].token_ids), self.config.max_num_batched_tokens)
+        short = -(-tokens // self.kv.block_size) * len(head.seqs) - self.kv.num_free_blocks
+        if short <= 0 or (self.grow is not None and self.grow(short)):
+            return
+        victims: list[SequenceGroup] = []
+        for group in reversed(self.running):
+            if short <= 0:
+                break
+            seq = group.seqs[0]
+            if (group.priority <= head.priority and len(group.seqs) == 1 and not self.is_streamed(group)
+                    and seq.num_uncomputed == 1 and not group.is_beam_search):
+                victims.append(group)
+                short -= len(self.kv.block_table(seq.seq_id))
+        if short <= 0:
+            for group in victims:
+                self._stream(group, out)
 
     def _pop_resident_victim(self, group: SequenceGroup | None) -> SequenceGroup | None:
         """`_pop_victim` among resident groups only (a streamed one holds no device block):

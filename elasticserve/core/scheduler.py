@@ -159,6 +159,8 @@ class Scheduler(Preemption):
             reserve = self.slo.waiting_reserve(self.waiting, self.running, self.clock(),
                                                budget.tokens)
         budget.tokens -= reserve
+        if self.cache.layerwise_residency:
+            self._stream_for_waiting(out)
         preempted = self._schedule_running(out, budget)
         budget.tokens += reserve
         if self.cache.layerwise_residency:

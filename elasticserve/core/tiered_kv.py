@@ -166,6 +166,12 @@ class TieredKVCacheManager(KVCacheManager):
         self._pin(_distinct(self._get(s).table for s in seq_ids if self._get(s).on_host))
         return super().swap_in(seq_ids)
 
+    def append_host_slots(self, seq_id: int, end: int) -> bool:
+        need = -(-end // self.block_size) - len(self._get(seq_id).table)
+        if need > self._host.num_free:  # a streamed decode's next block: cached blocks yield
+            self.host_cache.evict(need - self._host.num_free)
+        return super().append_host_slots(seq_id, end)
+
     def drop_host_cache(self) -> int:
         """Forget every unpinned host prefix block (sleep); returns how many."""
         return self.host_cache.evict()
