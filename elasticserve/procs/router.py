@@ -25,7 +25,10 @@ from elasticserve.sampling_params import SamplingParams
 
 SUMMED = ("steps", "preemptions", "swaps_out", "swaps_in", "recomputes",
           "prefix_cache_hit_tokens", "blocks_used", "blocks_total", "num_running",
-          "num_waiting", "num_swapped", "sleeps", "wakes")
+          "num_waiting", "num_swapped", "sleeps", "wakes",
+          # the host KV tier and layer-wise residency
+          "kv_offloaded_blocks", "kv_onloaded_blocks", "host_prefix_hit_tokens",
+          "kv_streamed_sequences", "kv_streamed_steps", "kv_streamed_layer_bytes")
 
 
 class ReplicaRouter:

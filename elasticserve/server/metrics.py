@@ -142,13 +142,30 @@ _GAUGES = (
     ("num_requests_running", "Requests in the running batch.", "num_running", "stats"),
     ("num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting", "stats"),
     ("num_requests_swapped", "Requests swapped out to host memory.", "num_swapped", "stats"),
+    ("num_requests_streamed", "Running requests decoding from the host KV tier "
+     "(--layerwise-residency).", "kv_streamed_sequences", "stats"),
     ("kv_mapped_bytes", "KV cache bytes backed by memory.", "kv_mapped_bytes", "mem"),
     ("kv_used_bytes", "KV cache bytes held by live blocks.", "kv_used_bytes", "mem"),
+    ("host_kv_mapped_bytes", "Host KV tier bytes backed by memory.", "host_kv_mapped_bytes",
+     "mem"),
 )
 # the elastic memory's life, per model: pages granted (a grow maps them), pages taken back by
 # the arbiter, sleeps and wakes
 _COUNTERS = (
     ("num_preemptions", "Requests preempted for lack of KV memory.", "preemptions", "stats"),
+    ("num_recomputes", "Preempted requests whose KV was dropped and recomputed.", "recomputes",
+     "stats"),
+    # the host KV tier (--host-kv-memory) and layer-wise residency
+    ("kv_offloaded_blocks", "KV blocks copied to host memory by preemption.",
+     "kv_offloaded_blocks", "stats"),
+    ("kv_onloaded_blocks", "KV blocks copied back from host memory.", "kv_onloaded_blocks",
+     "stats"),
+    ("host_prefix_hit_tokens", "Prompt tokens served from prefix blocks in the host tier.",
+     "host_prefix_hit_tokens", "stats"),
+    ("kv_streamed_steps", "Sequence-steps decoded with the KV in the host tier.",
+     "kv_streamed_steps", "stats"),
+    ("kv_streamed_layer_bytes", "KV bytes staged layer by layer from the host tier.",
+     "kv_streamed_layer_bytes", "stats"),
     ("kv_grow_events", "Times the KV cache mapped more pages.", "grow_events", "mem"),
     ("kv_shrink_events", "Times the KV cache unmapped pages.", "shrink_events", "mem"),
     ("kv_pages_granted", "KV pages mapped (granted by the budget, if shared).", "pages_granted",
