@@ -5,6 +5,9 @@
  * context is gathered into a buffer: K and V are read once, straight from their blocks, and
  * positions past a sequence's length are never touched (whatever the slots hold).
  *
+ * Two paths: one pass with an online softmax on AVX-512 CPUs (head_dim <= 256), and portable
+ * loops elsewhere (scores, softmax, then P.V: three passes over the context).
+ *
  * The caller splits the work between threads: this call handles sequences first, first + step,
  * first + 2 * step, ... and touches only their output rows.
  */
@@ -89,80 +92,159 @@ static void pv_accumulate(const layout_t *L, const int64_t D, const int64_t *tab
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_AVX512 1
-/* head_dim a multiple of 16, at most 256: each K/V row sits in registers while every head of
- * its GQA group uses it. For the portable loops GCC emits a scalar tail and a slow reduction
- * per dot product (~10% slower on the offline benchmark's decode batches). The kernel is bound
- * by memory bandwidth either way: ~9 GB/s per core here, which is what one core streams
- * (`perf` puts the time on the row loads; prefetching the next block in software gained nothing). */
-static void qk_scores_avx512(const layout_t *L, int64_t D, const float *q, const int64_t *table,
-                             int64_t len, float scale, float *scores, int64_t stride) {
-    const int64_t G = L->group, row = L->hkv * D, nv = D / 16;
-    __m512 k[16];
+/* One pass over the context, a chunk of up to 16 tokens of one block at a time, with an online
+ * softmax (Flash-decoding style): per q head, the 16 scores of a chunk come out of one
+ * transpose-add tree (lane o = token o) instead of 16 horizontal reductions, are exponentiated
+ * in registers, and weight the chunk's V rows into accumulators held in registers for the
+ * chunk. K and V of one block sit next to each other and are read while hot; the next block is
+ * prefetched (the hardware prefetchers do not cross to it: it is a whole cache stride away). */
+
+/* 2^x for x <= 0 (lanes below -126 give ~0): degree-7 Taylor on [-0.5, 0.5], error ~5e-9. */
+static inline __m512 exp2_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    static const float c[8] = {1.0f, 0.6931471806f, 0.2402265070f, 0.0555041087f,
+                               0.0096181291f, 0.0013333558f, 0.0001540353f, 0.0000152527f};
+    __m512 p = _mm512_set1_ps(c[7]);
+    for (int i = 6; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* r[4q + j] = sum of the lanes of d[q + 4j]: four levels of shuffle-and-add (45 ops for 16
+ * dot products). The caller stores token o's products at d[o / 4 + 4 * (o % 4)]. */
+static inline __m512 sum16(const __m512 *d) {
+    __m512 e[8], f[4], g[2];
+    for (int i = 0; i < 8; ++i)
+        e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(d[2 * i], d[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(d[2 * i], d[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)
+        f[i] = _mm512_add_ps(_mm512_shuffle_f32x4(e[2 * i], e[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(e[2 * i], e[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)
+        g[i] = _mm512_add_ps(_mm512_shuffle_ps(f[2 * i], f[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(f[2 * i], f[2 * i + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xDD));
+}
+
+typedef struct {
+    const float *q;  /* [W]: the query, pre-scaled by scale * log2(e), zero past head_dim */
+    float *acc;      /* [W]: unnormalised output */
+    float *lsum;     /* [16]: per-lane sums of the probabilities */
+    float *m;        /* running max score (log2 units) */
+} head_state_t;
+
+/* n (1..16) tokens, rows `row` floats apart, of one kv head for one q head. nv = vectors per
+ * row (a constant after inlining, so q and the accumulators stay in registers). */
+static inline __attribute__((always_inline)) void chunk_head(const float *k, const float *v,
+        int64_t row, int n, head_state_t st, const int nv, const __mmask16 tail) {
+    __m512 r[16], d[16];
+    for (int c = 0; c < nv; ++c) r[c] = _mm512_loadu_ps(st.q + 16 * c);
+    for (int o = 0; o < 16; ++o) {
+        __m512 a = _mm512_setzero_ps();
+        if (o < n) {
+            const float *kr = k + o * row;
+            for (int c = 0; c < nv - 1; ++c)
+                a = _mm512_fmadd_ps(r[c], _mm512_loadu_ps(kr + 16 * c), a);
+            a = _mm512_fmadd_ps(r[nv - 1], _mm512_maskz_loadu_ps(tail, kr + 16 * (nv - 1)), a);
+        }
+        d[(o >> 2) + 4 * (o & 3)] = a;
+    }
+    const __m512 s = sum16(d);
+    const __mmask16 valid = (__mmask16)((1u << n) - 1);
+    const float top = _mm512_mask_reduce_max_ps(valid, s);
+    __m512 lsum = _mm512_loadu_ps(st.lsum);
+    for (int c = 0; c < nv; ++c) r[c] = _mm512_loadu_ps(st.acc + 16 * c);
+    if (top > *st.m) { /* a new max: rescale what was summed so far */
+        const __m512 alpha = _mm512_set1_ps(exp2f(*st.m - top));
+        lsum = _mm512_mul_ps(lsum, alpha);
+        for (int c = 0; c < nv; ++c) r[c] = _mm512_mul_ps(r[c], alpha);
+        *st.m = top;
+    }
+    const __m512 p = _mm512_maskz_mov_ps(valid, exp2_neg(_mm512_sub_ps(s, _mm512_set1_ps(*st.m))));
+    _mm512_storeu_ps(st.lsum, _mm512_add_ps(lsum, p));
+    float pb[16] __attribute__((aligned(64)));
+    _mm512_store_ps(pb, p);
+    for (int o = 0; o < n; ++o) {
+        const float *vr = v + o * row;
+        const __m512 w = _mm512_set1_ps(pb[o]);
+        for (int c = 0; c < nv - 1; ++c)
+            r[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * c), r[c]);
+        r[nv - 1] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, vr + 16 * (nv - 1)), r[nv - 1]);
+    }
+    for (int c = 0; c < nv; ++c) _mm512_storeu_ps(st.acc + 16 * c, r[c]);
+}
+
+static inline void prefetch_range(const float *p, int64_t floats) {
+    for (int64_t i = 0; i < floats; i += 16) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+}
+
+/* Every block of one sequence; the head states in `hs` (hq of them) start zeroed. */
+static inline __attribute__((always_inline)) void blocks_avx512(const layout_t *L, int64_t D,
+        const int64_t *table, int64_t len, const head_state_t *hs, const int nv) {
+    const int64_t G = L->group, row = L->hkv * D;
+    const __mmask16 tail = (__mmask16)(0xFFFFu >> (16 * nv - D));
     for (int64_t t0 = 0; t0 < len; t0 += L->block_size) {
-        const float *kb = block_at(L, table, t0, 0);
+        const float *kb = block_at(L, table, t0, 0), *vb = kb + L->v_offset;
         const int64_t nt = len - t0 < L->block_size ? len - t0 : L->block_size;
-        for (int64_t o = 0; o < nt; ++o)
-            for (int64_t kh = 0; kh < L->hkv; ++kh) {
-                const float *kr = kb + o * row + kh * D;
-                for (int64_t c = 0; c < nv; ++c) k[c] = _mm512_loadu_ps(kr + 16 * c);
-                for (int64_t g = 0; g < G; ++g) {
-                    const float *qh = q + (kh * G + g) * D;
-                    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);
-                    for (int64_t c = 1; c < nv; ++c)
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), k[c], acc);
-                    scores[(kh * G + g) * stride + t0 + o] = _mm512_reduce_add_ps(acc) * scale;
-                }
-            }
+        if (t0 + L->block_size < len) {
+            const int64_t next = len - t0 - L->block_size;
+            const int64_t rows = next < L->block_size ? next : L->block_size;
+            const float *kn = block_at(L, table, t0 + L->block_size, 0);
+            prefetch_range(kn, rows * row);
+            prefetch_range(kn + L->v_offset, rows * row);
+        }
+        for (int64_t c0 = 0; c0 < nt; c0 += 16) {
+            const int n = nt - c0 < 16 ? (int)(nt - c0) : 16;
+            for (int64_t kh = 0; kh < L->hkv; ++kh)
+                for (int64_t g = 0; g < G; ++g)
+                    chunk_head(kb + c0 * row + kh * D, vb + c0 * row + kh * D, row, n,
+                               hs[kh * G + g], nv, tail);
+        }
     }
 }
 
-static void pv_accumulate_avx512(const layout_t *L, int64_t D, const int64_t *table, int64_t len,
-                                 const float *probs, int64_t stride, float *acc) {
-    const int64_t G = L->group, row = L->hkv * D, nv = D / 16;
-    memset(acc, 0, sizeof(float) * L->hkv * G * D);
-    __m512 v[16];
-    for (int64_t t0 = 0; t0 < len; t0 += L->block_size) {
-        const float *vb = block_at(L, table, t0, 1);
-        const int64_t nt = len - t0 < L->block_size ? len - t0 : L->block_size;
-        for (int64_t o = 0; o < nt; ++o)
-            for (int64_t kh = 0; kh < L->hkv; ++kh) {
-                const float *vr = vb + o * row + kh * D;
-                for (int64_t c = 0; c < nv; ++c) v[c] = _mm512_loadu_ps(vr + 16 * c);
-                for (int64_t g = 0; g < G; ++g) {
-                    const __m512 p = _mm512_set1_ps(probs[(kh * G + g) * stride + t0 + o]);
-                    float *a = acc + (kh * G + g) * D;
-                    for (int64_t c = 0; c < nv; ++c)
-                        _mm512_storeu_ps(a + 16 * c,
-                                         _mm512_fmadd_ps(p, v[c], _mm512_loadu_ps(a + 16 * c)));
-                }
-            }
+/* head_dim <= 256 (any, not only multiples of 16). `scratch`: hq * (2 * W + 17) floats. */
+static void attend_avx512(const layout_t *L, int64_t D, const float *q, const int64_t *table,
+                          int64_t len, float scale, float *scratch, float *out) {
+    const int64_t hq = L->hkv * L->group, nv = (D + 15) / 16, W = 16 * nv;
+    const __mmask16 tail = (__mmask16)(0xFFFFu >> (W - D));
+    const __m512 qscale = _mm512_set1_ps(scale * 1.4426950408889634f); /* exp -> exp2 */
+    head_state_t hs[hq];
+    for (int64_t h = 0; h < hq; ++h) {
+        float *base = scratch + h * (2 * W + 17);
+        hs[h] = (head_state_t){base, base + W, base + 2 * W, base + 2 * W + 16};
+        for (int64_t c = 0; c < nv; ++c) {
+            const __mmask16 mk = c == nv - 1 ? tail : 0xFFFF;
+            _mm512_storeu_ps(base + 16 * c,
+                             _mm512_mul_ps(qscale, _mm512_maskz_loadu_ps(mk, q + h * D + 16 * c)));
+        }
+        memset(base + W, 0, sizeof(float) * (W + 16));
+        *hs[h].m = -1e30f;
+    }
+    switch (nv) { /* constant nv: fully unrolled, q and accumulators in registers */
+    case 1: blocks_avx512(L, D, table, len, hs, 1); break;
+    case 2: blocks_avx512(L, D, table, len, hs, 2); break;
+    case 4: blocks_avx512(L, D, table, len, hs, 4); break;
+    case 8: blocks_avx512(L, D, table, len, hs, 8); break;
+    default: blocks_avx512(L, D, table, len, hs, (int)nv); break;
+    }
+    for (int64_t h = 0; h < hq; ++h) {
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(hs[h].lsum)));
+        for (int64_t c = 0; c < nv; ++c)
+            _mm512_mask_storeu_ps(out + h * D + 16 * c, c == nv - 1 ? tail : 0xFFFF,
+                                  _mm512_mul_ps(inv, _mm512_loadu_ps(hs[h].acc + 16 * c)));
     }
 }
 #endif
 
-static void attend(const layout_t *L, const int64_t D, const float *q, const int64_t *table, int64_t len,
-       float scale, float *scores, int64_t stride, float *acc, float *inv_sum, float *out) {
+static void attend_portable(const layout_t *L, const int64_t D, const float *q, const int64_t *table,
+                            int64_t len, float scale, float *scores, int64_t stride, float *out) {
     const int64_t hq = L->hkv * L->group;
-#ifdef HAVE_AVX512
-    const int vector = D % 16 == 0 && D <= 256;
-#else
-    const int vector = 0;
-#endif
-    if (vector) {
-#ifdef HAVE_AVX512
-        qk_scores_avx512(L, D, q, table, len, scale, scores, stride);
-#endif
-    } else {
-        qk_scores(L, D, q, table, len, scale, scores, stride);
-    }
+    float *acc = scores + hq * stride, *inv_sum = acc + hq * D;
+    qk_scores(L, D, q, table, len, scale, scores, stride);
     softmax_rows(hq, scores, len, stride, inv_sum);
-    if (vector) {
-#ifdef HAVE_AVX512
-        pv_accumulate_avx512(L, D, table, len, scores, stride, acc);
-#endif
-    } else {
-        pv_accumulate(L, D, table, len, scores, stride, acc);
-    }
+    pv_accumulate(L, D, table, len, scores, stride, acc);
     for (int64_t h = 0; h < hq; ++h)
         for (int64_t j = 0; j < D; ++j) out[h * D + j] = acc[h * D + j] * inv_sum[h];
 }
@@ -185,28 +267,33 @@ int es_paged_decode_f32(const float *q, int64_t q_token_stride, const float *cac
         .hkv = num_kv_heads,
         .group = num_q_heads / num_kv_heads,
     };
+#ifdef HAVE_AVX512
+    const int vector = head_dim <= 256;
+#else
+    const int vector = 0;
+#endif
     int64_t longest = 1;
-    for (int64_t i = first; i < num_seqs; i += step)
+    for (int64_t i = first; i < num_seqs && !vector; i += step)
         longest = seq_lens[i] > longest ? seq_lens[i] : longest;
-    float *scores = malloc(sizeof(float) * num_q_heads * longest);
-    float *acc = malloc(sizeof(float) * num_q_heads * head_dim);
-    float *inv_sum = malloc(sizeof(float) * num_q_heads);
-    if (!scores || !acc || !inv_sum) {
-        free(scores);
-        free(acc);
-        free(inv_sum);
-        return -1;
-    }
+    /* portable: scores, accumulators, 1 / sums; vector: per head q, accumulators, sums, max */
+    const int64_t floats = vector ? num_q_heads * (2 * ((head_dim + 15) / 16 * 16) + 17)
+                                  : num_q_heads * (longest + head_dim + 1);
+    float *scratch = malloc(sizeof(float) * floats);
+    if (!scratch) return -1;
     for (int64_t i = first; i < num_seqs; i += step) {
         const int64_t *table = tables + i * table_stride;
         const int64_t len = seq_lens[i];
         if (len <= 0) continue;
         const float *qs = q + tokens[i] * q_token_stride;
         float *o = out + tokens[i] * out_token_stride;
-        attend(&L, head_dim, qs, table, len, scale, scores, longest, acc, inv_sum, o);
+        if (vector) {
+#ifdef HAVE_AVX512
+            attend_avx512(&L, head_dim, qs, table, len, scale, scratch, o);
+#endif
+        } else {
+            attend_portable(&L, head_dim, qs, table, len, scale, scratch, longest, o);
+        }
     }
-    free(scores);
-    free(acc);
-    free(inv_sum);
+    free(scratch);
     return 0;
 }
