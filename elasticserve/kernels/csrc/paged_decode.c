@@ -92,6 +92,12 @@ static void pv_accumulate(const layout_t *L, const int64_t D, const int64_t *tab
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_AVX512 1
+#ifndef PF_DIST
+#define PF_DIST 1
+#endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T0
+#endif
 /* One pass over the context, a chunk of up to 16 tokens of one block at a time, with an online
  * softmax (Flash-decoding style): per q head, the 16 scores of a chunk come out of one
  * transpose-add tree (lane o = token o) instead of 16 horizontal reductions, are exponentiated
@@ -134,75 +140,98 @@ typedef struct {
     float *m;        /* running max score (log2 units) */
 } head_state_t;
 
+/* Row vector c of nv: the last one masked unless head_dim is a multiple of 16 (`full`). */
+static inline __attribute__((always_inline)) __m512 row_vec(const float *p, int c, int nv,
+                                                            int full, __mmask16 tail) {
+    return full || c < nv - 1 ? _mm512_loadu_ps(p + 16 * c) : _mm512_maskz_loadu_ps(tail, p + 16 * c);
+}
+
+/* Scores may pass the running max by this much (log2 units: p <= 256) before the accumulators
+ * are rescaled, so a chunk needs only a vector compare, no horizontal max, in the common case. */
+#define MAX_SLACK 8.0f
+
 /* n (1..16) tokens, rows `row` floats apart, of one kv head for one q head. nv = vectors per
  * row (a constant after inlining, so q and the accumulators stay in registers). */
 static inline __attribute__((always_inline)) void chunk_head(const float *k, const float *v,
-        int64_t row, int n, head_state_t st, const int nv, const __mmask16 tail) {
-    __m512 r[16], d[16];
+        int64_t row, int n, head_state_t st, const int nv, const int full, const __mmask16 tail) {
+    __m512 r[16], r2[16], d[16];
     for (int c = 0; c < nv; ++c) r[c] = _mm512_loadu_ps(st.q + 16 * c);
     for (int o = 0; o < 16; ++o) {
         __m512 a = _mm512_setzero_ps();
-        if (o < n) {
-            const float *kr = k + o * row;
-            for (int c = 0; c < nv - 1; ++c)
-                a = _mm512_fmadd_ps(r[c], _mm512_loadu_ps(kr + 16 * c), a);
-            a = _mm512_fmadd_ps(r[nv - 1], _mm512_maskz_loadu_ps(tail, kr + 16 * (nv - 1)), a);
-        }
+        for (int c = 0; c < nv && o < n; ++c)
+            a = _mm512_fmadd_ps(r[c], row_vec(k + o * row, c, nv, full, tail), a);
         d[(o >> 2) + 4 * (o & 3)] = a;
     }
     const __m512 s = sum16(d);
     const __mmask16 valid = (__mmask16)((1u << n) - 1);
-    const float top = _mm512_mask_reduce_max_ps(valid, s);
-    __m512 lsum = _mm512_loadu_ps(st.lsum);
+    __m512 lsum = _mm512_loadu_ps(st.lsum), m = _mm512_set1_ps(*st.m);
     for (int c = 0; c < nv; ++c) r[c] = _mm512_loadu_ps(st.acc + 16 * c);
-    if (top > *st.m) { /* a new max: rescale what was summed so far */
-        const __m512 alpha = _mm512_set1_ps(exp2f(*st.m - top));
+    if (_mm512_mask_cmp_ps_mask(valid, s, _mm512_add_ps(m, _mm512_set1_ps(MAX_SLACK)), _CMP_GT_OQ)) {
+        const float top = _mm512_mask_reduce_max_ps(valid, s);
+        const __m512 alpha = exp2_neg(_mm512_set1_ps(*st.m - top)); /* no libm call: no spills */
         lsum = _mm512_mul_ps(lsum, alpha);
         for (int c = 0; c < nv; ++c) r[c] = _mm512_mul_ps(r[c], alpha);
         *st.m = top;
+        m = _mm512_set1_ps(top);
     }
-    const __m512 p = _mm512_maskz_mov_ps(valid, exp2_neg(_mm512_sub_ps(s, _mm512_set1_ps(*st.m))));
+    const __m512 p = _mm512_maskz_mov_ps(valid, exp2_neg(_mm512_sub_ps(s, m)));
     _mm512_storeu_ps(st.lsum, _mm512_add_ps(lsum, p));
     float pb[16] __attribute__((aligned(64)));
     _mm512_store_ps(pb, p);
-    for (int o = 0; o < n; ++o) {
-        const float *vr = v + o * row;
-        const __m512 w = _mm512_set1_ps(pb[o]);
-        for (int c = 0; c < nv - 1; ++c)
-            r[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * c), r[c]);
-        r[nv - 1] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, vr + 16 * (nv - 1)), r[nv - 1]);
+    /* even and odd tokens into separate accumulators: twice the independent FMA chains */
+    for (int c = 0; c < nv; ++c) r2[c] = _mm512_setzero_ps();
+    int o = 0;
+    for (; o + 1 < n; o += 2) {
+        const __m512 w = _mm512_set1_ps(pb[o]), w2 = _mm512_set1_ps(pb[o + 1]);
+        for (int c = 0; c < nv; ++c) {
+            r[c] = _mm512_fmadd_ps(w, row_vec(v + o * row, c, nv, full, tail), r[c]);
+            r2[c] = _mm512_fmadd_ps(w2, row_vec(v + (o + 1) * row, c, nv, full, tail), r2[c]);
+        }
     }
-    for (int c = 0; c < nv; ++c) _mm512_storeu_ps(st.acc + 16 * c, r[c]);
+    for (int c = 0; c < nv; ++c) {
+        if (o < n) r[c] = _mm512_fmadd_ps(_mm512_set1_ps(pb[o]), row_vec(v + o * row, c, nv, full, tail), r[c]);
+        _mm512_storeu_ps(st.acc + 16 * c, _mm512_add_ps(r[c], r2[c]));
+    }
 }
 
-static inline void prefetch_range(const float *p, int64_t floats) {
-    for (int64_t i = 0; i < floats; i += 16) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
-}
-
-/* Every block of one sequence; the head states in `hs` (hq of them) start zeroed. */
+/* Every block of one sequence; the head states in `hs` (hq of them) start zeroed. While a
+ * block is computed, the next one (K and V: 2 * v_offset floats) is prefetched into L2 a slice
+ * per head: all at once overflows the miss queue, and L1 holds barely one block. */
 static inline __attribute__((always_inline)) void blocks_avx512(const layout_t *L, int64_t D,
-        const int64_t *table, int64_t len, const head_state_t *hs, const int nv) {
-    const int64_t G = L->group, row = L->hkv * D;
+        const int64_t *table, int64_t len, const head_state_t *hs, const int nv, const int full) {
+    const int64_t G = L->group, row = L->hkv * D, hq = L->hkv * G;
     const __mmask16 tail = (__mmask16)(0xFFFFu >> (16 * nv - D));
+    const int64_t chunks = (L->block_size + 15) / 16, lines = 2 * L->v_offset / 16;
+    const int64_t slice = (lines + hq * chunks - 1) / (hq * chunks);
     for (int64_t t0 = 0; t0 < len; t0 += L->block_size) {
         const float *kb = block_at(L, table, t0, 0), *vb = kb + L->v_offset;
         const int64_t nt = len - t0 < L->block_size ? len - t0 : L->block_size;
-        if (t0 + L->block_size < len) {
-            const int64_t next = len - t0 - L->block_size;
-            const int64_t rows = next < L->block_size ? next : L->block_size;
-            const float *kn = block_at(L, table, t0 + L->block_size, 0);
-            prefetch_range(kn, rows * row);
-            prefetch_range(kn + L->v_offset, rows * row);
-        }
+        const char *next = t0 + PF_DIST * L->block_size < len
+                               ? (const char *)block_at(L, table, t0 + PF_DIST * L->block_size, 0) : NULL;
+        int64_t line = 0;
         for (int64_t c0 = 0; c0 < nt; c0 += 16) {
             const int n = nt - c0 < 16 ? (int)(nt - c0) : 16;
             for (int64_t kh = 0; kh < L->hkv; ++kh)
-                for (int64_t g = 0; g < G; ++g)
-                    chunk_head(kb + c0 * row + kh * D, vb + c0 * row + kh * D, row, n,
-                               hs[kh * G + g], nv, tail);
+                for (int64_t g = 0; g < G; ++g) {
+                    for (int64_t e = line + slice; next && line < e && line < lines; ++line)
+                        _mm_prefetch(next + 64 * line, PREFETCH_HINT);
+                    const int64_t off = c0 * row + kh * D;
+                    chunk_head(kb + off, vb + off, row, n, hs[kh * G + g], nv, full, tail);
+                }
         }
+        for (; next && line < lines; ++line) _mm_prefetch(next + 64 * line, PREFETCH_HINT);
     }
 }
+
+#define BLOCKS_NV(nv)                                                                        \
+    static __attribute__((noinline)) void blocks_nv##nv(const layout_t *L, int64_t D,              \
+            const int64_t *table, int64_t len, const head_state_t *hs) {                           \
+        blocks_avx512(L, D, table, len, hs, nv, 1);                                                   \
+    }
+BLOCKS_NV(1)
+BLOCKS_NV(2)
+BLOCKS_NV(4)
+BLOCKS_NV(8)
 
 /* head_dim <= 256 (any, not only multiples of 16). `scratch`: hq * (2 * W + 17) floats. */
 static void attend_avx512(const layout_t *L, int64_t D, const float *q, const int64_t *table,
@@ -222,12 +251,12 @@ static void attend_avx512(const layout_t *L, int64_t D, const float *q, const in
         memset(base + W, 0, sizeof(float) * (W + 16));
         *hs[h].m = -1e30f;
     }
-    switch (nv) { /* constant nv: fully unrolled, q and accumulators in registers */
-    case 1: blocks_avx512(L, D, table, len, hs, 1); break;
-    case 2: blocks_avx512(L, D, table, len, hs, 2); break;
-    case 4: blocks_avx512(L, D, table, len, hs, 4); break;
-    case 8: blocks_avx512(L, D, table, len, hs, 8); break;
-    default: blocks_avx512(L, D, table, len, hs, (int)nv); break;
+    switch (D == W ? nv : 0) { /* constant nv: fully unrolled, q and accumulators in registers */
+    case 1: blocks_nv1(L, D, table, len, hs); break;
+    case 2: blocks_nv2(L, D, table, len, hs); break;
+    case 4: blocks_nv4(L, D, table, len, hs); break;
+    case 8: blocks_nv8(L, D, table, len, hs); break;
+    default: blocks_avx512(L, D, table, len, hs, (int)nv, 0); break;
     }
     for (int64_t h = 0; h < hq; ++h) {
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(hs[h].lsum)));
