@@ -92,11 +92,8 @@ static void pv_accumulate(const layout_t *L, const int64_t D, const int64_t *tab
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_AVX512 1
-#ifndef PF_DIST
-#define PF_DIST 1
-#endif
-#ifndef PREFETCH_HINT
-#define PREFETCH_HINT _MM_HINT_T0
+#ifndef PF_BLOCKS
+#define PF_BLOCKS 1 /* prefetch distance */
 #endif
 /* One pass over the context, a chunk of up to 16 tokens of one block at a time, with an online
  * softmax (Flash-decoding style): per q head, the 16 scores of a chunk come out of one
@@ -194,11 +191,41 @@ static inline __attribute__((always_inline)) void chunk_head(const float *k, con
     }
 }
 
-/* Every block of one sequence; the head states in `hs` (hq of them) start zeroed. While a
- * block is computed, the next one (K and V: 2 * v_offset floats) is prefetched into L2 a slice
- * per head: all at once overflows the miss queue, and L1 holds barely one block. */
+/* Software prefetch runs a fixed distance ahead of the compute along the call's whole stream of
+ * blocks (across sequences too): blocks are a cache stride apart, in table order, so the
+ * hardware prefetchers never see the next one coming. Each chunk-head advances it by about the
+ * bytes it consumes; all at once would overflow the miss queue. */
+typedef struct {
+    const layout_t *L;
+    const int64_t *tables, *seq_lens;
+    int64_t table_stride, num_seqs, step;
+    int64_t seq, blk, line; /* the next line to prefetch */
+} prefetch_t;
+
+static void prefetch_ahead(prefetch_t *p, int64_t lines) {
+    const int64_t per_block = 2 * p->L->v_offset / 16; /* K and V of one layer: 64-byte lines */
+    while (lines > 0 && p->seq < p->num_seqs) {
+        if (p->blk * p->L->block_size >= p->seq_lens[p->seq]) {
+            p->seq += p->step;
+            p->blk = p->line = 0;
+            continue;
+        }
+        const int64_t id = p->tables[p->seq * p->table_stride + p->blk];
+        const char *b = (const char *)(p->L->cache + id * p->L->block_stride + p->L->layer_offset);
+        const int64_t end = p->line + lines < per_block ? p->line + lines : per_block;
+        lines -= end - p->line;
+        for (; p->line < end; ++p->line) _mm_prefetch(b + 64 * p->line, _MM_HINT_T0);
+        if (p->line == per_block) {
+            ++p->blk;
+            p->line = 0;
+        }
+    }
+}
+
+/* Every block of one sequence; the head states in `hs` (hq of them) start zeroed. */
 static inline __attribute__((always_inline)) void blocks_avx512(const layout_t *L, int64_t D,
-        const int64_t *table, int64_t len, const head_state_t *hs, const int nv, const int full) {
+        const int64_t *table, int64_t len, const head_state_t *hs, prefetch_t *pf, const int nv,
+        const int full) {
     const int64_t G = L->group, row = L->hkv * D, hq = L->hkv * G;
     const __mmask16 tail = (__mmask16)(0xFFFFu >> (16 * nv - D));
     const int64_t chunks = (L->block_size + 15) / 16, lines = 2 * L->v_offset / 16;
@@ -206,27 +233,22 @@ static inline __attribute__((always_inline)) void blocks_avx512(const layout_t *
     for (int64_t t0 = 0; t0 < len; t0 += L->block_size) {
         const float *kb = block_at(L, table, t0, 0), *vb = kb + L->v_offset;
         const int64_t nt = len - t0 < L->block_size ? len - t0 : L->block_size;
-        const char *next = t0 + PF_DIST * L->block_size < len
-                               ? (const char *)block_at(L, table, t0 + PF_DIST * L->block_size, 0) : NULL;
-        int64_t line = 0;
         for (int64_t c0 = 0; c0 < nt; c0 += 16) {
             const int n = nt - c0 < 16 ? (int)(nt - c0) : 16;
             for (int64_t kh = 0; kh < L->hkv; ++kh)
                 for (int64_t g = 0; g < G; ++g) {
-                    for (int64_t e = line + slice; next && line < e && line < lines; ++line)
-                        _mm_prefetch(next + 64 * line, PREFETCH_HINT);
+                    prefetch_ahead(pf, slice);
                     const int64_t off = c0 * row + kh * D;
                     chunk_head(kb + off, vb + off, row, n, hs[kh * G + g], nv, full, tail);
                 }
         }
-        for (; next && line < lines; ++line) _mm_prefetch(next + 64 * line, PREFETCH_HINT);
     }
 }
 
 #define BLOCKS_NV(nv)                                                                        \
     static __attribute__((noinline)) void blocks_nv##nv(const layout_t *L, int64_t D,              \
-            const int64_t *table, int64_t len, const head_state_t *hs) {                           \
-        blocks_avx512(L, D, table, len, hs, nv, 1);                                                   \
+            const int64_t *table, int64_t len, const head_state_t *hs, prefetch_t *pf) {           \
+        blocks_avx512(L, D, table, len, hs, pf, nv, 1);                                            \
     }
 BLOCKS_NV(1)
 BLOCKS_NV(2)
@@ -235,7 +257,7 @@ BLOCKS_NV(8)
 
 /* head_dim <= 256 (any, not only multiples of 16). `scratch`: hq * (2 * W + 17) floats. */
 static void attend_avx512(const layout_t *L, int64_t D, const float *q, const int64_t *table,
-                          int64_t len, float scale, float *scratch, float *out) {
+                          int64_t len, float scale, float *scratch, prefetch_t *pf, float *out) {
     const int64_t hq = L->hkv * L->group, nv = (D + 15) / 16, W = 16 * nv;
     const __mmask16 tail = (__mmask16)(0xFFFFu >> (W - D));
     const __m512 qscale = _mm512_set1_ps(scale * 1.4426950408889634f); /* exp -> exp2 */
@@ -252,11 +274,11 @@ static void attend_avx512(const layout_t *L, int64_t D, const float *q, const in
         *hs[h].m = -1e30f;
     }
     switch (D == W ? nv : 0) { /* constant nv: fully unrolled, q and accumulators in registers */
-    case 1: blocks_nv1(L, D, table, len, hs); break;
-    case 2: blocks_nv2(L, D, table, len, hs); break;
-    case 4: blocks_nv4(L, D, table, len, hs); break;
-    case 8: blocks_nv8(L, D, table, len, hs); break;
-    default: blocks_avx512(L, D, table, len, hs, (int)nv, 0); break;
+    case 1: blocks_nv1(L, D, table, len, hs, pf); break;
+    case 2: blocks_nv2(L, D, table, len, hs, pf); break;
+    case 4: blocks_nv4(L, D, table, len, hs, pf); break;
+    case 8: blocks_nv8(L, D, table, len, hs, pf); break;
+    default: blocks_avx512(L, D, table, len, hs, pf, (int)nv, 0); break;
     }
     for (int64_t h = 0; h < hq; ++h) {
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(hs[h].lsum)));
@@ -309,6 +331,10 @@ int es_paged_decode_f32(const float *q, int64_t q_token_stride, const float *cac
                                   : num_q_heads * (longest + head_dim + 1);
     float *scratch = malloc(sizeof(float) * floats);
     if (!scratch) return -1;
+#ifdef HAVE_AVX512
+    prefetch_t pf = {&L, tables, seq_lens, table_stride, num_seqs, step, first, 0, 0};
+    if (vector) prefetch_ahead(&pf, PF_BLOCKS * 2 * L.v_offset / 16);
+#endif
     for (int64_t i = first; i < num_seqs; i += step) {
         const int64_t *table = tables + i * table_stride;
         const int64_t len = seq_lens[i];
@@ -317,7 +343,7 @@ int es_paged_decode_f32(const float *q, int64_t q_token_stride, const float *cac
         float *o = out + tokens[i] * out_token_stride;
         if (vector) {
 #ifdef HAVE_AVX512
-            attend_avx512(&L, head_dim, qs, table, len, scale, scratch, o);
+            attend_avx512(&L, head_dim, qs, table, len, scale, scratch, &pf, o);
 #endif
         } else {
             attend_portable(&L, head_dim, qs, table, len, scale, scratch, longest, o);
