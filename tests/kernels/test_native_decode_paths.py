@@ -74,10 +74,11 @@ def test_lengths_at_chunk_and_block_edges(bs: int) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (8, 4), (8, 2), (4, 1)])
-@pytest.mark.parametrize("d", [16, 24, 64, 80, 128, 256])
+@pytest.mark.parametrize("d", [16, 24, 64, 80, 128, 256, 272])
 def test_gqa_groups_and_head_dims(hq: int, hkv: int, d: int) -> None:
     """GQA groups 1, 2, 4 and 8 against every head size path: multiples of 16 (registers sized
-    at compile time) and 24, 80 (a masked last vector), up to 256."""
+    at compile time), 24 and 80 (a masked last vector), and 272: past 256, the portable loops
+    (the only path on CPUs without AVX-512)."""
     cache, q, work = _case([1, 17, 40, 70], hq, hkv, d, 16, seed=hq * 1000 + d)
     scale = d**-0.5
     got = _run(cache, q, work, 1, scale)
