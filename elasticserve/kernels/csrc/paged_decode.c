@@ -3,7 +3,8 @@
  * Cache layout: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], K at index 0
  * and V at index 1 of the "2" axis. One query token per sequence. Unlike the torch path, no
  * context is gathered into a buffer: K and V are read once, straight from their blocks, and
- * positions past a sequence's length are never touched (whatever the slots hold).
+ * positions past a sequence's length are never read (whatever the slots hold; the AVX-512
+ * path's prefetches may pull their cache lines, which reads no values).
  *
  * Two paths: one pass with an online softmax on AVX-512 CPUs (head_dim <= 256), and portable
  * loops elsewhere (scores, softmax, then P.V: three passes over the context).
@@ -93,7 +94,7 @@ static void pv_accumulate(const layout_t *L, const int64_t D, const int64_t *tab
 #include <immintrin.h>
 #define HAVE_AVX512 1
 #ifndef PF_BLOCKS
-#define PF_BLOCKS 1 /* prefetch distance */
+#define PF_BLOCKS 1 /* prefetch distance, blocks: 1/4 to 2 blocks measured alike */
 #endif
 /* One pass over the context, a chunk of up to 16 tokens of one block at a time, with an online
  * softmax (Flash-decoding style): per q head, the 16 scores of a chunk come out of one
