@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from elasticserve import docs_section
 from elasticserve.bench.report import table
 from elasticserve.kernels import native
 
@@ -133,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default="main", help="git revision of the old kernel")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=1, help="also time native.decode with these")
+    p.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
+    p.add_argument("--docs-path", default=None, help="the file --write-docs updates")
     args = p.parse_args(argv)
+    load_before = docs_section.load_average()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         old = compile_kernel(git_source(args.baseline), Path(tmp), "old")
@@ -143,8 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     head = ["B", "ctx", "old ms", "old GB/s", "new ms", "new GB/s"]
     if args.threads > 1:
         head += [f"engine ({args.threads} thr) ms", "engine GB/s"]
-    print(f"one sweep = {LAYERS} calls (layers); baseline {args.baseline}; median of {args.rounds}")
-    print("\n".join(table([*head, "new/old speed", "max |new-old|"], rows)))
+    text = "\n".join([
+        "### Native decode attention kernel, old vs new (small-llama shapes)", "",
+        f"- command: `{docs_section.command_line(MODULE, argv)}`",
+        f"- date: {docs_section.today()}; commit {docs_section.git_commit()}; baseline "
+        f"{args.baseline}; load average before / after: {load_before} / "
+        f"{docs_section.load_average()}",
+        f"- one sweep = {LAYERS} calls (layers), 1 thread; median of {args.rounds} alternating "
+        "rounds; GB/s = K and V bytes the sweep must read / time", "",
+        *table([*head, "new/old speed", "max |new-old|"], rows)])
+    print(text)
+    if args.write_docs:
+        print(f"wrote {docs_section.update_section('decode-attention', text, args.docs_path)}")
     return 0
 
 
