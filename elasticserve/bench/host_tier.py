@@ -50,7 +50,9 @@ def _engine_args(kind: str, model: str, device_bytes: int, host_bytes: int,
 
 def run_once(kind: str, model: str, prompts: list[list[int]], max_tokens: int,
              budget: tuple[int, int, int]) -> dict[str, float]:
-    """One burst on a fresh engine: TTFT P50/P99 and makespan (s), preemption counters."""
+    """One burst on a fresh engine: TTFT P50/P99, TPOT P50/P99 and makespan (s), preemption
+    counters. TPOT: (finish - first token) / (tokens - 1) per request, so the decode cost of
+    streaming (a stage copy per layer per step) shows beside its TTFT gain."""
     from elasticserve import LLM, SamplingParams
 
     llm = LLM(**_engine_args(kind, model, *budget))
@@ -61,10 +63,13 @@ def run_once(kind: str, model: str, prompts: list[list[int]], max_tokens: int,
         for p in prompts:
             engine.add_request({"prompt_token_ids": p}, params)
         ttft: list[float] = []
+        tpot: list[float] = []
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
-                    ttft.append(out.metrics["first_token_time"] - out.metrics["arrival_time"])
+                    m = out.metrics
+                    ttft.append(m["first_token_time"] - m["arrival_time"])
+                    tpot.append((m["finished_time"] - m["first_token_time"]) / max(1, max_tokens - 1))
         makespan = time.monotonic() - start
         engine.check_integrity()
         stats = llm.stats()
@@ -73,6 +78,7 @@ def run_once(kind: str, model: str, prompts: list[list[int]], max_tokens: int,
     if len(ttft) != len(prompts):
         raise RuntimeError(f"{kind}: {len(prompts) - len(ttft)} requests did not finish")
     return {"ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "makespan": makespan,
+            "tpot_p50": _pct(tpot, 50), "tpot_p99": _pct(tpot, 99),
             "recomputes": stats["recomputes"], "swaps_out": stats["swaps_out"],
             "offloaded": stats["kv_offloaded_blocks"], "streamed": stats["kv_streamed_steps"]}
 
@@ -115,16 +121,19 @@ def report(runs: dict[str, list[dict[str, float]]], setup: str, argv: list[str])
              f"CPU: {docs_section.cpu_model()}; load: {docs_section.load_average()} "
              f"(a shared machine: other jobs ran beside these runs)",
              f"- {setup}", "",
-             "| preemption | TTFT P99 ms (median) | spread | TTFT P50 ms | makespan s | spread "
-             "| recomputes | swap-outs | blocks offloaded | streamed seq-steps |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| preemption | TTFT P99 ms (median) | spread | TTFT P50 ms | TPOT P50 / P99 ms "
+             "| makespan s | spread | recomputes | swap-outs | blocks offloaded "
+             "| streamed seq-steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, rs in runs.items():
         def med(key: str, rs: list[dict[str, float]] = rs) -> float:
             return statistics.median(r[key] for r in rs)
         p99 = [r["ttft_p99"] for r in rs]
         span = [r["makespan"] for r in rs]
         lines.append(f"| {kind} | {med('ttft_p99') * 1000:.0f} | {spread_pct(p99):.0f}% "
-                     f"| {med('ttft_p50') * 1000:.0f} | {med('makespan'):.2f} "
+                     f"| {med('ttft_p50') * 1000:.0f} "
+                     f"| {med('tpot_p50') * 1000:.1f} / {med('tpot_p99') * 1000:.1f} "
+                     f"| {med('makespan'):.2f} "
                      f"| {spread_pct(span):.0f}% | {med('recomputes'):.0f} "
                      f"| {med('swaps_out'):.0f} | {med('offloaded'):.0f} | {med('streamed'):.0f} |")
     return "\n".join(lines)

@@ -19,6 +19,8 @@ def test_burst_runs_every_preemption_kind_and_reports_them(tmp_path: str) -> Non
     assert stream["recomputes"] == 0 and stream["streamed"] > 0 and tier["streamed"] == 0
     assert all(r["ttft_p50"] <= r["ttft_p99"] <= r["makespan"]
                for r in (tier, recompute, swap, stream))
+    assert all(0 < r["tpot_p50"] <= r["tpot_p99"] < r["makespan"]
+               for r in (tier, recompute, swap, stream))
     text = host_tier.report(runs, "setup", ["--reps", "1"])
     assert text.count("\n| ") == 5 and "| stream |" in text and "| tier |" in text
     assert "bench.host_tier" in text
