@@ -42,6 +42,7 @@ class SchedulerStats:
     kv_onloaded_blocks: int = 0  # host blocks copied back to the device
     streamed_offloads: int = 0  # victims that kept decoding from the host tier (sched_stream)
     kv_streamed_steps: int = 0  # sequence-steps decoded with the KV in the host tier
+    kv_streamed_prefill_tokens: int = 0  # prompt tokens prefilled with the KV in the host tier
 
 
 @dataclass(slots=True)

@@ -18,6 +18,16 @@ waiting group's prompt blocks; so waiting groups are admitted while groups are s
 TTFT win: a new prompt takes the device pages, the old decodes keep going from host), and a
 streamed group returns as soon as nobody is waiting for the room. A streamed group whose next
 token needs a host block the tier cannot give stops (it moves to `swapped`, as a swap does).
+
+Streamed prefill (LayerKV's long prompt on a small device): a single-sequence prompt whose
+next chunk cannot get device blocks even after the admission streaming above is streamed too:
+at admission (the head waiting prompt, `_admit_streamed`: its table starts empty, in the host
+tier) or mid-prefill (a resident group alone and still short: its blocks are swapped out,
+`_stream`). Either way host blocks for the whole prompt plus its first decode token are taken
+at once, so a streamed prefill never stops half-way for lack of tier blocks; a prompt that
+neither the device nor the tier can ever hold fails with an error at once. Its chunks run on
+the stage like a streamed decode (`_host_step`); the prefix cache is not used for it (no
+lookup, no registration of its blocks). Once the prompt is done it is a streamed decode.
 """
 
 from __future__ import annotations
@@ -27,10 +37,17 @@ from collections.abc import Callable
 
 from elasticserve.config import CacheConfig, SchedulerConfig
 from elasticserve.core.kv_cache_manager import KVCacheManager
-from elasticserve.core.sched_policy import Budget, Fit, SchedulerStats, push_back, scheduled_seq
+from elasticserve.core.sched_policy import (
+    Budget,
+    Fit,
+    SchedulerStats,
+    plan_tokens,
+    push_back,
+    scheduled_seq,
+)
 from elasticserve.core.slo import SloPolicy
 from elasticserve.outputs import SchedulerOutput
-from elasticserve.request import SequenceGroup, SequenceStatus
+from elasticserve.request import Sequence, SequenceGroup, SequenceStatus
 
 
 class Streaming:
@@ -46,8 +63,12 @@ class Streaming:
     stats: SchedulerStats
     slo: SloPolicy | None
     clock: Callable[[], float]
+    can_hold_later: Callable[[int], bool] | None
 
     def _try_schedule(self, group: SequenceGroup, out: SchedulerOutput, budget: Budget) -> Fit:
+        raise NotImplementedError
+
+    def _fail(self, group: SequenceGroup, msg: str) -> None:
         raise NotImplementedError
 
     def is_streamed(self, group: SequenceGroup) -> bool:
@@ -64,17 +85,56 @@ class Streaming:
             self.cache.layerwise_residency) else 0
 
     def _stream(self, group: SequenceGroup, out: SchedulerOutput) -> bool:
-        """Offload a decoding victim's KV to the tier and keep it running from there; False
-        (nothing done) when it is not a single decoding sequence or the tier lacks room."""
+        """Offload a single running sequence's KV to the tier and keep it running from there
+        (a decode, or a prefill with host blocks for its whole prompt); False (nothing done)
+        when it is not one running sequence or the tier lacks room."""
         seq = group.seqs[0]
         if (len(group.seqs) != 1 or group.is_beam_search or seq.status is not SequenceStatus.RUNNING
-                or seq.num_uncomputed != 1 or not self.kv.can_swap_out([seq.seq_id])):
+                or seq.external_kv_tokens or not self.kv.can_swap_out([seq.seq_id])):
             return False
+        prefill = seq.num_uncomputed > 1
+        blocks = len(self.kv.block_table(seq.seq_id))
+        if prefill and self._prompt_blocks(seq) - blocks > self.kv.host_blocks.num_free:
+            return False  # not the whole prompt: it could stop half-way (cached ones not counted)
         moved = self.kv.swap_out([seq.seq_id])
         out.blocks_to_swap_out.extend(moved)
+        if prefill and not self.kv.append_host_slots(seq.seq_id, len(seq.token_ids) + 1):
+            raise AssertionError("host blocks counted free were not")  # checked above
         self.stats.kv_offloaded_blocks += len(moved)
         self.stats.swap_outs += 1
         self.stats.streamed_offloads += 1
+        return True
+
+    def _prompt_blocks(self, seq: Sequence) -> int:
+        """Blocks of a prompt (all tokens to prefill) and its first decode token."""
+        return -(-(len(seq.token_ids) + 1) // self.kv.block_size)
+
+    def _admit_streamed(self, group: SequenceGroup, out: SchedulerOutput, budget: Budget) -> bool:
+        """The head waiting group's chunk found no device blocks: admit it streamed, its whole
+        prompt in host blocks, and schedule its first chunk. True when it left `waiting`
+        (streamed, or failed because neither the device nor the tier can ever hold it)."""
+        seq = group.seqs[0]
+        if len(group.seqs) != 1 or group.is_beam_search or seq.external_kv_tokens:
+            return False
+        need = self._prompt_blocks(seq)
+        host = self.kv.host_blocks.num_blocks
+        if need > host and need > self.kv.pool.num_blocks and (
+                self.can_hold_later is None or not self.can_hold_later(need)):
+            self.waiting.popleft()
+            self._fail(group, f"prompt needs {need} KV blocks: more than the device "
+                              f"({self.kv.pool.num_blocks} blocks) or the host KV tier "
+                              f"({host} blocks) can hold")
+            return True
+        self.kv.allocate_prompt(seq.seq_id, [])  # no prefix lookup: it starts from scratch
+        self.kv.swap_out([seq.seq_id])  # an empty table: it now lives in the host tier
+        if not self.kv.append_host_slots(seq.seq_id, len(seq.token_ids) + 1):
+            self.kv.free(seq.seq_id)
+            return False  # the tier is busy now: it waits
+        seq.status, seq.num_computed_tokens = SequenceStatus.RUNNING, 0
+        self.waiting.popleft()
+        push_back(self.running, group)
+        self.stats.streamed_offloads += 1
+        self._host_step(group, out, budget)
         return True
 
     def _stream_for_waiting(self, out: SchedulerOutput) -> None:
@@ -124,7 +184,7 @@ class Streaming:
             if back and self._come_back(group, out, budget):
                 continue
             back = False
-            self._host_decode(group, out, budget)
+            self._host_step(group, out, budget)
 
     def _come_back(self, group: SequenceGroup, out: SchedulerOutput, budget: Budget) -> bool:
         ids = [group.seqs[0].seq_id]
@@ -142,20 +202,26 @@ class Streaming:
         self._try_schedule(group, out, budget)  # a block is free: scheduled or out of budget
         return True
 
-    def _host_decode(self, group: SequenceGroup, out: SchedulerOutput, budget: Budget) -> None:
+    def _host_step(self, group: SequenceGroup, out: SchedulerOutput, budget: Budget) -> None:
+        """Schedule a streamed group's next tokens (a decode token or a prefill chunk)."""
         seq = group.seqs[0]
-        if budget.seqs < 1 or budget.tokens < 1:
+        plan = plan_tokens(self.config, [seq], budget)
+        if plan is None:
             return  # runs next step
-        if not self.kv.append_host_slots(seq.seq_id, seq.num_computed_tokens + 1):
+        num_new = plan[0][1]
+        if not self.kv.append_host_slots(seq.seq_id, seq.num_computed_tokens + num_new):
             seq.status = SequenceStatus.SWAPPED  # the tier is full: it stops, as a swap does
             self.running.remove(group)
             push_back(self.swapped, group)
             self.stats.preemptions += 1
             return
-        item = scheduled_seq(group, seq, 1, self.kv.block_table(seq.seq_id))
+        item = scheduled_seq(group, seq, num_new, self.kv.block_table(seq.seq_id))
         item.on_host = True
         out.scheduled.append(item)
-        budget.tokens -= 1
+        budget.tokens -= num_new
         budget.seqs -= 1
-        out.num_batched_tokens += 1
-        self.stats.kv_streamed_steps += 1
+        out.num_batched_tokens += num_new
+        if seq.num_computed_tokens < seq.prompt_len:
+            self.stats.kv_streamed_prefill_tokens += num_new
+        else:
+            self.stats.kv_streamed_steps += 1

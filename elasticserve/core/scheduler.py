@@ -205,8 +205,8 @@ class Scheduler(Preemption):
                 if not self.running and not kept:
                     # alone and still short: every block is already ours, so waiting helps only
                     # if a lowered ceiling may rise again
-                    if self._hold(group, out):
-                        preempted = True
+                    if (streaming and self._stream(group, out)) or self._hold(group, out):
+                        preempted = True  # streamed: its next chunk runs from the host tier
                     else:
                         self._fail(group, f"sequence outgrew the whole KV cache "
                                           f"({self.kv.pool.num_blocks} blocks)")
@@ -265,6 +265,9 @@ class Scheduler(Preemption):
             fit = self._try_schedule(group, out, budget)
             if fit is not _SCHEDULED:
                 self._unadmit(seqs, fit)
+                if (fit is _NO_BLOCKS and self.cache.layerwise_residency
+                        and self._admit_streamed(group, out, budget)):
+                    continue  # its KV goes to the host tier (sched_stream.py)
                 return
             self.waiting.popleft()
             push_back(self.running, group)

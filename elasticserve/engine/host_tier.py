@@ -120,4 +120,13 @@ def stream_stats(scheduler: Scheduler, runner: ModelRunner) -> dict[str, Any]:
     """`stats()` counters of layerwise residency (zeros when it is off)."""
     return {"kv_streamed_sequences": scheduler.num_streamed(),
             "kv_streamed_steps": scheduler.stats.kv_streamed_steps,
+            "kv_streamed_prefill_tokens": scheduler.stats.kv_streamed_prefill_tokens,
             "kv_streamed_layer_bytes": 0 if runner.stream is None else runner.stream.layer_bytes}
+
+
+def stream_max_blocks(cache: CacheConfig, device_blocks: int, tier: HostKVTier | None) -> int:
+    """The largest prompt (in blocks) a request may bring: the device's ceiling, or with
+    layerwise_residency the tier's size if larger (a streamed prefill lives in the tier)."""
+    if not cache.layerwise_residency or tier is None:
+        return device_blocks
+    return max(device_blocks, tier.num_blocks)

@@ -15,7 +15,7 @@ from elasticserve.core.scheduler import Scheduler
 from elasticserve.core.tiered_kv import TieredKVCacheManager, tier_stats
 from elasticserve.engine.args import EngineArgs
 from elasticserve.engine.beam_search import beam_step
-from elasticserve.engine.host_tier import attach_stream, stream_stats
+from elasticserve.engine.host_tier import attach_stream, stream_max_blocks, stream_stats
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
 from elasticserve.engine.pd import KVHandOff, PDRole, role_stats
@@ -152,7 +152,7 @@ class LLMEngine(SleepWake):
                                     f"got {type(params).__name__}")
         text, token_ids = tokenize_prompt(self.tokenizer, prompt, self.model_config.vocab_size)
         check_fits(token_ids, params, self.scheduler_config, self.cache_config.block_size,
-                   self.kv.max_blocks)
+                   stream_max_blocks(self.cache_config, self.kv.max_blocks, self.kv.host_tier))
         self.runner.check_structured(params)  # a bad grammar fails here, not in a step
         return text, token_ids
 

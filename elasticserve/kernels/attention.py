@@ -233,14 +233,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         decode_attention(q, kv_cache, layer_idx, meta.decode_chunks, scale, out)
     if staged is not None:
         attend_staged(q, k, v, layer_idx, staged, scale, out)
+        assert staged.stage is not None
+        for p in staged.prefills:  # a streamed chunk: its context is the stage's layer
+            _prefill(q, k, v, staged.stage, 0, p, scale, out)
     for p in meta.prefills:
-        if p.mask is None:
-            # Whole context is new: use the fresh k/v and skip the cache round trip.
-            ctx_k, ctx_v = k[p.token_start : p.token_end], v[p.token_start : p.token_end]
-        else:
-            ctx_k, ctx_v = _gather_seq(kv_cache, layer_idx, p, q.dtype)
-        out[p.token_start : p.token_end] = _sdpa(q[p.token_start : p.token_end], ctx_k, ctx_v, p.mask, scale)
+        _prefill(q, k, v, kv_cache, layer_idx, p, scale, out)
     return out
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+             layer_idx: int, p: PrefillSeq, scale: float, out: torch.Tensor) -> None:
+    if p.mask is None:
+        # Whole context is new: use the fresh k/v and skip the cache round trip.
+        ctx_k, ctx_v = k[p.token_start : p.token_end], v[p.token_start : p.token_end]
+    else:
+        ctx_k, ctx_v = _gather_seq(kv_cache, layer_idx, p, q.dtype)
+    out[p.token_start : p.token_end] = _sdpa(q[p.token_start : p.token_end], ctx_k, ctx_v, p.mask, scale)
 
 
 def _gather_seq(kv_cache: torch.Tensor, layer_idx: int, p: PrefillSeq,

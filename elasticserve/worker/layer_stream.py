@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
@@ -167,8 +168,9 @@ class LayerStream:
     def _begin(self, scheduled: list[ScheduledSeq], idx: list[int], meta: AttentionMetadata
                ) -> tuple[StagedDecode, StageFill]:
         rows: dict[int, int] = {}  # host block -> stage row
+        bs = self.host.shape[3]
         for i in idx:
-            for h in scheduled[i].block_table:
+            for h in _context(scheduled[i], bs):
                 rows.setdefault(h, len(rows))
         self._ensure(len(rows))
         staged = _staged(scheduled, idx, meta, rows, self.host)
@@ -199,6 +201,12 @@ class LayerStream:
         self._stage = torch.empty(shape, dtype=self.host.dtype, device="cpu")
 
 
+def _context(item: ScheduledSeq, block_size: int) -> list[int]:
+    """The host blocks of a streamed row's context after this step (a streamed prefill holds
+    blocks for its whole prompt; only those up to this chunk are staged)."""
+    return item.block_table[:-(-(item.start_pos + len(item.token_ids)) // block_size)]
+
+
 def _staged(scheduled: list[ScheduledSeq], idx: list[int], meta: AttentionMetadata,
             rows: dict[int, int], host: torch.Tensor) -> StagedDecode:
     """Take the streamed rows out of `meta`'s paged-cache work and describe them over the
@@ -218,17 +226,32 @@ def _staged(scheduled: list[ScheduledSeq], idx: list[int], meta: AttentionMetada
         meta.native_decode = native.NativeDecode.build(
             [qsl[i] for i in dec], [meta.seq_lens[i] for i in dec], meta.block_tables[dec])
         meta.native_decode.threads = threads
-    width = max(len(scheduled[i].block_table) for i in idx)
-    tables = torch.tensor([[rows[h] for h in scheduled[i].block_table]
-                           + [0] * (width - len(scheduled[i].block_table)) for i in idx],
-                          dtype=torch.int64)
-    pos = [scheduled[i].start_pos for i in idx]
-    hosts = [scheduled[i].block_table[p // bs] for i, p in zip(idx, pos, strict=True)]
-    work = native.NativeDecode.build([qsl[i] for i in idx], [p + 1 for p in pos], tables)
-    work.threads = threads
+    starts = {qsl[i]: i for i in idx}  # streamed prefills leave the paged prefill list
+    prefills = [replace(p, blocks=torch.tensor([rows[h] for h in _context(scheduled[starts[
+        p.token_start]], bs)], dtype=torch.int64)) for p in meta.prefills if p.token_start in starts]
+    meta.prefills = [p for p in meta.prefills if p.token_start not in starts]
+    tokens = [(t, scheduled[i].block_table[(scheduled[i].start_pos + t - qsl[i]) // bs],
+               (scheduled[i].start_pos + t - qsl[i]) % bs) for i in idx for t in range(qsl[i], qsl[i + 1])]
     meta.staged = StagedDecode(
-        rows=torch.tensor([qsl[i] for i in idx], dtype=torch.int64), resident_rows=res,
-        stage_blocks=torch.tensor([rows[h] for h in hosts], dtype=torch.int64),
-        host_blocks=torch.tensor(hosts, dtype=torch.int64),
-        offsets=torch.tensor([p % bs for p in pos], dtype=torch.int64), work=work, host=host)
+        rows=torch.tensor([t for t, _, _ in tokens], dtype=torch.int64), resident_rows=res,
+        stage_blocks=torch.tensor([rows[h] for _, h, _ in tokens], dtype=torch.int64),
+        host_blocks=torch.tensor([h for _, h, _ in tokens], dtype=torch.int64),
+        offsets=torch.tensor([o for _, _, o in tokens], dtype=torch.int64),
+        work=_stage_decode([i for i in idx if qsl[i + 1] - qsl[i] == 1], scheduled, qsl, rows,
+                           threads, bs),
+        host=host, prefills=prefills)
     return meta.staged
+
+
+def _stage_decode(dec: list[int], scheduled: list[ScheduledSeq], qsl: list[int],
+                  rows: dict[int, int], threads: int, bs: int) -> native.NativeDecode | None:
+    """The native decode of the streamed single-token rows, block tables in stage rows."""
+    if not dec:
+        return None
+    ctx = [[rows[h] for h in _context(scheduled[i], bs)] for i in dec]
+    width = max(len(c) for c in ctx)
+    tables = torch.tensor([c + [0] * (width - len(c)) for c in ctx], dtype=torch.int64)
+    work = native.NativeDecode.build([qsl[i] for i in dec],
+                                     [scheduled[i].start_pos + 1 for i in dec], tables)
+    work.threads = threads
+    return work
