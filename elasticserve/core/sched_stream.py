@@ -105,6 +105,11 @@ class Streaming:
         self.stats.streamed_offloads += 1
         return True
 
+    def _device_never_holds(self, blocks: int) -> bool:
+        """Whether `blocks` exceed the device now and under any ceiling it may rise to."""
+        return blocks > self.kv.pool.num_blocks and (
+            self.can_hold_later is None or not self.can_hold_later(blocks))
+
     def _prompt_blocks(self, seq: Sequence) -> int:
         """Blocks of a prompt (all tokens to prefill) and its first decode token."""
         return -(-(len(seq.token_ids) + 1) // self.kv.block_size)
@@ -118,8 +123,7 @@ class Streaming:
             return False
         need = self._prompt_blocks(seq)
         host = self.kv.host_blocks.num_blocks
-        if need > host and need > self.kv.pool.num_blocks and (
-                self.can_hold_later is None or not self.can_hold_later(need)):
+        if need > host and self._device_never_holds(need):
             self.waiting.popleft()
             self._fail(group, f"prompt needs {need} KV blocks: more than the device "
                               f"({self.kv.pool.num_blocks} blocks) or the host KV tier "
@@ -210,8 +214,14 @@ class Streaming:
             return  # runs next step
         num_new = plan[0][1]
         if not self.kv.append_host_slots(seq.seq_id, seq.num_computed_tokens + num_new):
-            seq.status = SequenceStatus.SWAPPED  # the tier is full: it stops, as a swap does
             self.running.remove(group)
+            need = len(self.kv.block_table(seq.seq_id)) + 1
+            if self._device_never_holds(need):  # swapped, it would wait forever to come back
+                self._fail(group, f"sequence needs {need} KV blocks: more than the device "
+                                  f"({self.kv.pool.num_blocks} blocks) holds, and the host KV "
+                                  f"tier is full")
+                return
+            seq.status = SequenceStatus.SWAPPED  # the tier is full: it stops, as a swap does
             push_back(self.swapped, group)
             self.stats.preemptions += 1
             return
