@@ -5,8 +5,8 @@ A streamed group stays in `running` with its sequence RUNNING, while the KV mana
 table as host ids (`is_swapped`): that pair *is* the state, so no flag can drift from it. Each
 step it decodes one token whose slot lies in its last host block (a new host block when it
 crosses a block boundary); the runner stages one layer of its blocks at a time onto the device
-(worker/layer_stream.py). Only single-sequence groups in their decode phase are streamed; n > 1
-and beam groups, and groups mid-prefill, are preempted as before (swap or recompute).
+(worker/layer_stream.py). Only single-sequence groups are streamed (a decode, or a prefill: see
+below); n > 1 and beam groups are preempted as before (swap or recompute).
 
 Admission (LayerKV's point): when the head waiting prompt's first chunk does not fit, the
 latest resident decodes are streamed before the step until it does (`_stream_for_waiting`), so

@@ -1,5 +1,8 @@
-"""Layer-wise KV residency (LayerKV): sequences whose KV is in the host tier decode anyway, each
-layer of their blocks staged onto the device just ahead of the layer that reads it.
+"""Layer-wise KV residency (LayerKV): sequences whose KV is in the host tier decode (or prefill a
+chunk) anyway, each layer of their blocks staged onto the device just ahead of the layer that
+reads it. A streamed prefill chunk stages the blocks of its context only (cached prefix + this
+chunk; its table already holds host blocks for the whole prompt) and attends over the stage with
+the torch prefill path (kernels/attention.py).
 
 The stage holds ONE layer, double-buffered: `[2][stage_blocks, 1, 2, block_size, kv_heads,
 head_dim]`. Layer j goes into buffer j % 2. A helper thread copies layers in order, but layer j
