@@ -93,7 +93,10 @@ class StreamTable:
             logger.exception("step observer failed")
 
     def deliver(self, outputs: list[RequestOutput], observer: OutputObserver | None) -> None:
+        """A step's outputs to their streams: ONE wake-up of each consumer loop per step (a
+        `call_soon_threadsafe` per output woke the loop and wrote its self-pipe B times)."""
         now = time.monotonic()
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue[Item], Item]]] = {}
         for out in outputs:
             stream = self.get(out.request_id)
             if stream is None:
@@ -104,19 +107,30 @@ class StreamTable:
                     observer.on_output(out, stream.timing, now)
                 except Exception:  # noqa: BLE001 - metrics must never stop serving
                     logger.exception("output observer failed")
-            self.send(out.request_id, out, final=out.finished)
+            stream = self._book(out.request_id, out, final=out.finished)
+            if stream is not None:
+                batches.setdefault(stream.loop, []).append((out.request_id, stream.queue, out))
+        for loop, items in batches.items():
+            if not call_soon(loop, _put_all, items):
+                for request_id, _, _ in items:
+                    self.on_lost(request_id)  # the caller's loop is closed; free the blocks
 
     def send(self, request_id: str, item: Item, final: bool) -> None:
+        stream = self._book(request_id, item, final)
+        if stream is None:
+            return  # aborted meanwhile: its consumer is gone
+        if not call_soon(stream.loop, stream.queue.put_nowait, item):
+            self.on_lost(request_id)  # the caller's loop is closed; free the blocks
+
+    def _book(self, request_id: str, item: Item, final: bool) -> Stream | None:
+        """The open stream of `request_id` with `item` counted (forgotten if `final`)."""
         with self._lock:
             stream = self._streams.get(request_id)
             if stream is not None and final:
                 del self._streams[request_id]
             if stream is not None and not isinstance(item, BaseException):
                 stream.delivered += 1
-        if stream is None:
-            return  # aborted meanwhile: its consumer is gone
-        if not call_soon(stream.loop, stream.queue.put_nowait, item):
-            self.on_lost(request_id)  # the caller's loop is closed; free the blocks
+        return stream
 
     def fail_all(self, exc: BaseException) -> list[str]:
         """End every open request with `exc`; returns their ids."""
@@ -148,6 +162,11 @@ async def iterate(queue: asyncio.Queue[Item], on_abort: Callable[[], None]
     finally:
         if not finished:
             on_abort()
+
+
+def _put_all(items: list[tuple[str, asyncio.Queue[Item], Item]]) -> None:
+    for _, queue, item in items:
+        queue.put_nowait(item)
 
 
 def call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:

@@ -14,6 +14,7 @@ import torch
 from elasticserve.kernels import native
 
 _f32p = ctypes.POINTER(ctypes.c_float)
+_F32 = torch.float32
 # Below this many elements a call stays on one thread: a hand-off costs ~0.1 ms.
 _SPLIT_MIN_ELEMENTS = 1 << 18
 
@@ -28,8 +29,12 @@ def _parts(elements: int, rows: int) -> int:
 
 def fits(*tensors: torch.Tensor) -> bool:
     """fp32 CPU tensors whose last dimension is dense."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1
-               for t in tensors)
+    # called ~60 times a step: a plain loop and `is_cpu` (no device object) take ~1.4 us a
+    # call where all() over a generator with `device.type` took 4-8 us
+    for t in tensors:
+        if t.dtype is not _F32 or not t.is_cpu or t.stride(-1) != 1:
+            return False
+    return True
 
 
 def rope_fits(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

@@ -39,14 +39,15 @@ class Channel:
         if len(fds) > MAX_FDS:
             raise ValueError(f"at most {MAX_FDS} fds per message, got {len(fds)}")
         payload = pickle.dumps(msg, protocol=5)
-        header = _HEADER.pack(len(payload), len(fds))
+        # header and payload in one write: the reader wakes once per message, not twice (a
+        # worker sends a message every step, and each wake-up can cost the sender its core on
+        # a busy machine)
+        frame = _HEADER.pack(len(payload), len(fds)) + payload
         try:
             with self._send_lock:
-                if fds:
-                    socket.send_fds(self.sock, [header], list(fds))
-                else:
-                    self.sock.sendall(header)
-                self.sock.sendall(payload)
+                sent = socket.send_fds(self.sock, [frame], list(fds)) if fds else 0
+                if sent < len(frame):
+                    self.sock.sendall(memoryview(frame)[sent:])
         except (BrokenPipeError, ConnectionResetError, OSError) as exc:
             raise ChannelClosed(f"channel closed while sending: {exc}") from exc
 

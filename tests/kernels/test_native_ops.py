@@ -77,3 +77,12 @@ def test_mlp_switches_path_and_other_dtypes_keep_torch() -> None:
     xb = torch.randn(4, 32).bfloat16()
     assert not native_ops.fits(xb, norm.weight)
     torch.testing.assert_close(norm(xb), expect_norm(xb.float(), norm.float()).bfloat16())
+
+
+def test_fits_takes_only_fp32_cpu_tensors_with_a_dense_last_dimension() -> None:
+    x, w = torch.randn(4, 32), torch.randn(32)
+    assert native_ops.fits(x, w) and native_ops.fits(x) and native_ops.fits()
+    assert native_ops.fits(x[:, :16])  # rows may be strided
+    assert not native_ops.fits(x, w.double())
+    assert not native_ops.fits(x.t())  # last dimension not dense
+    assert not native_ops.fits(torch.empty(4, 32, device="meta"))
