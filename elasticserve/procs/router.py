@@ -28,7 +28,8 @@ SUMMED = ("steps", "preemptions", "swaps_out", "swaps_in", "recomputes",
           "num_waiting", "num_swapped", "sleeps", "wakes",
           # the host KV tier and layer-wise residency
           "kv_offloaded_blocks", "kv_onloaded_blocks", "host_prefix_hit_tokens",
-          "kv_streamed_sequences", "kv_streamed_steps", "kv_streamed_layer_bytes")
+          "kv_streamed_sequences", "kv_streamed_steps", "kv_streamed_layer_bytes",
+          "kv_streamed_prefill_tokens")
 
 
 class ReplicaRouter:

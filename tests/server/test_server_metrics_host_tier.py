@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from elasticserve.engine.async_engine import AsyncEngine
 from elasticserve.server.metrics import ServerMetrics
+from tests.engine import test_streamed_prefill as streaming_prefill
 from tests.engine.test_layerwise_residency import burst, run, streaming
 
 
@@ -32,5 +33,17 @@ def test_streamed_burst_counts_in_the_scrape(model_dir: str) -> None:
         assert after["elasticserve:num_recomputes_total"] == 0
         assert after["elasticserve:num_requests_streamed"] == 0  # all done, all back
         assert after["elasticserve:host_kv_mapped_bytes"] >= 0
+    finally:
+        llm.engine.close()
+
+
+def test_a_prompt_larger_than_the_device_counts_as_streamed_prefill(model_dir: str) -> None:
+    llm = streaming_prefill.streaming(model_dir)
+    try:
+        metrics = ServerMetrics({"tiny": AsyncEngine(llm.engine, name="tiny")})
+        streaming_prefill.run(llm, [streaming_prefill.BIG])
+        after = scrape(metrics)
+        assert after["elasticserve:kv_streamed_prefill_tokens_total"] == \
+            llm.stats()["kv_streamed_prefill_tokens"] >= len(streaming_prefill.BIG) // 2
     finally:
         llm.engine.close()
