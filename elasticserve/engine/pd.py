@@ -146,6 +146,7 @@ class PrefillSide:
     """The prefill role of an engine (see module docstring)."""
 
     def __init__(self, engine: LLMEngine, connector: KVConnector) -> None:
+        require_resident_kv(engine)
         self.engine = engine
         self.connector = connector
         self.held: dict[str, tuple[SequenceGroup, tuple[int, ...]]] = {}  # id -> (group, lent)
@@ -225,10 +226,20 @@ class PrefillSide:
         """An abort: a held request is freed by `release` only (the front sends it)."""
 
 
+def require_resident_kv(engine: LLMEngine) -> None:
+    """A ValueError naming layerwise_residency when `engine` may stream a sequence's KV from
+    the host tier: a streamed table holds host-tier block ids, which a hand-off would read as
+    device blocks. Not supported with prefill/decode roles yet."""
+    if engine.cache_config.layerwise_residency:
+        raise ValueError("layerwise_residency does not work with prefill/decode roles (--pd) "
+                         "yet: a streamed sequence's blocks are host-tier ids, not device blocks")
+
+
 class DecodeSide:
     """The decode role of an engine (see module docstring)."""
 
     def __init__(self, engine: LLMEngine, connector: KVConnector) -> None:
+        require_resident_kv(engine)
         self.engine = engine
         self.connector = connector
         self.pending: dict[str, KVHandOff] = {}

@@ -55,6 +55,9 @@ def start_workers(args: argparse.Namespace, specs: list[ModelSpec],
     """The started `WorkerPool` and its routers, one `EngineClient` per model."""
     from elasticserve.procs.worker_pool import WorkerPool
 
+    if args.pd and base.layerwise_residency:
+        raise ValueError("--layerwise-residency does not work with --pd yet (a streamed "
+                         "sequence's KV is in the host tier, which the hand-off does not read)")
     pool = WorkerPool(specs, args.memory, base, replicas=parse_replicas(args.replicas),
                       max_queue=args.max_queue, policy=args.memory_policy,
                       idle_sleep_s=args.idle_sleep_s, pd=parse_pd(args.pd),

@@ -228,3 +228,14 @@ def test_a_request_failed_before_its_kv_arrived_leaves_nothing_pending(tiny_llam
     finally:
         prefill.close()
         decode.close()
+
+
+def test_roles_refuse_layerwise_residency(tiny_llama: str) -> None:
+    engine = LLM(tiny_llama, host_kv_cache_bytes=1 << 20, layerwise_residency=True,
+                 attention_backend="native").engine
+    try:
+        for side in (PrefillSide, DecodeSide):
+            with pytest.raises(ValueError, match="layerwise_residency"):
+                side(engine, CopyConnector(engine.kv.tensor, "x"))
+    finally:
+        engine.close()

@@ -167,3 +167,11 @@ def test_device_flags_reach_the_engine_args():
     assert (args.device, args.cuda_graphs) == ("cuda", True)
     with pytest.raises(SystemExit):
         _parse("--device", "tpu")
+
+
+def test_pd_refuses_layerwise_residency_before_starting_workers():
+    from elasticserve.server.cli_workers import start_workers
+
+    args = _parse("--pd", "m=1:1", "--host-kv-memory", "64MiB", "--layerwise-residency")
+    with pytest.raises(ValueError, match="--layerwise-residency does not work with --pd"):
+        start_workers(args, [], engine_args(args))  # refused before any model or worker
