@@ -3,14 +3,8 @@ fail a group that can never run. A mixin so that scheduler.py stays one screenfu
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
-
-from elasticserve.config import CacheConfig, SchedulerConfig
-from elasticserve.core.kv_cache_manager import KVCacheManager
-from elasticserve.core.sched_policy import SchedulerStats, choose_swap, push_back, push_front
+from elasticserve.core.sched_policy import choose_swap, push_back, push_front
 from elasticserve.core.sched_stream import Streaming
-from elasticserve.core.slo import SloPolicy
 from elasticserve.outputs import FailedRequest, SchedulerOutput
 from elasticserve.request import FinishReason, Sequence, SequenceGroup, SequenceStatus
 
@@ -18,17 +12,7 @@ from elasticserve.request import FinishReason, Sequence, SequenceGroup, Sequence
 class Preemption(Streaming):
     """The Scheduler's preemption half (its state lives in Scheduler.__init__)."""
 
-    config: SchedulerConfig
-    cache: CacheConfig
-    kv: KVCacheManager
-    grow: Callable[[int], bool] | None
-    can_hold_later: Callable[[int], bool] | None
-    waiting: deque[SequenceGroup]
-    running: deque[SequenceGroup]
-    swapped: deque[SequenceGroup]
-    stats: SchedulerStats
-    slo: SloPolicy | None
-    clock: Callable[[], float]
+    # the scheduler's other attributes are declared on Streaming
     _failed: list[FailedRequest]
 
     def finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:
