@@ -61,6 +61,9 @@ class CacheConfig:
     # LayerKV residency: a preempted decode group keeps decoding with its KV in the host tier,
     # each layer staged to the device just ahead of its use (worker/layer_stream.py)
     layerwise_residency: bool = False
+    # its TPOT guard: a decode is streamed for a waiting prompt only while the predicted step
+    # time stays within this many ms (core/stream_guard.py); None: no guard
+    stream_tpot_ms: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("layerwise_onload", "layerwise_residency"):
@@ -68,6 +71,12 @@ class CacheConfig:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.layerwise_residency and self.host_kv_cache_bytes is None:
             raise ValueError("layerwise_residency needs the host KV tier (host_kv_cache_bytes)")
+        if self.stream_tpot_ms is not None:
+            tpot = self.stream_tpot_ms
+            if isinstance(tpot, bool) or not isinstance(tpot, (int, float)) or not tpot > 0:
+                raise ValueError(f"stream_tpot_ms must be a number > 0, got {tpot!r}")
+            if not self.layerwise_residency:
+                raise ValueError("stream_tpot_ms needs layerwise_residency (it guards its streaming)")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:

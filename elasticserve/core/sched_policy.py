@@ -43,6 +43,8 @@ class SchedulerStats:
     streamed_offloads: int = 0  # victims that kept decoding from the host tier (sched_stream)
     kv_streamed_steps: int = 0  # sequence-steps decoded with the KV in the host tier
     kv_streamed_prefill_tokens: int = 0  # prompt tokens prefilled with the KV in the host tier
+    streamed_admissions: int = 0  # decodes streamed for a waiting prompt + prompts admitted streamed
+    kv_stream_guarded: int = 0  # admission streamings the TPOT guard refused (stream_tpot_ms)
 
 
 @dataclass(slots=True)

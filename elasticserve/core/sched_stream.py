@@ -10,8 +10,13 @@ below); n > 1 and beam groups are preempted as before (swap or recompute).
 
 Admission (LayerKV's point): when the head waiting prompt's first chunk does not fit, the
 latest resident decodes are streamed before the step until it does (`_stream_for_waiting`), so
-a burst's prompts are all prefilled early while older decodes continue from host. No TPOT guard
-yet: every streamed decode pays one stage copy per layer per step.
+a burst's prompts are all prefilled early while older decodes continue from host. Every streamed
+decode pays one stage copy per layer per step, so with `stream_tpot_ms` a TPOT guard
+(core/stream_guard.py) limits this admission streaming: a decode is streamed for a waiting
+prompt (and a prompt admitted streamed, below) only while the predicted step time, with its
+blocks streamed too, stays within the target; else the prompt waits (`kv_stream_guarded`
+counts refusals). Preemption victims are not guarded: streamed or swapped/recomputed, they stop
+TPOT either way. A prompt that the device can never hold is admitted streamed anyway.
 Policy when device blocks are free again: streamed groups come back (a full swap-in, then they
 decode resident) in running order, but only with the room left after reserving the head
 waiting group's prompt blocks; so waiting groups are admitted while groups are streamed (the
@@ -46,6 +51,7 @@ from elasticserve.core.sched_policy import (
     scheduled_seq,
 )
 from elasticserve.core.slo import SloPolicy
+from elasticserve.core.stream_guard import StreamGuard
 from elasticserve.outputs import SchedulerOutput
 from elasticserve.request import Sequence, SequenceGroup, SequenceStatus
 
@@ -64,6 +70,7 @@ class Streaming:
     slo: SloPolicy | None
     clock: Callable[[], float]
     can_hold_later: Callable[[int], bool] | None
+    stream_guard: StreamGuard
 
     def _try_schedule(self, group: SequenceGroup, out: SchedulerOutput, budget: Budget) -> Fit:
         raise NotImplementedError
@@ -83,6 +90,25 @@ class Streaming:
         """Running groups decoding from the host tier now."""
         return sum(1 for g in self.running if self.is_streamed(g)) if (
             self.cache.layerwise_residency) else 0
+
+    def observe_stream_cost(self, step_s: float, copy_s: float, blocks: int) -> None:
+        """After each step, from the engine: its wall seconds, the seconds of them spent copying
+        streamed KV into the stage, and how many host blocks that was (the TPOT guard's input)."""
+        self.stream_guard.observe(step_s, copy_s, blocks)
+
+    def _streamed_blocks(self) -> int:
+        """Host blocks of the groups streamed now (a streamed prefill's whole prompt)."""
+        return sum(len(self.kv.block_table(g.seqs[0].seq_id)) for g in self.running
+                   if self.is_streamed(g))
+
+    def _guard_allows(self, blocks: int) -> bool:
+        """The TPOT guard: streaming `blocks` more host blocks keeps the predicted step within
+        `stream_tpot_ms` (always, without the option); a refusal is counted."""
+        guard = self.stream_guard
+        if not guard.enabled or guard.allows(self._streamed_blocks() + blocks):
+            return True
+        self.stats.kv_stream_guarded += 1
+        return False
 
     def _stream(self, group: SequenceGroup, out: SchedulerOutput) -> bool:
         """Offload a single running sequence's KV to the tier and keep it running from there
@@ -129,6 +155,8 @@ class Streaming:
                               f"({self.kv.pool.num_blocks} blocks) or the host KV tier "
                               f"({host} blocks) can hold")
             return True
+        if not self._device_never_holds(need) and not self._guard_allows(need):
+            return False  # it waits for device blocks rather than slow every decode down
         self.kv.allocate_prompt(seq.seq_id, [])  # no prefix lookup: it starts from scratch
         self.kv.swap_out([seq.seq_id])  # an empty table: it now lives in the host tier
         if not self.kv.append_host_slots(seq.seq_id, len(seq.token_ids) + 1):
@@ -138,13 +166,15 @@ class Streaming:
         self.waiting.popleft()
         push_back(self.running, group)
         self.stats.streamed_offloads += 1
+        self.stats.streamed_admissions += 1
         self._host_step(group, out, budget)
         return True
 
     def _stream_for_waiting(self, out: SchedulerOutput) -> None:
         """Before the step (LayerKV's admission): when the head waiting prompt's first chunk
         does not fit the free device blocks (after growing), stream the latest resident decodes
-        (never one more important than it) until it does; none if they cannot free enough."""
+        (never one more important than it) until it does; none if they cannot free enough or
+        the TPOT guard refuses the blocks it would take."""
         if not self.waiting or self.swapped:
             return
         head = self.waiting[0]
@@ -161,9 +191,12 @@ class Streaming:
                     and seq.num_uncomputed == 1 and not group.is_beam_search):
                 victims.append(group)
                 short -= len(self.kv.block_table(seq.seq_id))
-        if short <= 0:
-            for group in victims:
-                self._stream(group, out)
+        if short > 0 or not self._guard_allows(
+                sum(len(self.kv.block_table(g.seqs[0].seq_id)) for g in victims)):
+            return
+        for group in victims:
+            if self._stream(group, out):
+                self.stats.streamed_admissions += 1
 
     def _pop_resident_victim(self, group: SequenceGroup | None) -> SequenceGroup | None:
         """`_pop_victim` among resident groups only (a streamed one holds no device block):

@@ -27,6 +27,7 @@ from elasticserve.core.sched_policy import (
 )
 from elasticserve.core.sched_preempt import Preemption
 from elasticserve.core.slo import SloPolicy, StepCostFit
+from elasticserve.core.stream_guard import StreamGuard
 from elasticserve.outputs import FailedRequest, SchedulerOutput
 from elasticserve.request import Sequence, SequenceGroup, SequenceStatus
 
@@ -66,6 +67,7 @@ class Scheduler(Preemption):
         self.cost_fit = StepCostFit(self.slo.cost) if (
             self.slo is not None and config.step_cost_online) else None
         self._step_began: float | None = None
+        self.stream_guard = StreamGuard(cache.stream_tpot_ms)  # layerwise_residency's TPOT guard
 
     # ---- requests -------------------------------------------------------------------------
     def add(self, group: SequenceGroup, admission: bool = True) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from elasticserve.config import (
     DEFAULT_STEP_COST,
@@ -17,6 +18,9 @@ from elasticserve.config import (
     PreemptionMode,
     SchedulerConfig,
 )
+
+if TYPE_CHECKING:
+    from elasticserve.models.hf_config import ModelConfig
 
 
 @dataclass(slots=True)
@@ -47,6 +51,7 @@ class EngineArgs:
     host_kv_cache_bytes: int | None = None
     layerwise_onload: bool = False  # swap-ins copied layer by layer, overlapped with compute
     layerwise_residency: bool = False  # preempted decodes keep decoding from the host tier
+    stream_tpot_ms: float | None = None  # its TPOT guard: stream for admission only within this
     memory_backend: str = "auto"  # "auto": VMM pages on a cuda device, host pages on the CPU
     page_size: int | None = None
     # a step's MLP intermediate and logits in pages of the KV budget (engine/workspace.py)
@@ -104,7 +109,8 @@ class EngineArgs:
             kv_cache_min_bytes=self.kv_cache_min_bytes, kv_cache_max_bytes=self.kv_cache_max_bytes,
             kv_reserve_pages=self.kv_reserve_pages, kv_shrink_after_s=self.kv_shrink_after_s,
             kv_keep_peak_s=self.kv_keep_peak_s, host_kv_cache_bytes=self.host_kv_cache_bytes,
-            layerwise_onload=self.layerwise_onload, layerwise_residency=self.layerwise_residency)
+            layerwise_onload=self.layerwise_onload, layerwise_residency=self.layerwise_residency,
+            stream_tpot_ms=self.stream_tpot_ms)
 
     def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         max_len = self.max_model_len or model_max_len
@@ -133,3 +139,10 @@ def _check_device(device: object) -> None:
     if not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device "
                          f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+
+
+def model_max_len(config: ModelConfig) -> int:
+    """The longest sequence the model takes: its positions, or its sliding window if shorter."""
+    limit = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    return min(limit, int(window)) if window else limit

@@ -31,6 +31,7 @@ from elasticserve.errors import InvalidFieldError
 from elasticserve.memory.backend import DEFAULT_PAGE_SIZE, round_up
 from elasticserve.memory.factory import get_backend
 from elasticserve.memory.vtensor import VirtualTensor
+from elasticserve.outputs import SchedulerOutput
 from elasticserve.worker.layer_stream import LayerStream
 from elasticserve.worker.model_runner import ModelRunner
 
@@ -121,7 +122,18 @@ def stream_stats(scheduler: Scheduler, runner: ModelRunner) -> dict[str, Any]:
     return {"kv_streamed_sequences": scheduler.num_streamed(),
             "kv_streamed_steps": scheduler.stats.kv_streamed_steps,
             "kv_streamed_prefill_tokens": scheduler.stats.kv_streamed_prefill_tokens,
+            "kv_stream_guarded": scheduler.stats.kv_stream_guarded,
             "kv_streamed_layer_bytes": 0 if runner.stream is None else runner.stream.layer_bytes}
+
+
+def observe_stream(scheduler: Scheduler, runner: ModelRunner, out: SchedulerOutput,
+                   step_s: float) -> None:
+    """After a step that ran something, tell the scheduler's TPOT guard (core/stream_guard.py)
+    its seconds and what its stage copies cost (worker/layer_stream.py measures them)."""
+    if runner.stream is None or not out.scheduled:
+        return  # no residency, or an idle step (its seconds say nothing of a decode's)
+    copy_s, blocks = runner.stream.pop_cost()
+    scheduler.observe_stream_cost(step_s, copy_s, blocks)
 
 
 def stream_max_blocks(cache: CacheConfig, device_blocks: int, tier: HostKVTier | None) -> int:

@@ -13,9 +13,9 @@ from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.kv_pages import ModelBroker
 from elasticserve.core.scheduler import Scheduler
 from elasticserve.core.tiered_kv import TieredKVCacheManager, tier_stats
-from elasticserve.engine.args import EngineArgs
+from elasticserve.engine.args import EngineArgs, model_max_len
 from elasticserve.engine.beam_search import beam_step
-from elasticserve.engine.host_tier import attach_stream, stream_max_blocks, stream_stats
+from elasticserve.engine.host_tier import attach_stream, observe_stream, stream_max_blocks, stream_stats
 from elasticserve.engine.kv_storage import KVStorage
 from elasticserve.engine.output_processor import OutputProcessor
 from elasticserve.engine.pd import KVHandOff, PDRole, role_stats
@@ -26,7 +26,7 @@ from elasticserve.engine.weights import DiskWeights, WeightsSource
 from elasticserve.errors import InvalidFieldError
 from elasticserve.kernels import native
 from elasticserve.memory.backend import MemoryBackend
-from elasticserve.models.hf_config import ModelConfig, load_config
+from elasticserve.models.hf_config import load_config
 from elasticserve.models.llama import CausalLM
 from elasticserve.models.tokenizer import Tokenizer
 from elasticserve.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
@@ -50,7 +50,7 @@ class LLMEngine(SleepWake):
         from at start and on wake (default: the checkpoint, a private copy). `kv_backend`: where
         the KV pages come from (default: `memory.backend`'s; a worker's: the broker's memfd)."""
         # validated before anything heavy is loaded; only the model's length limit is read
-        self.config = args.create_engine_config(_model_max_len(load_config(args.model)))
+        self.config = args.create_engine_config(model_max_len(load_config(args.model)))
         self.cache_config = self.config.cache
         self.scheduler_config = self.config.scheduler
         self.broker = broker
@@ -204,6 +204,7 @@ class LLMEngine(SleepWake):
         finally:
             self.kv.after_step(self.scheduler)
         now = time.monotonic()
+        observe_stream(self.scheduler, self.runner, out, now - began)  # the TPOT guard's input
         self.step_stats.record(out, self.scheduler.stats, began, now)
         outputs = [self._output(g, now) for g in streaming if not g.is_finished]
         for handoff in handed:  # its stream continues on a decode worker
@@ -332,9 +333,3 @@ class LLMEngine(SleepWake):
         """Stop the KV storage's reclaimer thread and unmap its pages; the engine must not step
         afterwards. Without it the thread runs until garbage collection."""
         self.kv.close()
-
-
-def _model_max_len(config: ModelConfig) -> int:
-    limit = int(config.max_position_embeddings)
-    window = getattr(config, "sliding_window", None)
-    return min(limit, int(window)) if window else limit

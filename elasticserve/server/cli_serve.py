@@ -88,6 +88,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       host_kv_cache_bytes=args.host_kv_memory,
                       layerwise_onload=args.layerwise_onload,
                       layerwise_residency=args.layerwise_residency,
+                      stream_tpot_ms=args.stream_tpot_ms,
                       runtime_memory_from_budget=args.runtime_memory_from_budget)
 
 
@@ -227,6 +228,9 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layerwise-residency", action="store_true",
                    help="preempted decodes keep decoding with their KV in the host tier, one "
                         "layer staged at a time (needs --host-kv-memory; CPU, native attention)")
+    p.add_argument("--stream-tpot-ms", type=float, default=None, metavar="MS",
+                   help="with --layerwise-residency: stream decodes for a waiting prompt only "
+                        "while the predicted step time stays within MS (default: no guard)")
     p.add_argument("--runtime-memory-from-budget", action="store_true",
                    help="a step's MLP intermediates and logits live in pages granted by the "
                         "--memory budget, given back after the step")

@@ -12,7 +12,8 @@ helper has not claimed (`steal`, as worker/layer_onload.py does), then waits for
 Layer i's attention for the streamed rows runs over the stage (kernels/stage_attention.py),
 which also writes the new token's K/V back to its host block; resident rows are untouched.
 The stage is sized from the step's streamed blocks and grows on demand (never shrinks: a
-later step reuses it); `stage_bytes` counts it.
+later step reuses it); `stage_bytes` counts it. The copies are timed (wall seconds, both
+threads' summed) for the scheduler's TPOT guard: `pop_cost` gives a step's seconds and blocks.
 
 CPU only: on a GPU the stage copies would go on a copy stream with an event per layer.
 """
@@ -133,6 +134,16 @@ class LayerStream:
         self._pool: ThreadPoolExecutor | None = None
         self.layer_bytes = 0  # bytes copied host -> stage, over all steps
         self.stolen_layers = 0  # stage layers the step's thread copied itself
+        # since the last pop_cost: seconds spent in stage copies, host blocks staged per layer
+        self._copy_s, self._blocks = 0.0, 0
+        self._cost_lock = threading.Lock()  # the helper and the step's thread both add
+
+    def pop_cost(self) -> tuple[float, int]:
+        """(stage-copy seconds, streamed host blocks) since the last call (one step's, when
+        called after each step); (0.0, 0) when nothing was streamed."""
+        with self._cost_lock:
+            cost, self._copy_s, self._blocks = (self._copy_s, self._blocks), 0.0, 0
+        return cost
 
     @property
     def stage_bytes(self) -> int:
@@ -183,10 +194,16 @@ class LayerStream:
         assert stage is not None
 
         def copy(layer: int) -> None:
+            began = time.perf_counter()
             buf = stage[layer % 2]
             for s, d, n in pairs:
                 buf[d:d + n, 0].copy_(host[s:s + n, layer])
-            self.layer_bytes += per_layer
+            with self._cost_lock:
+                self._copy_s += time.perf_counter() - began
+                self.layer_bytes += per_layer
+
+        with self._cost_lock:
+            self._blocks += len(rows)
 
         fill = StageFill(copy, host.shape[1], self.deadline_s)
         if self._pool is None:  # lazily: an engine that never streams holds no thread
