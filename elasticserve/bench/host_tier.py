@@ -6,8 +6,10 @@ third of the burst's KV (`kv_cache_max_bytes`) and the rest must go somewhere wh
 - `recompute`: `preemption_mode="recompute"` (KV dropped, prompt + output prefilled again);
 - `swap`: `preemption_mode="swap"` on today's fixed swap area of the same size;
 - `stream`: the tier with `layerwise_residency`: a victim keeps decoding from the tier, one
-  layer staged at a time, and waiting prompts are admitted meanwhile (core/sched_stream.py).
-The four run alternated (rotating order), each `--reps` times, on the real engine; per run we
+  layer staged at a time, and waiting prompts are admitted meanwhile (core/sched_stream.py);
+- `stream-guard`: `stream` with its TPOT guard, `stream_tpot_ms` = 2 x the `swap` runs' TPOT P50
+  (median of those run so far in this command; `swap` comes before it in the first rep).
+The five run alternated (rotating order), each `--reps` times, on the real engine; per run we
 record TTFT P50/P99 (first token time - arrival) and the burst's makespan, and report medians
 with spread = (max - min) / median. `--write-docs` puts the table in docs/BENCHMARKS.md.
 
@@ -26,7 +28,8 @@ from typing import Any
 from elasticserve import docs_section
 from elasticserve.bench.fairness import spread_pct
 
-CONFIGS = ("tier", "recompute", "swap", "stream")
+CONFIGS = ("tier", "recompute", "swap", "stream", "stream-guard")
+GUARD_X_SWAP = 2.0  # stream-guard's target: this many times swap's TPOT P50
 
 
 def burst(count: int, length: int, seed: int) -> list[list[int]]:
@@ -36,26 +39,27 @@ def burst(count: int, length: int, seed: int) -> list[list[int]]:
 
 
 def _engine_args(kind: str, model: str, device_bytes: int, host_bytes: int,
-                 page: int) -> dict[str, Any]:
+                 page: int, stream_tpot_ms: float | None = None) -> dict[str, Any]:
     base: dict[str, Any] = {"model": model, "page_size": page, "kv_reserve_pages": 0,
                             "kv_cache_max_bytes": device_bytes, "num_threads": 1}
     if kind == "tier":
         return base | {"host_kv_cache_bytes": host_bytes}
-    if kind == "stream":
-        return base | {"host_kv_cache_bytes": host_bytes, "layerwise_residency": True}
+    if kind in ("stream", "stream-guard"):
+        guard = {"stream_tpot_ms": stream_tpot_ms} if kind == "stream-guard" else {}
+        return base | {"host_kv_cache_bytes": host_bytes, "layerwise_residency": True} | guard
     if kind == "recompute":
         return base | {"preemption_mode": "recompute"}
     return base | {"preemption_mode": "swap", "swap_space": host_bytes}
 
 
 def run_once(kind: str, model: str, prompts: list[list[int]], max_tokens: int,
-             budget: tuple[int, int, int]) -> dict[str, float]:
+             budget: tuple[int, int, int], stream_tpot_ms: float | None = None) -> dict[str, float]:
     """One burst on a fresh engine: TTFT P50/P99, TPOT P50/P99 and makespan (s), preemption
     counters. TPOT: (finish - first token) / (tokens - 1) per request, so the decode cost of
     streaming (a stage copy per layer per step) shows beside its TTFT gain."""
     from elasticserve import LLM, SamplingParams
 
-    llm = LLM(**_engine_args(kind, model, *budget))
+    llm = LLM(**_engine_args(kind, model, *budget, stream_tpot_ms=stream_tpot_ms))
     engine = llm.engine
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -80,7 +84,8 @@ def run_once(kind: str, model: str, prompts: list[list[int]], max_tokens: int,
     return {"ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "makespan": makespan,
             "tpot_p50": _pct(tpot, 50), "tpot_p99": _pct(tpot, 99),
             "recomputes": stats["recomputes"], "swaps_out": stats["swaps_out"],
-            "offloaded": stats["kv_offloaded_blocks"], "streamed": stats["kv_streamed_steps"]}
+            "offloaded": stats["kv_offloaded_blocks"], "streamed": stats["kv_streamed_steps"],
+            "guarded": stats["kv_stream_guarded"], "target_ms": stream_tpot_ms or 0.0}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -111,7 +116,11 @@ def measure(model: str, count: int, length: int, max_tokens: int, reps: int
     for rep in range(reps):
         order = CONFIGS[rep % len(CONFIGS):] + CONFIGS[:rep % len(CONFIGS)]  # rotate the first
         for kind in order:
-            runs[kind].append(run_once(kind, model, prompts, max_tokens, budget))
+            target = None
+            if kind == "stream-guard":  # swap ran before it (first rep: CONFIGS' order)
+                swap_tpot = statistics.median(r["tpot_p50"] for r in runs["swap"])
+                target = GUARD_X_SWAP * swap_tpot * 1000
+            runs[kind].append(run_once(kind, model, prompts, max_tokens, budget, target))
     return runs
 
 
@@ -123,8 +132,8 @@ def report(runs: dict[str, list[dict[str, float]]], setup: str, argv: list[str])
              f"- {setup}", "",
              "| preemption | TTFT P99 ms (median) | spread | TTFT P50 ms | TPOT P50 / P99 ms "
              "| makespan s | spread | recomputes | swap-outs | blocks offloaded "
-             "| streamed seq-steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| streamed seq-steps | guard refusals |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, rs in runs.items():
         def med(key: str, rs: list[dict[str, float]] = rs) -> float:
             return statistics.median(r[key] for r in rs)
@@ -135,7 +144,13 @@ def report(runs: dict[str, list[dict[str, float]]], setup: str, argv: list[str])
                      f"| {med('tpot_p50') * 1000:.1f} / {med('tpot_p99') * 1000:.1f} "
                      f"| {med('makespan'):.2f} "
                      f"| {spread_pct(span):.0f}% | {med('recomputes'):.0f} "
-                     f"| {med('swaps_out'):.0f} | {med('offloaded'):.0f} | {med('streamed'):.0f} |")
+                     f"| {med('swaps_out'):.0f} | {med('offloaded'):.0f} | {med('streamed'):.0f} "
+                     f"| {med('guarded'):.0f} |")
+    guard = runs.get("stream-guard")
+    if guard:
+        targets = ", ".join(f"{r['target_ms']:.1f}" for r in guard)
+        lines.append(f"\nstream-guard's stream_tpot_ms per run ({GUARD_X_SWAP:g} x swap's TPOT "
+                     f"P50 so far): {targets} ms")
     return "\n".join(lines)
 
 

@@ -21,6 +21,10 @@ def test_burst_runs_every_preemption_kind_and_reports_them(tmp_path: str) -> Non
                for r in (tier, recompute, swap, stream))
     assert all(0 < r["tpot_p50"] <= r["tpot_p99"] < r["makespan"]
                for r in (tier, recompute, swap, stream))
+    guard = runs["stream-guard"][0]  # its target: 2 x swap's TPOT P50 of this very command
+    assert guard["target_ms"] == host_tier.GUARD_X_SWAP * swap["tpot_p50"] * 1000
+    assert guard["recomputes"] + guard["swaps_out"] + guard["streamed"] > 0
     text = host_tier.report(runs, "setup", ["--reps", "1"])
-    assert text.count("\n| ") == 5 and "| stream |" in text and "| tier |" in text
+    assert text.count("\n| ") == 6 and "| stream |" in text and "| tier |" in text
+    assert "| stream-guard |" in text and "stream_tpot_ms per run" in text
     assert "bench.host_tier" in text

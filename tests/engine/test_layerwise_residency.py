@@ -58,6 +58,8 @@ def test_greedy_parity_streamed_vs_roomy_device(tiny_llama: str) -> None:
         cached = stats["host_prefix_cached_blocks"] * BLOCK
         assert on.memory_stats()["host_kv_used_bytes"] == cached
         assert roomy.stats()["kv_streamed_steps"] == 0
+        assert on.engine.scheduler.stats.streamed_admissions > 0  # what the guard would stop
+        assert stats["kv_stream_guarded"] == 0  # no stream_tpot_ms: no guard
     finally:
         on.engine.close()
         roomy.engine.close()
@@ -86,6 +88,35 @@ def test_abort_of_a_streamed_request_frees_its_host_blocks(tiny_llama: str) -> N
         assert engine.kv_manager.host_blocks.num_used == cached
     finally:
         engine.close()
+
+
+def test_tpot_guard_stops_admission_streaming(tiny_llama: str) -> None:
+    guarded = streaming(tiny_llama, stream_tpot_ms=1e-3)  # 1 us: every step is over it
+    roomy = LLM(tiny_llama, page_size=PAGE, attention_backend="native")
+    try:
+        # one request first: the guard has measured steps (cold, it allows anything)
+        guarded.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3))
+        prompts = burst()
+        assert run(guarded, prompts) == run(roomy, prompts)
+        stats = guarded.stats()
+        assert guarded.engine.scheduler.stats.streamed_admissions == 0
+        assert stats["kv_stream_guarded"] > 0 and stats["kv_streamed_prefill_tokens"] == 0
+        assert guarded.engine.scheduler.stream_guard.step_s is not None
+        guarded.engine.check_integrity()
+    finally:
+        guarded.engine.close()
+        roomy.engine.close()
+
+
+@pytest.mark.parametrize("kw, match", [({"stream_tpot_ms": 0}, "stream_tpot_ms must be"),
+                                       ({"stream_tpot_ms": -5.0}, "stream_tpot_ms must be"),
+                                       ({"stream_tpot_ms": "fast"}, "stream_tpot_ms must be"),
+                                       ({"stream_tpot_ms": 20.0, "layerwise_residency": False},
+                                        "stream_tpot_ms needs layerwise_residency")])
+def test_stream_tpot_ms_is_validated(tiny_llama: str, kw: dict[str, object], match: str) -> None:
+    args: dict[str, object] = {"host_kv_cache_bytes": MiB, "layerwise_residency": True, **kw}
+    with pytest.raises(ValueError, match=match):
+        LLM(tiny_llama, **args)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kw, field", [({"host_kv_cache_bytes": None}, "host_kv_cache_bytes"),

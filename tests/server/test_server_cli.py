@@ -175,3 +175,13 @@ def test_pd_refuses_layerwise_residency_before_starting_workers():
     args = _parse("--pd", "m=1:1", "--host-kv-memory", "64MiB", "--layerwise-residency")
     with pytest.raises(ValueError, match="--layerwise-residency does not work with --pd"):
         start_workers(args, [], engine_args(args))  # refused before any model or worker
+
+
+def test_stream_tpot_ms_flag():
+    args = engine_args(_parse("--host-kv-memory", "64MiB", "--layerwise-residency",
+                              "--stream-tpot-ms", "20"))
+    assert args.cache_config().stream_tpot_ms == 20.0
+    assert engine_args(_parse()).stream_tpot_ms is None
+    with pytest.raises(ValueError, match="stream_tpot_ms"):
+        engine_args(_parse("--host-kv-memory", "64MiB", "--layerwise-residency",
+                           "--stream-tpot-ms", "0")).cache_config()
