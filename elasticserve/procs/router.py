@@ -29,7 +29,7 @@ SUMMED = ("steps", "preemptions", "swaps_out", "swaps_in", "recomputes",
           # the host KV tier and layer-wise residency
           "kv_offloaded_blocks", "kv_onloaded_blocks", "host_prefix_hit_tokens",
           "kv_streamed_sequences", "kv_streamed_steps", "kv_streamed_layer_bytes",
-          "kv_streamed_prefill_tokens")
+          "kv_streamed_prefill_tokens", "kv_stream_guarded")
 
 
 class ReplicaRouter:

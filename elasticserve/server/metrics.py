@@ -168,6 +168,8 @@ _COUNTERS = (
      "kv_streamed_layer_bytes", "stats"),
     ("kv_streamed_prefill_tokens", "Prompt tokens prefilled with the KV in the host tier.",
      "kv_streamed_prefill_tokens", "stats"),
+    ("kv_stream_guarded", "Admission streamings refused by the TPOT guard (--stream-tpot-ms).",
+     "kv_stream_guarded", "stats"),
     ("kv_grow_events", "Times the KV cache mapped more pages.", "grow_events", "mem"),
     ("kv_shrink_events", "Times the KV cache unmapped pages.", "shrink_events", "mem"),
     ("kv_pages_granted", "KV pages mapped (granted by the budget, if shared).", "pages_granted",

@@ -47,3 +47,15 @@ def test_a_prompt_larger_than_the_device_counts_as_streamed_prefill(model_dir: s
             llm.stats()["kv_streamed_prefill_tokens"] >= len(streaming_prefill.BIG) // 2
     finally:
         llm.engine.close()
+
+
+def test_tpot_guard_refusals_count_in_the_scrape(model_dir: str) -> None:
+    llm = streaming(model_dir, stream_tpot_ms=1e-3)  # every measured step is over 1 us
+    try:
+        metrics = ServerMetrics({"tiny": AsyncEngine(llm.engine, name="tiny")})
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}])  # the guard measures its first steps
+        run(llm, burst())
+        after = scrape(metrics)
+        assert after["elasticserve:kv_stream_guarded_total"] == llm.stats()["kv_stream_guarded"] > 0
+    finally:
+        llm.engine.close()
