@@ -11,7 +11,10 @@ less its stage-copy seconds (what the step costs without streaming), and the sta
 per streamed block. The copies partly overlap the forward pass (a helper thread), so the
 resident part is underestimated by what overlapped and the block part counted in full: for the
 blocks streamed now the prediction is the measured step time again. Prefill steps are in the
-average too: a decode waits for them, they are part of its TPOT.
+average too: a decode waits for them, they are part of its TPOT. Hence a long average (alpha
+0.05: about the last 20 steps, a decode's life in the bench): with 0.25 a prefill stall was
+forgotten within a few steps, the guard reopened between admissions and TPOT barely moved
+(`bench host_tier`, 24-29 ms P50 vs 32 ms unguarded at a 20 ms target; 0.05: 19 ms).
 
 Cold (no step measured yet) it allows anything; with steps but no copy measured yet, the
 block cost counts as 0 (the prediction is then a lower bound: still refused once the resident
@@ -26,7 +29,7 @@ __all__ = ["StreamGuard"]
 class StreamGuard:
     """Numbers in (`observe`), decisions out (`allows`); `target_ms` None: always allows."""
 
-    def __init__(self, target_ms: float | None, alpha: float = 0.25) -> None:
+    def __init__(self, target_ms: float | None, alpha: float = 0.05) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
         self.target_s = None if target_ms is None else target_ms / 1000
