@@ -8,8 +8,10 @@ from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.scheduler import Scheduler
 from elasticserve.outputs import SchedulerOutput
-from elasticserve.request import SequenceGroup, SequenceStatus
+from elasticserve.request import SequenceGroup
 from elasticserve.sampling_params import SamplingParams
+from tests.core.test_scheduler import run_step
+from tests.core.test_scheduler_stream import on_host_means_no_device_block
 
 BS = 4
 BIG = 60  # 16 blocks with its first decode token: twice the 8-block device
@@ -28,17 +30,7 @@ def group(rid: str, prompt_len: int = BIG, max_tokens: int = 6) -> SequenceGroup
 
 
 def step(s: Scheduler) -> SchedulerOutput:
-    out = s.schedule()
-    s.on_step_done(out)
-    for item in out.scheduled:
-        seq = s.seqs[item.seq_id]
-        assert item.on_host == s.kv.is_swapped(item.seq_id)  # host rows hold no device block
-        if item.sample_seq_ids:
-            seq.token_ids.append(7)
-            if seq.num_output_tokens >= 6:
-                s.finish_seq(seq, SequenceStatus.FINISHED_LENGTH)
-    s.pop_finished_groups()
-    s.kv.check_integrity()
+    out = run_step(s, check=on_host_means_no_device_block)
     assert s.kv.pool.num_used <= s.kv.pool.num_blocks
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -11,7 +12,7 @@ from elasticserve.config import CacheConfig, SchedulerConfig
 from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.scheduler import Scheduler
-from elasticserve.outputs import SchedulerOutput
+from elasticserve.outputs import ScheduledSeq, SchedulerOutput
 from elasticserve.request import SequenceGroup, SequenceStatus
 from elasticserve.sampling_params import SamplingParams
 
@@ -32,11 +33,15 @@ def group(rid: str, prompt_len: int, max_tokens: int = 4, n: int = 1, first: int
     return SequenceGroup.create(rid, None, list(range(first, first + prompt_len)), params, 0.0)
 
 
-def run_step(s: Scheduler) -> SchedulerOutput:
-    """One engine step with a fake model: every sampled sequence gets token 7."""
+def run_step(s: Scheduler, check: Callable[[Scheduler, ScheduledSeq], None] | None = None
+             ) -> SchedulerOutput:
+    """One engine step with a fake model: every sampled sequence gets token 7. `check` runs
+    on each scheduled row before its tokens land."""
     out = s.schedule()
     s.on_step_done(out)
     for item in out.scheduled:
+        if check is not None:
+            check(s, item)
         parent = s.seqs[item.seq_id]
         grp = next(g for g in s.running if parent in g.seqs)
         seqs = [parent] + [s.fork_seq(grp, parent, cid, i)

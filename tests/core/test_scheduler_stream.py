@@ -7,9 +7,10 @@ from elasticserve.config import CacheConfig, SchedulerConfig
 from elasticserve.core.block_pool import BlockPool
 from elasticserve.core.kv_cache_manager import KVCacheManager
 from elasticserve.core.scheduler import Scheduler
-from elasticserve.outputs import SchedulerOutput
+from elasticserve.outputs import ScheduledSeq, SchedulerOutput
 from elasticserve.request import SequenceGroup, SequenceStatus
 from elasticserve.sampling_params import SamplingParams
+from tests.core.test_scheduler import run_step
 
 BS = 4
 
@@ -27,23 +28,13 @@ def group(rid: str, prompt_len: int = 6, max_tokens: int = 12, n: int = 1) -> Se
     return SequenceGroup.create(rid, None, list(range(1, prompt_len + 1)), params, 0.0)
 
 
+def on_host_means_no_device_block(s: Scheduler, item: ScheduledSeq) -> None:
+    # a streamed row names host blocks: the sequence has no device block at all
+    assert item.on_host == s.kv.is_swapped(item.seq_id)
+
+
 def step(s: Scheduler) -> SchedulerOutput:
-    out = s.schedule()
-    s.on_step_done(out)
-    for item in out.scheduled:
-        parent = s.seqs[item.seq_id]
-        grp = next(g for g in s.running if parent in g.seqs)
-        # a streamed row names host blocks: the sequence has no device block at all
-        assert item.on_host == s.kv.is_swapped(item.seq_id)
-        seqs = [parent] + [s.fork_seq(grp, parent, cid, i)
-                           for i, cid in enumerate(item.sample_seq_ids[1:], start=1)]
-        for seq in seqs if item.sample_seq_ids else []:
-            seq.token_ids.append(7)
-            if seq.num_output_tokens >= grp.params.max_tokens:
-                s.finish_seq(seq, SequenceStatus.FINISHED_LENGTH)
-    s.pop_finished_groups()
-    s.kv.check_integrity()
-    return out
+    return run_step(s, check=on_host_means_no_device_block)
 
 
 def test_victims_keep_decoding_from_host_and_come_back() -> None:
