@@ -129,11 +129,14 @@ def stream_stats(scheduler: Scheduler, runner: ModelRunner) -> dict[str, Any]:
 def observe_stream(scheduler: Scheduler, runner: ModelRunner, out: SchedulerOutput,
                    step_s: float) -> None:
     """After a step that ran something, tell the scheduler's TPOT guard (core/stream_guard.py)
-    its seconds and what its stage copies cost (worker/layer_stream.py measures them)."""
+    its seconds and what its stage copies cost (worker/layer_stream.py measures them); free the
+    stage once no group is streamed."""
     if runner.stream is None or not out.scheduled:
         return  # no residency, or an idle step (its seconds say nothing of a decode's)
     copy_s, blocks = runner.stream.pop_cost()
     scheduler.observe_stream_cost(step_s, copy_s, blocks)
+    if scheduler.num_streamed() == 0:
+        runner.stream.release()  # nobody streams now: the stage's memory goes back
 
 
 def stream_max_blocks(cache: CacheConfig, device_blocks: int, tier: HostKVTier | None) -> int:

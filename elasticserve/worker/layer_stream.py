@@ -211,8 +211,14 @@ class LayerStream:
         self._pool.submit(fill.run_helper)
         return staged, fill
 
+    def release(self) -> None:
+        """Drop the stage (between steps, when no group is streamed): an elastic engine holds
+        no staging memory it does not use. A helper abandoned mid-copy keeps its own reference,
+        so it never writes into freed memory."""
+        self._stage = None
+
     def _ensure(self, blocks: int) -> None:
-        """A stage of at least `blocks` rows per buffer (grows by doubling, never shrinks)."""
+        """A stage of at least `blocks` rows per buffer (grows by doubling; `release` frees it)."""
         have = 0 if self._stage is None else self._stage.shape[1]
         if blocks <= have:
             return
