@@ -154,25 +154,35 @@ def report(runs: dict[str, list[dict[str, float]]], setup: str, argv: list[str])
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="elasticserve bench host-tier",
-                                description=__doc__.splitlines()[0] if __doc__ else "")
+def add_burst_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The burst's flags, shared with `bench layerwise-onload`."""
     p.add_argument("--model", default=None, help="checkpoint dir (default: a fresh llama "
                                                   "of --size, seed 0)")
     p.add_argument("--size", default="small", choices=["tiny", "small"],
                    help="models/make_model.py size when no --model is given")
     p.add_argument("--requests", type=int, default=16, help="requests in the burst")
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt")
-    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
-    p.add_argument("--reps", type=int, default=3, help="runs of each kind (order rotated)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="output tokens per request")
     p.add_argument("--write-docs", action="store_true",
                    help="write the table into docs/BENCHMARKS.md")
+
+
+def burst_model(args: argparse.Namespace) -> str:
+    """`--model`, or a fresh seeded llama of `--size` in a temporary directory."""
+    if args.model is not None:
+        return str(args.model)
+    from elasticserve.models.make_model import make_model
+    return make_model("llama", args.size, f"{tempfile.mkdtemp()}/{args.size}-llama", seed=0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="elasticserve bench host-tier",
+                                description=__doc__.splitlines()[0] if __doc__ else "")
+    add_burst_args(p, max_tokens=64)
+    p.add_argument("--reps", type=int, default=3, help="runs of each kind (order rotated)")
     args = p.parse_args(argv)
-    model = args.model
-    if model is None:
-        from elasticserve.models.make_model import make_model
-        model = make_model("llama", args.size, f"{tempfile.mkdtemp()}/{args.size}-llama", seed=0)
+    model = burst_model(args)
     runs = measure(model, args.requests, args.prompt_len, args.max_tokens, args.reps)
     setup = (f"{args.requests} requests at once, {args.prompt_len}-token prompts, "
              f"{args.max_tokens} output tokens (ignore_eos), model {args.model or args.size + ' llama'}, "

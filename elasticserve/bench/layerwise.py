@@ -18,12 +18,11 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 from elasticserve import docs_section
 from elasticserve.bench.fairness import abba, diff_pct, noise_pct, spread_pct, verdict
-from elasticserve.bench.host_tier import _pct, budget_for, burst
+from elasticserve.bench.host_tier import _pct, add_burst_args, budget_for, burst, burst_model
 
 CONFIGS = ("blocking", "layerwise")
 
@@ -124,21 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="elasticserve bench layerwise-onload",
                                 description=__doc__.splitlines()[0] if __doc__ else "")
-    p.add_argument("--model", default=None, help="checkpoint dir (default: a fresh llama "
-                                                  "of --size, seed 0)")
-    p.add_argument("--size", default="small", choices=["tiny", "small"],
-                   help="models/make_model.py size when no --model is given")
-    p.add_argument("--requests", type=int, default=16, help="requests in the burst")
-    p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt")
-    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
+    add_burst_args(p, max_tokens=128)
     p.add_argument("--pairs", type=int, default=4, help="ABBA pairs of runs")
-    p.add_argument("--write-docs", action="store_true",
-                   help="write the table into docs/BENCHMARKS.md")
     args = p.parse_args(argv)
-    model = args.model
-    if model is None:
-        from elasticserve.models.make_model import make_model
-        model = make_model("llama", args.size, f"{tempfile.mkdtemp()}/{args.size}-llama", seed=0)
+    model = burst_model(args)
     runs = measure(model, args.requests, args.prompt_len, args.max_tokens, args.pairs)
     setup = (f"{args.requests} requests at once, {args.prompt_len}-token prompts, "
              f"{args.max_tokens} output tokens (ignore_eos), model "
